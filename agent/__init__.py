@@ -1,0 +1,1 @@
+"""glucoagent device agent."""

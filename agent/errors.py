@@ -1,0 +1,154 @@
+"""One exception hierarchy for the whole project.
+
+Every class is either *transient* (the operation may succeed if retried: a
+link drop, a busy port) or *fatal* (retrying cannot help: bad config, a
+rejected token). The raise site decides by picking the class; tenacity retry
+predicates look only at ``transient``. Each class carries its CLI exit code.
+"""
+
+from __future__ import annotations
+
+
+class GlucoagentError(Exception):
+    """Root of every error this project raises on purpose."""
+
+    transient: bool = False
+    exit_code: int = 1
+
+
+# --- drivers -------------------------------------------------------------------------------------
+class DriverError(GlucoagentError):
+    """A meter or pen reader did not give us what its protocol promises."""
+
+    transient = True
+    exit_code = 20
+
+
+class InvalidResponse(DriverError):
+    """Bytes arrived but are not a valid frame or line of the protocol."""
+
+
+class MissingChecksum(InvalidResponse):
+    """A line or frame ends before its checksum field."""
+
+
+class InvalidChecksum(InvalidResponse):
+    """The checksum on the wire differs from the one computed over the payload."""
+
+    def __init__(self, wire: int, calculated: int, what: str = "checksum") -> None:
+        self.wire = wire
+        self.calculated = calculated
+        super().__init__(f"invalid {what}: wire 0x{wire:04X}, computed 0x{calculated:04X}")
+
+
+class MeterNotReady(DriverError):
+    """The meter answered but is not in its data mode (e.g. Ultra 2 switched on)."""
+
+
+class NoResponse(DriverError):
+    """Nothing (valid) came back before the timeout: unplugged, wrong protocol, switched on."""
+
+
+class PortError(DriverError):
+    """The serial port could not be opened or vanished (unplugged)."""
+
+
+# --- storage -------------------------------------------------------------------------------------
+class StoreError(GlucoagentError):
+    """The local buffer could not do what was asked."""
+
+    exit_code = 30
+
+
+class BufferFull(StoreError):
+    """Intake refused: the buffer is at its configured limit (nothing was written)."""
+
+    transient = True
+
+
+class StorageUnavailable(StoreError):
+    """Disk full, read-only file system or an I/O error: the write did not happen."""
+
+    transient = True
+
+
+class StoreCorrupt(StoreError):
+    """The database file failed its integrity check."""
+
+
+# --- network -------------------------------------------------------------------------------------
+class LinkError(GlucoagentError):
+    """The MQTT link failed."""
+
+    transient = True
+    exit_code = 40
+
+
+class BrokerUnreachable(LinkError):
+    exit_code = 41
+
+
+class DnsError(LinkError):
+    exit_code = 42
+
+
+class TlsError(LinkError):
+    """TLS handshake failed: wrong CA, bad certificate, host name mismatch."""
+
+    transient = False
+    exit_code = 43
+
+
+class ClockNotSet(TlsError):
+    """A certificate is not yet valid by our clock: the clock is wrong, not the certificate."""
+
+    exit_code = 44
+
+
+class LinkTimeout(LinkError):
+    exit_code = 45
+
+
+class NotAuthorized(LinkError):
+    """The broker refused our identity (CONNACK not authorised / bad credentials)."""
+
+    transient = False
+    exit_code = 46
+
+
+# --- provisioning ---------------------------------------------------------------------------------
+class ProvisioningError(GlucoagentError):
+    exit_code = 50
+
+
+class TokenRejected(ProvisioningError):
+    """The backend refused the enrollment token: unknown, already used or expired."""
+
+    exit_code = 51
+
+
+class NotProvisioned(ProvisioningError):
+    exit_code = 52
+
+
+# --- config, crypto, commands -----------------------------------------------------------------------
+class ConfigError(GlucoagentError):
+    """Configuration is wrong; the message names the key (and line, for UCI files)."""
+
+    exit_code = 10
+
+
+class SignatureError(GlucoagentError):
+    """A COSE message is malformed or its signature does not verify."""
+
+    exit_code = 60
+
+
+class CommandRejected(GlucoagentError):
+    """A cloud command failed validation; ``code`` is reported back in the result."""
+
+    exit_code = 70
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)

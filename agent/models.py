@@ -1,0 +1,88 @@
+"""Typed, immutable records shared by drivers, buffer, uplink and backend.
+
+Glucose is held in mg/dL (the unit every supported meter stores internally);
+the meter's native value and unit are kept verbatim next to it so nothing is
+lost by conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+from decimal import Decimal
+
+MGDL_PER_MMOLL = Decimal("18.0156")  # glucose molar mass 180.156 g/mol
+
+
+class Unit(enum.StrEnum):
+    MGDL = "mg/dL"
+    MMOLL = "mmol/L"
+
+
+class RangeFlag(enum.StrEnum):
+    IN_RANGE = "in"
+    HIGH = "high"  # above the meter's measuring range (value = the limit)
+    LOW = "low"  # below the meter's measuring range (value = the limit)
+
+
+class Meal(enum.StrEnum):
+    NONE = "none"
+    BEFORE = "before"
+    AFTER = "after"
+    FASTING = "fasting"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MeterIdentity:
+    protocol: str  # e.g. "onetouch-ultra2"
+    model: str
+    serial: str
+    firmware: str
+
+    def __post_init__(self) -> None:
+        if not self.serial:
+            raise ValueError("meter serial must not be empty")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GlucoseReading:
+    """One glucose record exactly as a meter reported it, plus what we measured.
+
+    ``meter_time`` is naive: meters keep local time with no zone.
+    ``clock_offset_s`` = meter clock - agent wall clock, measured at read time
+    (None when the meter clock could not be read).
+    """
+
+    meter_serial: str
+    record_key: str  # stable across reads of the same meter: de-duplication key
+    meter_time: dt.datetime
+    value_mgdl: int  # for HIGH/LOW: the limit
+    native_value: str  # as on the wire, e.g. "6.2" or "HIGH"
+    native_unit: Unit
+    range_flag: RangeFlag = RangeFlag.IN_RANGE
+    control_solution: bool = False  # never a patient value
+    meal: Meal = Meal.NONE
+    comment: str = ""
+    suspect: bool = False  # meter flagged the stored record as failing its own check
+    clock_offset_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.meter_time.tzinfo is not None:
+            raise ValueError("meter_time must be naive meter-local time")
+        if not self.record_key:
+            raise ValueError("record_key must not be empty")
+        if not 0 <= self.value_mgdl <= 2000:
+            raise ValueError(f"value_mgdl out of range: {self.value_mgdl}")
+
+    def with_offset(self, clock_offset_s: float | None) -> GlucoseReading:
+        return dataclasses.replace(self, clock_offset_s=clock_offset_s)
+
+
+def mmoll_to_mgdl(value: Decimal) -> int:
+    """Convert with the documented factor, rounded half-up to whole mg/dL."""
+    return int((value * MGDL_PER_MMOLL).quantize(Decimal(1), rounding="ROUND_HALF_UP"))
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)

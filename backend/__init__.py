@@ -1,0 +1,1 @@
+"""Reference cloud: provisioning CA, ingest verifier, command signer."""

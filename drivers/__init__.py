@@ -1,0 +1,1 @@
+"""Serial drivers and simulators for glucose meters and the insulin pen reader."""

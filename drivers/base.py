@@ -1,0 +1,117 @@
+"""What every meter driver is, and the serial transport they share.
+
+A driver module (``drivers/<meter>.py``) exports ``Device(SerialTransport, MeterDriver)``
+and a ``PROTOCOL`` name. Codecs live in the same module as pure functions over
+bytes; only ``Device`` touches the port.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import datetime as dt
+import logging
+from collections.abc import Iterator
+from typing import ClassVar
+
+import serial
+
+from agent.errors import DriverError, PortError
+from agent.models import GlucoseReading, MeterIdentity
+
+log = logging.getLogger(__name__)
+
+
+class SerialTransport:
+    """Owns one serial port, opened through ``serial_for_url`` so tests can pass a pty or ``loop://``."""
+
+    BAUDRATE: ClassVar[int] = 9600
+    PARITY: ClassVar[str] = serial.PARITY_NONE
+    TIMEOUT: ClassVar[float] = 1.0
+
+    def __init__(self, url: str, *, timeout: float | None = None) -> None:
+        self.url = url
+        try:
+            self.port = serial.serial_for_url(
+                url,
+                baudrate=self.BAUDRATE,
+                parity=self.PARITY,
+                bytesize=serial.EIGHTBITS,
+                stopbits=serial.STOPBITS_ONE,
+                timeout=self.TIMEOUT if timeout is None else timeout,
+                xonxoff=False,
+                rtscts=False,
+                dsrdtr=False,
+            )
+        except (serial.SerialException, OSError, ValueError) as exc:
+            raise PortError(f"cannot open {url}: {exc}") from exc
+
+    def close(self) -> None:
+        try:
+            self.port.close()
+        except (serial.SerialException, OSError):
+            log.debug("closing %s failed", self.url, exc_info=True)
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.port.write(data)
+            self.port.flush()
+        except (serial.SerialException, OSError) as exc:
+            raise PortError(f"write to {self.url} failed: {exc}") from exc
+
+    def read(self, size: int) -> bytes:
+        try:
+            return bytes(self.port.read(size))
+        except (serial.SerialException, OSError) as exc:
+            raise PortError(f"read from {self.url} failed: {exc}") from exc
+
+    def readline(self) -> bytes:
+        try:
+            return bytes(self.port.readline())
+        except (serial.SerialException, OSError) as exc:
+            raise PortError(f"read from {self.url} failed: {exc}") from exc
+
+    def flush_input(self) -> None:
+        try:
+            self.port.reset_input_buffer()
+        except (serial.SerialException, OSError) as exc:
+            raise PortError(f"flush of {self.url} failed: {exc}") from exc
+
+    def __enter__(self) -> SerialTransport:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class MeterDriver(abc.ABC):
+    """The read-only operations the agent needs from a glucose meter.
+
+    No method may erase or change meter memory.
+    """
+
+    PROTOCOL: ClassVar[str]
+
+    @abc.abstractmethod
+    def identify(self) -> MeterIdentity: ...
+
+    @abc.abstractmethod
+    def read_clock(self) -> dt.datetime:
+        """The meter's clock as naive local time."""
+
+    @abc.abstractmethod
+    def read_records(self) -> Iterator[GlucoseReading]:
+        """Yield every stored record whose integrity verified, newest first.
+
+        May raise ``DriverError`` part-way; records already yielded stay valid.
+        """
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MeterRead:
+    """The outcome of one read: what verified, and whether the dump was complete."""
+
+    identity: MeterIdentity
+    readings: tuple[GlucoseReading, ...]
+    complete: bool
+    error: str | None = None
