@@ -86,3 +86,42 @@ def mmoll_to_mgdl(value: Decimal) -> int:
 
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PenIdentity:
+    model: str
+    serial: str
+    firmware: str
+    manufacturer: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InsulinDose:
+    """One dose from a pen's log.
+
+    The pen has only a relative clock (seconds since pen start). ``pen_clock_s``
+    is the pen's relative time read in the same session, ``read_at`` the agent's
+    wall clock at that moment; wall time = read_at - (pen_clock_s - relative_time_s).
+    Both raw values are kept so the cloud can recompute when our clock was wrong.
+    """
+
+    pen_serial: str
+    record_key: str  # (pen serial, relative time, units): de-duplication key
+    relative_time_s: int
+    pen_clock_s: int
+    read_at: dt.datetime  # tz-aware UTC, agent clock at read
+    units: Decimal
+    flags: int
+    prime: bool = False  # air shot, by the documented heuristic
+    insulin: str | None = None  # from configuration (pen serial -> insulin)
+
+    def __post_init__(self) -> None:
+        if self.read_at.tzinfo is None:
+            raise ValueError("read_at must be tz-aware UTC")
+        if not self.units.is_finite() or not Decimal(0) < self.units < Decimal(100):
+            raise ValueError(f"units out of range: {self.units}")
+
+    @property
+    def dose_time(self) -> dt.datetime:
+        return self.read_at - dt.timedelta(seconds=self.pen_clock_s - self.relative_time_s)
