@@ -1,0 +1,95 @@
+"""The box's sense of time: wall clock with a quality flag, boot id, monotonic time.
+
+The box has no battery-backed clock: after power-up it may believe it is 1970
+until NTP syncs. Every record carries the wall time *and* how far to trust it,
+plus (boot id, monotonic) which is always right within one boot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import datetime as dt
+import enum
+import time
+import uuid
+from pathlib import Path
+
+# Anything earlier than this cannot be a real time on a box built after it.
+CLOCK_FLOOR = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+_TIME_ERROR = 5  # adjtimex(2): clock not synchronised
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+class ClockQuality(enum.StrEnum):
+    UNSET = "unset"  # before CLOCK_FLOOR: certainly wrong
+    UNSYNCED = "unsynced"  # plausible, but the kernel says no time source disciplines it
+    SYNCED = "synced"  # kernel reports NTP/PPS synchronisation, or the cloud set it
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Timestamp:
+    wall: float  # Unix seconds by the box's clock
+    quality: ClockQuality
+    boot_id: bytes  # 16 bytes
+    monotonic: float  # seconds since boot (CLOCK_BOOTTIME: counts suspend too)
+
+
+class _Timex(ctypes.Structure):
+    # Only the leading fields matter; the kernel struct is larger, so pad generously.
+    _fields_ = [("modes", ctypes.c_uint), ("_rest", ctypes.c_byte * 256)]
+
+
+def _kernel_synced() -> bool | None:
+    """adjtimex() read-only query; None where it is unavailable."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        tx = _Timex()
+        tx.modes = 0  # read only
+        state = libc.adjtimex(ctypes.byref(tx))
+    except (OSError, AttributeError):
+        return None
+    if state < 0:
+        return None
+    return state != _TIME_ERROR
+
+
+def boot_id() -> bytes:
+    try:
+        return uuid.UUID(_BOOT_ID.read_text().strip()).bytes
+    except (OSError, ValueError):
+        return bytes(16)
+
+
+class Clock:
+    """Source of timestamps. ``trusted`` is set when the cloud's sync_time command set the clock."""
+
+    def __init__(self) -> None:
+        self._boot_id = boot_id()
+        self.trusted = False
+
+    def quality(self, wall: float | None = None) -> ClockQuality:
+        wall = time.time() if wall is None else wall
+        if wall < CLOCK_FLOOR.timestamp():
+            return ClockQuality.UNSET
+        if self.trusted or _kernel_synced():
+            return ClockQuality.SYNCED
+        return ClockQuality.UNSYNCED
+
+    def now(self) -> Timestamp:
+        wall = time.time()
+        return Timestamp(
+            wall=wall,
+            quality=self.quality(wall),
+            boot_id=self._boot_id,
+            monotonic=time.clock_gettime(time.CLOCK_BOOTTIME),
+        )
+
+    @staticmethod
+    def local_naive() -> dt.datetime:
+        """Wall clock as naive local time, the form meter clocks are compared in."""
+        return dt.datetime.now().replace(microsecond=0)

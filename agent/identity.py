@@ -1,0 +1,168 @@
+"""The device's own credentials: key pair made on the box, CSR, certificate, pinned keys.
+
+Layout in the state directory (all files mode 0600, the directory 0700):
+``device.key`` (PKCS#8 PEM, never leaves the box), ``device.crt`` (chain from the
+fleet CA), ``ca.crt`` (fleet CA, pinned for TLS), ``command.pub`` (cloud key that
+signs commands), ``device.json`` (device id, endpoint, initial config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import NameOID
+
+from agent.cose import PrivateKey, PublicKey, key_id
+from agent.errors import ConfigError, NotProvisioned
+from agent.fsutil import atomic_write
+
+KEY_FILE = "device.key"
+CERT_FILE = "device.crt"
+CA_FILE = "ca.crt"
+COMMAND_KEY_FILE = "command.pub"
+DEVICE_FILE = "device.json"
+KEY_TYPES = ("ed25519", "p256")
+
+
+def ensure_state_dir(state_dir: Path) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o700)
+
+
+def generate_key(key_type: str) -> PrivateKey:
+    if key_type == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    if key_type == "p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    raise ConfigError(f"agent.key_type: expected one of {', '.join(KEY_TYPES)}, got {key_type!r}")
+
+
+def key_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def load_or_create_key(state_dir: Path, key_type: str) -> PrivateKey:
+    """The key is created once, on the box, and reused: re-running provisioning is safe."""
+    path = state_dir / KEY_FILE
+    if path.exists():
+        return load_key(path)
+    ensure_state_dir(state_dir)
+    key = generate_key(key_type)
+    atomic_write(path, key_pem(key))
+    return key
+
+
+def load_key(path: Path) -> PrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{path}: unsupported key type {type(key).__name__}")
+    return key
+
+
+def build_csr(key: PrivateKey, hardware_serial: str) -> bytes:
+    """CSR naming the hardware serial; the CA chooses the device id (the certificate CN)."""
+    subject = x509.Name([x509.NameAttribute(NameOID.SERIAL_NUMBER, hardware_serial)])
+    builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)
+
+
+def hardware_serial() -> str:
+    """A stable hardware identity: the machine id (OpenWRT: first MAC would do as well)."""
+    for candidate in (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id")):
+        try:
+            value = candidate.read_text().strip()
+        except OSError:
+            continue
+        if value:
+            return value[:32]
+    for iface in sorted(Path("/sys/class/net").glob("*")):
+        try:
+            mac = (iface / "address").read_text().strip()
+        except OSError:
+            continue
+        if mac and mac != "00:00:00:00:00:00":
+            return mac.replace(":", "")
+    return "unknown"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeviceIdentity:
+    """Everything provisioning left behind, loaded for the daemon."""
+
+    state_dir: Path
+    device_id: str
+    endpoint: str
+    key: PrivateKey
+    kid: bytes
+    command_key: PublicKey
+    initial_config: dict[str, Any]
+
+    @property
+    def cert_path(self) -> Path:
+        return self.state_dir / CERT_FILE
+
+    @property
+    def key_path(self) -> Path:
+        return self.state_dir / KEY_FILE
+
+    @property
+    def ca_path(self) -> Path:
+        return self.state_dir / CA_FILE
+
+
+def is_provisioned(state_dir: Path) -> bool:
+    return all((state_dir / f).exists() for f in (KEY_FILE, CERT_FILE, CA_FILE, COMMAND_KEY_FILE, DEVICE_FILE))
+
+
+def load_identity(state_dir: Path) -> DeviceIdentity:
+    if not is_provisioned(state_dir):
+        raise NotProvisioned(f"not provisioned: no credentials in {state_dir} (run `glucoagent provision`)")
+    try:
+        meta = json.loads((state_dir / DEVICE_FILE).read_text())
+        key = load_key(state_dir / KEY_FILE)
+        command_key = serialization.load_pem_public_key((state_dir / COMMAND_KEY_FILE).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"credentials in {state_dir} are unreadable: {exc}") from exc
+    if not isinstance(command_key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
+        raise ConfigError(f"{state_dir / COMMAND_KEY_FILE}: unsupported key type")
+    return DeviceIdentity(
+        state_dir=state_dir,
+        device_id=meta["device_id"],
+        endpoint=meta["endpoint"],
+        key=key,
+        kid=key_id(key.public_key()),
+        command_key=command_key,
+        initial_config=dict(meta.get("config", {})),
+    )
+
+
+def save_credentials(
+    state_dir: Path,
+    *,
+    device_id: str,
+    endpoint: str,
+    cert_chain_pem: bytes,
+    ca_pem: bytes,
+    command_key_pem: bytes,
+    config: dict[str, Any],
+) -> None:
+    """Write each file atomically; device.json last, so its presence means the set is complete."""
+    atomic_write(state_dir / CERT_FILE, cert_chain_pem)
+    atomic_write(state_dir / CA_FILE, ca_pem)
+    atomic_write(state_dir / COMMAND_KEY_FILE, command_key_pem)
+    meta = {"device_id": device_id, "endpoint": endpoint, "config": config}
+    atomic_write(state_dir / DEVICE_FILE, json.dumps(meta, indent=1, sort_keys=True).encode())
+
+
+def certificate_of(state_dir: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate((state_dir / CERT_FILE).read_bytes())

@@ -1,0 +1,417 @@
+"""The SQLite store-and-forward buffer: all SQL of the agent lives here.
+
+Durability: a rollback journal (``journal_mode=PERSIST``) with ``synchronous=FULL``.
+WAL would need a shared writable mmap that JFFS2 lacks (or ``locking_mode=EXCLUSIVE``,
+which would lock ``glucoagent status`` out of the file while the daemon runs).
+A committed row survives power loss; see docs/storage.md.
+
+One process owns the connection (the daemon); it is guarded by a lock and every
+write runs in ``transaction()`` = ``BEGIN IMMEDIATE`` ... ``COMMIT``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from pathlib import Path
+
+from agent.errors import BufferFull, StorageUnavailable, StoreCorrupt, StoreError
+from agent.fsutil import atomic_write
+
+log = logging.getLogger(__name__)
+
+CLINICAL = "c"  # readings, doses, alerts: one gap-free sequence
+HEALTH = "h"  # health samples: their own sequence, first to go when full
+PRIO_HEALTH, PRIO_RECORD, PRIO_ALERT = 0, 1, 2
+PAGE_SIZE = 1024  # small pages: fewer bytes rewritten per commit on flash
+_CHUNK = 400  # SQL parameters per IN (...) list
+SEQ_BLOCK = 10_000  # sequence numbers reserved ahead in the side file (one small write per block)
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID""",
+        """CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY,
+            stream TEXT NOT NULL CHECK (stream IN ('c', 'h')),
+            seq INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            priority INTEGER NOT NULL,
+            accepted_at REAL NOT NULL,
+            cose BLOB NOT NULL,
+            acked_at REAL,
+            UNIQUE (stream, seq))""",
+        """CREATE INDEX outbox_pending ON outbox (priority DESC, id) WHERE acked_at IS NULL""",
+        """CREATE INDEX outbox_acked ON outbox (acked_at) WHERE acked_at IS NOT NULL""",
+        """CREATE TABLE ledger (
+            source TEXT NOT NULL, record_key TEXT NOT NULL, seq INTEGER NOT NULL,
+            PRIMARY KEY (source, record_key)) WITHOUT ROWID""",
+        """CREATE TABLE conditions (code TEXT PRIMARY KEY, since REAL NOT NULL, message TEXT NOT NULL)""",
+        """CREATE TABLE sources (
+            source TEXT PRIMARY KEY, protocol TEXT NOT NULL, port TEXT NOT NULL,
+            last_seen REAL NOT NULL, last_complete INTEGER NOT NULL)""",
+        """INSERT INTO meta (key, value) VALUES ('next_seq_c', 1), ('next_seq_h', 1), ('last_ack', 0)""",
+    ),
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Intake:
+    """One record to accept. ``build(seq)`` signs it once its sequence number is known."""
+
+    kind: str
+    priority: int
+    build: Callable[[int], bytes]
+    record_key: str | None = None  # ledger key for meter/pen records
+
+    @property
+    def stream(self) -> str:
+        return HEALTH if self.priority == PRIO_HEALTH else CLINICAL
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    stream: str
+    seq: int
+    kind: str
+    cose: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stats:
+    pending: int
+    pending_clinical: int
+    oldest_pending_at: float | None
+    total_rows: int
+    last_ack: float | None
+    next_seq: int
+
+
+def _translate(exc: sqlite3.Error, what: str) -> StoreError:
+    text = str(exc).lower()
+    if isinstance(exc, sqlite3.DatabaseError) and ("malformed" in text or "not a database" in text):
+        return StoreCorrupt(f"{what}: database is corrupt ({exc})")
+    if "full" in text or "readonly" in text or "read-only" in text or "i/o" in text or "unable to open" in text:
+        return StorageUnavailable(f"{what}: {exc}")
+    return StoreError(f"{what}: {exc}")
+
+
+class Store:
+    def __init__(self, path: Path, *, max_records: int = 200_000, retention_s: float = 0.0) -> None:
+        self.path = path
+        self.max_records = max_records
+        self.retention_s = retention_s
+        self._lock = threading.RLock()
+        self._reserve_path = path.with_name(path.name + ".seq")
+        self._reserve = self._reserved()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageUnavailable(f"cannot open buffer {path}: {exc}") from exc
+        try:
+            self._configure()
+            self._migrate()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise _translate(exc, f"opening {path}") from exc
+
+    # --- connection -------------------------------------------------------------------------
+    def _configure(self) -> None:
+        self._db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # effective on a new file only
+        mode = self._db.execute("PRAGMA journal_mode = PERSIST").fetchone()[0]
+        if mode.lower() != "persist":
+            raise StoreError(f"journal_mode PERSIST refused (got {mode})")
+        self._db.execute("PRAGMA synchronous = FULL")
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._db.execute("PRAGMA secure_delete = OFF")
+
+    def _migrate(self) -> None:
+        current = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if current > SCHEMA_VERSION:
+            raise StoreError(f"buffer schema {current} is newer than this agent ({SCHEMA_VERSION})")
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            with self.transaction() as db:
+                for statement in MIGRATIONS[version]:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {version}")
+                if version == 1:
+                    self._start_after_reserve(db)
+            log.info("buffer schema migrated to version %d", version)
+        with contextlib.suppress(OSError):
+            os.chmod(self.path, 0o600)
+
+    def _reserved(self) -> dict[str, int]:
+        try:
+            c, h = self._reserve_path.read_text().split()
+            return {CLINICAL: int(c), HEALTH: int(h)}
+        except (OSError, ValueError):
+            return {CLINICAL: 1, HEALTH: 1}
+
+    def _start_after_reserve(self, db: sqlite3.Connection) -> None:
+        """A new buffer file continues above every number an earlier file may have used.
+
+        The side file holds, per stream, a bound no issued sequence number reaches; it
+        survives a corrupt database being set aside, so numbers are never reused.
+        """
+        for stream, bound in self._reserve.items():
+            db.execute("UPDATE meta SET value = ? WHERE key = ?", (bound, f"next_seq_{stream}"))
+
+    def _reserve_through(self, stream: str, seq: int) -> None:
+        if seq < self._reserve[stream]:
+            return
+        reserved = {**self._reserve, stream: seq + SEQ_BLOCK}
+        atomic_write(self._reserve_path, f"{reserved[CLINICAL]} {reserved[HEALTH]}\n".encode())
+        self._reserve = reserved
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise _translate(exc, "begin") from exc
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise _translate(exc, "transaction") from exc
+                raise
+
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:  # type: ignore[type-arg]
+        with self._lock:
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise _translate(exc, "read") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def integrity_check(self) -> str:
+        return str(self._read("PRAGMA integrity_check")[0][0])
+
+    # --- intake -----------------------------------------------------------------------------
+    def known_keys(self, source: str, keys: Collection[str]) -> set[str]:
+        """Which of ``keys`` the ledger already holds for ``source`` (read-only)."""
+        with self._lock:
+            return self._known(self._db, source, list(keys))
+
+    @staticmethod
+    def _known(db: sqlite3.Connection, source: str, keys: list[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(keys), _CHUNK):
+            chunk = keys[i : i + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = db.execute(
+                f"SELECT record_key FROM ledger WHERE source = ? AND record_key IN ({marks})",  # noqa: S608
+                [source, *chunk],
+            )
+            found.update(r[0] for r in rows)
+        return found
+
+    def accept(
+        self,
+        items: Sequence[Intake],
+        *,
+        source: str | None = None,
+        now: float | None = None,
+        complete_keys: Collection[str] | None = None,
+    ) -> list[int]:
+        """Accept a batch in ONE transaction: sequence numbers, signatures, rows and ledger.
+
+        Items whose ledger key is already known are skipped (returned list omits them).
+        ``complete_keys``: after a complete read, ledger keys of ``source`` not in it are
+        pruned (the meter has forgotten those records, they cannot come back).
+        Raises BufferFull (nothing written) when clinical records would exceed the limit.
+        """
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            keyed = [i.record_key for i in items if i.record_key is not None]
+            if keyed and source is None:
+                raise StoreError("records with ledger keys need a source")
+            known = self._known(db, source, keyed) if source is not None and keyed else set()
+            fresh = [i for i in items if i.record_key is None or i.record_key not in known]
+            fresh = list({(i.record_key or id(i)): i for i in fresh}.values())  # a key twice in one batch
+            self._make_room(db, fresh)
+            seqs: list[int] = []
+            for item in fresh:
+                counter = f"next_seq_{item.stream}"
+                seq = db.execute("SELECT value FROM meta WHERE key = ?", (counter,)).fetchone()[0]
+                self._reserve_through(item.stream, seq)
+                cose = item.build(seq)
+                db.execute(
+                    "INSERT INTO outbox (stream, seq, kind, priority, accepted_at, cose) VALUES (?, ?, ?, ?, ?, ?)",
+                    (item.stream, seq, item.kind, item.priority, now, cose),
+                )
+                db.execute("UPDATE meta SET value = ? WHERE key = ?", (seq + 1, counter))
+                if item.record_key is not None:
+                    db.execute(
+                        "INSERT INTO ledger (source, record_key, seq) VALUES (?, ?, ?)", (source, item.record_key, seq)
+                    )
+                seqs.append(seq)
+            if complete_keys is not None and source is not None:
+                self._prune_ledger(db, source, set(complete_keys))
+        return seqs
+
+    def _make_room(self, db: sqlite3.Connection, items: Sequence[Intake]) -> None:
+        if not items:
+            return
+        total = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        excess = total + len(items) - self.max_records
+        if excess <= 0:
+            return
+        # Delivered rows kept only for `resend` go first, then health samples, oldest first.
+        for condition in ("acked_at IS NOT NULL", f"acked_at IS NULL AND priority = {PRIO_HEALTH}"):
+            cur = db.execute(
+                f"DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE {condition} ORDER BY id LIMIT ?)",  # noqa: S608
+                (excess,),
+            )
+            excess -= cur.rowcount
+            if excess <= 0:
+                return
+        if all(i.priority == PRIO_HEALTH for i in items):
+            excess = 0  # a health sample simply is not kept
+            raise BufferFull("buffer full: health sample dropped")
+        # Alerts may overdraw by a small reserve so `buffer_full` itself can be sent.
+        if all(i.priority == PRIO_ALERT for i in items) and excess <= 16:
+            return
+        raise BufferFull(f"buffer full: {total} records stored, limit {self.max_records}")
+
+    def _prune_ledger(self, db: sqlite3.Connection, source: str, keep: set[str]) -> None:
+        stored = [r[0] for r in db.execute("SELECT record_key FROM ledger WHERE source = ?", (source,))]
+        gone = [k for k in stored if k not in keep]
+        for i in range(0, len(gone), _CHUNK):
+            chunk = gone[i : i + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            db.execute(f"DELETE FROM ledger WHERE source = ? AND record_key IN ({marks})", [source, *chunk])  # noqa: S608
+
+    # --- upload -----------------------------------------------------------------------------
+    def pending(self, limit: int, exclude: Collection[int] = ()) -> list[OutboxRow]:
+        """Next unacknowledged rows by priority then age; bounded by ``limit`` whatever the backlog."""
+        rows = self._read(
+            "SELECT id, stream, seq, kind, cose FROM outbox WHERE acked_at IS NULL ORDER BY priority DESC, id LIMIT ?",
+            (limit + len(exclude),),
+        )
+        out = [OutboxRow(*r) for r in rows if r[0] not in exclude]
+        return out[:limit]
+
+    def ack(self, stream: str, seqs: Collection[int], now: float | None = None) -> int:
+        """Mark rows delivered (or delete them when nothing is retained). Returns rows newly acked."""
+        now = time.time() if now is None else now
+        seq_list = list(seqs)
+        done = 0
+        with self.transaction() as db:
+            for i in range(0, len(seq_list), _CHUNK):
+                chunk = seq_list[i : i + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                where = f"stream = ? AND seq IN ({marks}) AND acked_at IS NULL"
+                if self.retention_s > 0:
+                    cur = db.execute(f"UPDATE outbox SET acked_at = ? WHERE {where}", [now, stream, *chunk])  # noqa: S608
+                else:
+                    cur = db.execute(f"DELETE FROM outbox WHERE {where}", [stream, *chunk])  # noqa: S608
+                done += cur.rowcount
+            if done:
+                db.execute("UPDATE meta SET value = ? WHERE key = 'last_ack'", (int(now),))
+        return done
+
+    def purge_acked(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            return db.execute(
+                "DELETE FROM outbox WHERE acked_at IS NOT NULL AND acked_at < ?", (now - self.retention_s,)
+            ).rowcount
+
+    def retained(self, stream: str, first: int, last: int, limit: int) -> list[OutboxRow]:
+        """Rows in a sequence range still on the box (pending or retained after ack), for `resend`."""
+        rows = self._read(
+            "SELECT id, stream, seq, kind, cose FROM outbox WHERE stream = ? AND seq BETWEEN ? AND ? ORDER BY seq LIMIT ?",
+            (stream, first, last, limit),
+        )
+        return [OutboxRow(*r) for r in rows]
+
+    # --- state for status ---------------------------------------------------------------------
+    def stats(self) -> Stats:
+        pending, pending_c, oldest = self._read(
+            "SELECT count(*), total(stream = 'c'), min(accepted_at) FROM outbox WHERE acked_at IS NULL"
+        )[0]
+        total = self._read("SELECT count(*) FROM outbox")[0][0]
+        meta = dict(self._read("SELECT key, value FROM meta"))
+        return Stats(
+            pending=pending,
+            pending_clinical=int(pending_c),
+            oldest_pending_at=oldest,
+            total_rows=total,
+            last_ack=meta.get("last_ack") or None,
+            next_seq=meta["next_seq_c"],
+        )
+
+    def set_condition(self, code: str, message: str, now: float | None = None) -> bool:
+        """Record an active condition (e.g. buffer_full). Returns True when it is new."""
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO conditions (code, since, message) VALUES (?, ?, ?) ON CONFLICT(code) DO NOTHING",
+                (code, now, message),
+            )
+            return cur.rowcount == 1
+
+    def clear_condition(self, code: str) -> bool:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM conditions WHERE code = ?", (code,)).rowcount == 1
+
+    def conditions(self) -> dict[str, tuple[float, str]]:
+        return {code: (since, msg) for code, since, msg in self._read("SELECT code, since, message FROM conditions")}
+
+    def source_seen(self, source: str, protocol: str, port: str, complete: bool, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO sources (source, protocol, port, last_seen, last_complete) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(source) DO UPDATE SET protocol = excluded.protocol, port = excluded.port, "
+                "last_seen = excluded.last_seen, last_complete = excluded.last_complete",
+                (source, protocol, port, now, int(complete)),
+            )
+
+    def sources(self) -> list[tuple[str, str, str, float, bool]]:
+        return [
+            (s, p, port, seen, bool(c))
+            for s, p, port, seen, c in self._read(
+                "SELECT source, protocol, port, last_seen, last_complete FROM sources"
+            )
+        ]
+
+
+def open_store(path: Path, *, max_records: int, retention_s: float) -> tuple[Store, str | None]:
+    """Open the buffer; a corrupt file is kept aside for analysis and a fresh one started.
+
+    Returns the store and, when a file was set aside, its new path (the caller raises the alert).
+    """
+    try:
+        store = Store(path, max_records=max_records, retention_s=retention_s)
+        verdict = store.integrity_check()
+        if verdict == "ok":
+            return store, None
+        store.close()
+        reason = verdict
+    except StoreCorrupt as exc:
+        reason = str(exc)
+    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    log.error("buffer %s is corrupt (%s); kept aside as %s, starting a fresh buffer", path, reason, aside)
+    os.replace(path, aside)
+    for suffix in ("-journal", "-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            os.replace(side, aside.with_name(aside.name + suffix))
+    return Store(path, max_records=max_records, retention_s=retention_s), str(aside)
