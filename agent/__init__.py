@@ -1,1 +1,3 @@
 """glucoagent device agent."""
+
+__version__ = "0.1.0"

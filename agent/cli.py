@@ -1,0 +1,176 @@
+"""`glucoagent`: the device-side command line (provision, status, check, run, ...).
+
+Every expected failure prints one line ``glucoagent: error: ...`` and exits with
+the code of its class (agent/errors.py); no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent import __version__
+from agent.config import Config, load_config, with_state_dir
+from agent.errors import GlucoagentError
+
+DEFAULT_CONFIG = Path("/etc/config/glucoagent")
+log = logging.getLogger("glucoagent")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path: Path | None = args.config
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
+    cfg = load_config(path)
+    if args.state_dir is not None:
+        cfg = with_state_dir(cfg, args.state_dir)
+    return cfg
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from agent.provisioning import ClaimFiles, provision
+
+    cfg = _config(args)
+    claim = ClaimFiles.default(cfg.agent.state_dir)
+    claim = ClaimFiles(ca=args.ca or claim.ca, cert=args.claim_cert or claim.cert, key=args.claim_key or claim.key)
+    device_id = provision(
+        cfg.agent.state_dir,
+        args.endpoint,
+        args.token,
+        args.patient,
+        claim=claim,
+        key_type=args.key_type or cfg.agent.key_type,
+        protocol=cfg.mqtt.protocol,
+        timeout_s=args.timeout,
+    )
+    print(f"provisioned: device id {device_id}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.status import collect_status, format_status, status_json
+
+    st = collect_status(_config(args))
+    print(status_json(st) if args.json else format_status(st))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from agent.status import run_checks
+
+    return run_checks(_config(args))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.daemon import Daemon
+    from agent.logsetup import setup_logging
+
+    cfg = _config(args)
+    setup_logging(args.log_level or cfg.agent.log_level, cfg.agent.log_target)
+    return Daemon(cfg).run()
+
+
+def cmd_deprovision(args: argparse.Namespace) -> int:
+    from agent.identity import is_provisioned
+    from agent.store import Store
+
+    cfg = _config(args)
+    state = cfg.agent.state_dir
+    if cfg.buffer_path.exists() and not args.force:
+        store = Store(cfg.buffer_path, max_records=cfg.buffer.max_records, retention_s=cfg.buffer.retention_s)
+        try:
+            unsent = store.stats().pending_clinical
+        finally:
+            store.close()
+        if unsent:
+            raise GlucoagentError(f"{unsent} readings are not uploaded yet; refusing (use --force to wipe them)")
+    if not is_provisioned(state) and not cfg.buffer_path.exists():
+        print(f"nothing to wipe in {state}")
+        return 0
+    factory = state / "factory"
+    for child in state.iterdir() if state.exists() else []:
+        if child == factory:
+            continue  # the factory claim certificate stays: the box can be enrolled again
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    if cfg.buffer_path.parent != state:
+        for p in cfg.buffer_path.parent.glob(cfg.buffer_path.name + "*"):
+            p.unlink()
+    print(f"deprovisioned: key, certificate and buffer wiped from {state}")
+    return 0
+
+
+def cmd_hotplug(args: argparse.Namespace) -> int:
+    from agent.meters import hotplug_note
+
+    hotplug_note(_config(args).agent.state_dir, args.action, args.devname)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glucoagent", description="Device agent of a connected glucometer.")
+    parser.add_argument("--version", action="version", version=f"glucoagent {__version__}")
+    parser.add_argument("--config", type=Path, help=f"UCI configuration file (default {DEFAULT_CONFIG} if present)")
+    parser.add_argument("--state-dir", type=Path, help="override agent.state_dir (keys, certificate, buffer)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("provision", help="enrol this box with a one-time token and bind it to a patient")
+    p.add_argument("--endpoint", required=True, help="mqtts://HOST:PORT of the fleet broker")
+    p.add_argument("--token", required=True, help="single-use enrolment token from the clinic")
+    p.add_argument("--patient", required=True, help="patient reference from the clinic (sent once, never in telemetry)")
+    p.add_argument("--key-type", choices=("ed25519", "p256"), help="device key type (default from config: ed25519)")
+    p.add_argument("--ca", type=Path, help="fleet CA certificate (default STATE_DIR/factory/ca.crt)")
+    p.add_argument("--claim-cert", type=Path, help="factory claim certificate (default STATE_DIR/factory/claim.crt)")
+    p.add_argument("--claim-key", type=Path, help="factory claim key (default STATE_DIR/factory/claim.key)")
+    p.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for the provisioning service")
+    p.set_defaults(func=cmd_provision)
+
+    p = sub.add_parser("status", help="provisioning, link, buffer, meters and clock at a glance")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("check", help="self-test: serial ports, broker reachable, TLS handshake, clock sane")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("run", help="run the agent daemon (procd starts this)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("deprovision", help="wipe key, certificate and buffer (refuses while readings are unsent)")
+    p.add_argument("--force", action="store_true", help="wipe even unsent readings")
+    p.set_defaults(func=cmd_deprovision)
+
+    p = sub.add_parser("hotplug", help="(for the hotplug script) tell the daemon a serial device came or went")
+    p.add_argument("action", choices=("add", "remove"))
+    p.add_argument("devname", help="device name, e.g. ttyUSB0")
+    p.set_defaults(func=cmd_hotplug)
+
+    try:
+        from drivers.cli_commands import add_parsers
+    except ImportError:  # drivers not installed (never on a real box)
+        pass
+    else:
+        add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except GlucoagentError as exc:
+        print(f"glucoagent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

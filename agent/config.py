@@ -1,0 +1,262 @@
+"""Configuration: one frozen dataclass tree from one ``load_config()``.
+
+Source: a UCI file (``/etc/config/glucoagent`` on the box; any path elsewhere).
+Every option has a default, so an empty file is a valid configuration. Errors
+name the option and, for files, the line: ``ConfigError("…:12: mqtt.keepalive: expected 5..60, got 0")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agent.errors import ConfigError
+
+T = TypeVar("T")
+PROTOCOL_NAMES = ("auto", "onetouch-ultra2", "contour-astm", "onetouch-ultraeasy", "novopen")
+_ENDPOINT_RE = re.compile(r"^mqtts://(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})$")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, key: str = "mqtt.endpoint") -> Endpoint:
+        m = _ENDPOINT_RE.match(text.strip())
+        if not m:
+            raise ConfigError(f"{key}: expected mqtts://HOST:PORT, got {text!r}")
+        port = int(m["port"])
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"{key}: port must be 1..65535, got {port}")
+        return cls(m["host"].strip("[]"), port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"mqtts://{host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AgentSection:
+    state_dir: Path = Path("/etc/glucoagent")
+    log_level: str = "info"
+    log_target: str = "auto"  # auto: syslog when /dev/log exists, else stderr
+    key_type: str = "ed25519"
+    health_interval_s: int = 300
+    port_scan_s: float = 5.0  # how often configured ports are checked for a meter
+    reread_s: int = 900  # re-read a meter still attached after this long
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MqttSection:
+    endpoint: str = ""  # empty: the one recorded at provisioning
+    protocol: str = "mqttv5"
+    keepalive: int = 30
+    inflight: int = 4  # unacknowledged upload batches in flight
+    batch_records: int = 50
+    max_payload: int = 131_072  # AWS IoT Core's limit
+    backoff_min_s: float = 1.0
+    backoff_cap_s: float = 300.0
+    stable_s: float = 60.0  # link up this long resets the backoff
+    ack: str = "backend"  # backend (end-to-end) | puback
+    ack_timeout_s: float = 30.0
+    connect_timeout_s: float = 15.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BufferSection:
+    path: str = ""  # empty: <state_dir>/buffer.db
+    max_records: int = 200_000
+    retention_s: int = 7 * 86_400  # delivered records kept for `resend`
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AlertsSection:
+    hypo_mgdl: int = 70
+    severe_hypo_mgdl: int = 54
+    hyper_mgdl: int = 250
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DevicePort:
+    name: str
+    port: str
+    protocol: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    agent: AgentSection = AgentSection()
+    mqtt: MqttSection = MqttSection()
+    buffer: BufferSection = BufferSection()
+    alerts: AlertsSection = AlertsSection()
+    ports: tuple[DevicePort, ...] = ()
+    insulin: Mapping[str, str] = dataclasses.field(default_factory=dict)  # pen serial -> insulin
+    source: str = "<defaults>"
+
+    @property
+    def buffer_path(self) -> Path:
+        return Path(self.buffer.path) if self.buffer.path else self.agent.state_dir / "buffer.db"
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+    def conv(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"expected an integer {lo}..{hi}, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"expected {lo}..{hi}, got {value}")
+        return value
+
+    return conv
+
+
+def _float_range(lo: float, hi: float) -> Callable[[str], float]:
+    def conv(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"expected a number {lo}..{hi}, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"expected {lo}..{hi}, got {value}")
+        return value
+
+    return conv
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def conv(text: str) -> str:
+        if text not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {text!r}")
+        return text
+
+    return conv
+
+
+def _endpoint(text: str) -> str:
+    if text:
+        Endpoint.parse(text)
+    return text
+
+
+# Per section: option -> converter. Unknown options are errors (a typo must not pass silently).
+SCHEMA: dict[str, dict[str, Callable[[str], Any]]] = {
+    "agent": {
+        "state_dir": Path,
+        "log_level": _choice("debug", "info", "warning", "error"),
+        "log_target": _choice("auto", "syslog", "stderr"),
+        "key_type": _choice("ed25519", "p256"),
+        "health_interval_s": _int_range(10, 86_400),
+        "port_scan_s": _float_range(0.2, 3600),
+        "reread_s": _int_range(10, 86_400),
+    },
+    "mqtt": {
+        "endpoint": _endpoint,
+        "protocol": _choice("mqttv5", "mqttv311"),
+        "keepalive": _int_range(5, 60),
+        "inflight": _int_range(1, 64),
+        "batch_records": _int_range(1, 500),
+        "max_payload": _int_range(4096, 268_435_455),
+        "backoff_min_s": _float_range(0.05, 60),
+        "backoff_cap_s": _float_range(1, 3600),
+        "stable_s": _float_range(0, 3600),
+        "ack": _choice("backend", "puback"),
+        "ack_timeout_s": _float_range(1, 3600),
+        "connect_timeout_s": _float_range(1, 300),
+    },
+    "buffer": {
+        "path": str,
+        "max_records": _int_range(10, 10_000_000),
+        "retention_s": _int_range(0, 365 * 86_400),
+    },
+    "alerts": {
+        "hypo_mgdl": _int_range(20, 200),
+        "severe_hypo_mgdl": _int_range(20, 200),
+        "hyper_mgdl": _int_range(100, 600),
+    },
+}
+SETTABLE_KEYS = frozenset(f"{s}.{o}" for s, opts in SCHEMA.items() for o in opts) - {"agent.state_dir", "buffer.path"}
+
+
+def _section(cls: type[T], name: str, options: Mapping[str, str], where: Callable[[str], str]) -> T:
+    schema = SCHEMA[name]
+    values: dict[str, Any] = {}
+    for option, text in options.items():
+        conv = schema.get(option)
+        if conv is None:
+            raise ConfigError(f"{where(option)}{name}.{option}: unknown option")
+        try:
+            values[option] = conv(text)
+        except ValueError as exc:
+            raise ConfigError(f"{where(option)}{name}.{option}: {exc}") from None
+    return cls(**values)
+
+
+def build_config(sections: list[Any], source: str) -> Config:
+    """Config from parsed UCI sections (agent.uci.UciSection)."""
+    parts: dict[str, Any] = {}
+    ports: list[DevicePort] = []
+    insulin: dict[str, str] = {}
+    classes = {"agent": AgentSection, "mqtt": MqttSection, "buffer": BufferSection, "alerts": AlertsSection}
+    for sec in sections:
+
+        def where(option: str, sec: Any = sec) -> str:
+            line = sec.option_lines.get(option, sec.line)
+            return f"{source}:{line}: "
+
+        if sec.type in classes:
+            if sec.type in parts:
+                raise ConfigError(f"{source}:{sec.line}: section '{sec.type}' given twice")
+            parts[sec.type] = _section(classes[sec.type], sec.type, sec.options, where)
+        elif sec.type in ("meter", "pen"):
+            name = sec.name or f"{sec.type}{len(ports) + 1}"
+            port = sec.options.get("port", "")
+            if not port:
+                raise ConfigError(f"{where('port')}{sec.type}[{name}].port: required")
+            default = "auto" if sec.type == "meter" else "novopen"
+            protocol = sec.options.get("protocol", default)
+            if protocol not in PROTOCOL_NAMES:
+                raise ConfigError(
+                    f"{where('protocol')}{sec.type}[{name}].protocol: expected one of "
+                    f"{', '.join(PROTOCOL_NAMES)}, got {protocol!r}"
+                )
+            extra = set(sec.options) - {"port", "protocol"}
+            if extra:
+                raise ConfigError(f"{where(sorted(extra)[0])}{sec.type}[{name}].{sorted(extra)[0]}: unknown option")
+            ports.append(DevicePort(name=name, port=port, protocol=protocol))
+        elif sec.type == "insulin":
+            serial, kind = sec.options.get("pen_serial", ""), sec.options.get("insulin", "")
+            if not serial or not kind:
+                raise ConfigError(f"{source}:{sec.line}: insulin section needs pen_serial and insulin")
+            insulin[serial] = kind
+        else:
+            raise ConfigError(f"{source}:{sec.line}: unknown section type '{sec.type}'")
+    cfg = Config(**parts, ports=tuple(ports), insulin=insulin, source=source)
+    if cfg.alerts.severe_hypo_mgdl > cfg.alerts.hypo_mgdl:
+        raise ConfigError(f"{source}: alerts.severe_hypo_mgdl must not exceed alerts.hypo_mgdl")
+    if cfg.mqtt.backoff_min_s > cfg.mqtt.backoff_cap_s:
+        raise ConfigError(f"{source}: mqtt.backoff_min_s must not exceed mqtt.backoff_cap_s")
+    return cfg
+
+
+def load_config(path: Path | None) -> Config:
+    if path is None:
+        return Config()
+    from agent.uci import parse_uci  # the UCI grammar lives in its own module
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc}") from None
+    return build_config(parse_uci(text, source=str(path)), str(path))
+
+
+def with_state_dir(cfg: Config, state_dir: Path) -> Config:
+    return dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, state_dir=state_dir))

@@ -1,0 +1,120 @@
+"""`glucoagent run`: wires store, recorder, meter watcher and uplink, and runs until signalled."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from agent.clock import Clock
+from agent.config import Config
+from agent.errors import GlucoagentError, StorageUnavailable
+from agent.identity import DeviceIdentity, load_identity
+from agent.intake import Recorder, Signer
+from agent.meters import MeterWatcher
+from agent.store import Store, open_store
+from agent.uplink import Uplink
+
+log = logging.getLogger(__name__)
+_START = time.monotonic()
+
+
+def open_buffer(cfg: Config) -> tuple[Store, str | None]:
+    """Open the buffer, retrying while storage is unavailable (never a crash loop)."""
+    delay = 1.0
+    while True:
+        try:
+            return open_store(cfg.buffer_path, max_records=cfg.buffer.max_records, retention_s=cfg.buffer.retention_s)
+        except StorageUnavailable as exc:
+            log.error("buffer unavailable: %s; retrying in %.0fs", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 60.0)
+
+
+def memory_rss_kib() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Daemon:
+    def __init__(self, cfg: Config, identity: DeviceIdentity | None = None) -> None:
+        self.cfg = cfg
+        self.identity = identity or load_identity(cfg.agent.state_dir)
+        self.clock = Clock()
+        self.store, set_aside = open_buffer(cfg)
+        self.signer = Signer(self.identity.device_id, self.identity.key, self.identity.kid, self.clock)
+        self.recorder = Recorder(self.store, self.signer, cfg.alerts)
+        if set_aside:
+            self.recorder.raise_condition("store_corrupt", f"buffer file was corrupt; kept aside as {set_aside}")
+        self.uplink = Uplink(cfg, self.identity, self.store, on_command=self.on_command)
+        self.watcher = MeterWatcher(cfg, self.recorder, self.clock, on_stored=self.uplink.wake)
+        self._stop = threading.Event()
+
+    def on_command(self, payload: bytes) -> None:
+        log.info("command received (%d bytes); commands are handled by agent.commands", len(payload))
+
+    def health_sample(self) -> dict[str, str | int | float | bool]:
+        stats = self.store.stats()
+        try:
+            free = shutil.disk_usage(self.cfg.buffer_path.parent).free
+        except OSError:
+            free = -1
+        up = self.uplink.counters
+        return {
+            "uptime_s": round(time.monotonic() - _START, 1),
+            "buffer_depth": stats.pending_clinical,
+            "oldest_unsent_age_s": round(time.time() - stats.oldest_pending_at, 1) if stats.oldest_pending_at else 0,
+            "uploaded": up.uploaded,
+            "acked": up.acked,
+            "reconnects": up.reconnects,
+            "connect_failures": up.connect_failures,
+            "serial_errors": self.watcher.serial_errors,
+            "free_storage_bytes": free,
+            "rss_kib": memory_rss_kib(),
+            "clock": self.clock.quality().value,
+        }
+
+    def stop(self, *_: Any) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        threads = [
+            threading.Thread(target=self.uplink.run, name="uplink", daemon=True),
+            threading.Thread(target=self.watcher.run, name="meters", daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        log.info("glucoagent running as %s (pid %d)", self.identity.device_id, os.getpid())
+        next_health = time.monotonic() + min(5.0, self.cfg.agent.health_interval_s)
+        while not self._stop.wait(0.5):
+            if time.monotonic() >= next_health:
+                next_health = time.monotonic() + self.cfg.agent.health_interval_s
+                try:
+                    self.recorder.health(self.health_sample())
+                    self.uplink.wake()
+                except GlucoagentError as exc:
+                    log.warning("health sample not recorded: %s", exc)
+        log.info("stopping")
+        self.watcher.stop()
+        self.uplink.stop()
+        for t in threads:
+            t.join(timeout=8)
+        self.store.close()
+        return 0
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s received", signal.Signals(signum).name)
+        self._stop.set()

@@ -1,0 +1,133 @@
+"""Turning what the meters and pens gave us into signed, buffered records.
+
+A whole meter read is one batch: its new readings, the alerts they raise and
+the meter ledger commit together, so a crash leaves either all of it or none
+(the meter still holds what was not committed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from agent import cose, telemetry
+from agent.clock import Clock
+from agent.config import AlertsSection
+from agent.errors import BufferFull, StorageUnavailable
+from agent.models import GlucoseReading, InsulinDose, RangeFlag
+from agent.store import PRIO_ALERT, PRIO_HEALTH, PRIO_RECORD, Intake, Store
+
+log = logging.getLogger(__name__)
+
+
+class Signer:
+    """Signs telemetry packs with the device key at the moment they are accepted."""
+
+    def __init__(self, device_id: str, key: cose.PrivateKey, kid: bytes, clock: Clock) -> None:
+        self.device_id = device_id
+        self.key = key
+        self.kid = kid
+        self.clock = clock
+
+    def builder(self, kind: telemetry.Kind, entries: list[dict[int, object]]) -> Callable[[int], bytes]:
+        def build(seq: int) -> bytes:
+            header = telemetry.Header(self.device_id, seq, kind, self.clock.now())
+            payload = telemetry.encode(header, entries)
+            return cose.sign1(self.key, payload, kid=self.kid, content_type=telemetry.SENML_CBOR_CONTENT_FORMAT)
+
+        return build
+
+    def sign_payload(self, payload: bytes) -> bytes:
+        return cose.sign1(self.key, payload, kid=self.kid)
+
+
+def glucose_alerts(r: GlucoseReading, limits: AlertsSection) -> list[tuple[str, str]]:
+    """Alert codes a reading raises. Control-solution results never raise patient alerts."""
+    if r.control_solution:
+        return []
+    value, when = r.value_mgdl, r.meter_time.isoformat()
+    if r.range_flag is RangeFlag.LOW or value < limits.severe_hypo_mgdl:
+        return [("hypo_severe", f"glucose {value} mg/dL below {limits.severe_hypo_mgdl} at {when}")]
+    if value < limits.hypo_mgdl:
+        return [("hypo", f"glucose {value} mg/dL below {limits.hypo_mgdl} at {when}")]
+    if r.range_flag is RangeFlag.HIGH or value > limits.hyper_mgdl:
+        return [("hyper", f"glucose {value} mg/dL above {limits.hyper_mgdl} at {when}")]
+    return []
+
+
+class Recorder:
+    def __init__(self, store: Store, signer: Signer, limits: AlertsSection) -> None:
+        self.store = store
+        self.signer = signer
+        self.limits = limits
+
+    def accept_readings(self, source: str, readings: Sequence[GlucoseReading], *, complete: bool) -> list[int]:
+        """Store the new readings of one meter read; returns their sequence numbers."""
+        known = self.store.known_keys(source, [r.record_key for r in readings])
+        items: list[Intake] = []
+        for r in readings:
+            items.append(
+                Intake(
+                    telemetry.Kind.READING,
+                    PRIO_RECORD,
+                    self.signer.builder(telemetry.Kind.READING, telemetry.reading_entries(r)),
+                    r.record_key,
+                )
+            )
+            if r.record_key in known:
+                continue
+            for code, message in glucose_alerts(r, self.limits):
+                extra = {"meter": r.meter_serial, "key": r.record_key, "mgdl": r.value_mgdl}
+                items.append(
+                    Intake(
+                        telemetry.Kind.ALERT,
+                        PRIO_ALERT,
+                        self.signer.builder(telemetry.Kind.ALERT, telemetry.alert_entries(code, message, extra)),
+                    )
+                )
+        complete_keys = [r.record_key for r in readings] if complete else None
+        return self._accept(items, source, complete_keys)
+
+    def accept_doses(self, source: str, doses: Sequence[InsulinDose], *, complete: bool) -> list[int]:
+        items = [
+            Intake(
+                telemetry.Kind.DOSE,
+                PRIO_RECORD,
+                self.signer.builder(telemetry.Kind.DOSE, telemetry.dose_entries(d)),
+                d.record_key,
+            )
+            for d in doses
+        ]
+        return self._accept(items, source, [d.record_key for d in doses] if complete else None)
+
+    def _accept(self, items: list[Intake], source: str, complete_keys: list[str] | None) -> list[int]:
+        try:
+            seqs = self.store.accept(items, source=source, complete_keys=complete_keys)
+        except BufferFull as exc:
+            log.error("buffer full: %s; the meter keeps its records until there is room", exc)
+            self.raise_condition("buffer_full", str(exc))
+            raise
+        if seqs and self.store.clear_condition("buffer_full"):
+            log.info("buffer has room again")
+        return seqs
+
+    def alert(self, code: str, message: str, extra: dict[str, str | int | float | bool] | None = None) -> None:
+        entries = telemetry.alert_entries(code, message, extra)
+        item = Intake(telemetry.Kind.ALERT, PRIO_ALERT, self.signer.builder(telemetry.Kind.ALERT, entries))
+        self.store.accept([item])
+
+    def raise_condition(self, code: str, message: str) -> None:
+        """Record a local condition once per episode and send one alert for it."""
+        try:
+            if self.store.set_condition(code, message):
+                self.alert(code, message)
+        except (BufferFull, StorageUnavailable) as exc:
+            log.error("could not record condition %s: %s", code, exc)
+
+    def health(self, sample: dict[str, str | int | float | bool]) -> None:
+        entries = telemetry.health_entries(sample)
+        item = Intake(telemetry.Kind.HEALTH, PRIO_HEALTH, self.signer.builder(telemetry.Kind.HEALTH, entries))
+        try:
+            self.store.accept([item])
+        except BufferFull:
+            log.warning("buffer full: health sample not kept")

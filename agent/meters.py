@@ -1,0 +1,160 @@
+"""Watches serial ports and reads whatever meter or pen appears on them.
+
+A port is read when it appears (configured ports are polled; hotplug drops a
+note in ``<state_dir>/hotplug/``), and again every ``reread_s`` while attached.
+Reads are handed to the Recorder, which stores only records the ledger has
+not seen. A failed or partial read is logged; what verified is kept, and the
+next read fetches the rest (the meter still holds it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.clock import Clock
+from agent.config import Config, DevicePort
+from agent.errors import BufferFull, GlucoagentError
+from agent.intake import Recorder
+
+log = logging.getLogger(__name__)
+HOTPLUG_DIR = "hotplug"
+
+
+@dataclasses.dataclass(slots=True)
+class PortState:
+    port: DevicePort
+    present: bool = False
+    last_read: float = 0.0
+    failures: int = 0
+    serial_errors: int = 0
+
+
+def hotplug_note(state_dir: Path, action: str, devname: str) -> Path:
+    """Called by the hotplug script: leave a note the daemon picks up on its next scan."""
+    name = os.path.basename(devname)
+    if action not in ("add", "remove") or not name or name.startswith("."):
+        raise GlucoagentError(f"hotplug: bad event {action!r} {devname!r}")
+    folder = state_dir / HOTPLUG_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    note = folder / f"{action}-{name}"
+    note.write_text(f"/dev/{name}\n")
+    return note
+
+
+class MeterWatcher:
+    def __init__(self, cfg: Config, recorder: Recorder, clock: Clock, on_stored: Callable[[], None]) -> None:
+        self.cfg = cfg
+        self.recorder = recorder
+        self.clock = clock
+        self.on_stored = on_stored
+        self.ports = {p.port: PortState(p) for p in cfg.ports}
+        self._stop = threading.Event()
+        self._read_now = threading.Event()
+        self.serial_errors = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._read_now.set()
+
+    def read_now(self) -> None:
+        """Read every attached device at once (the `read_now` command)."""
+        for state in self.ports.values():
+            state.last_read = 0.0
+        self._read_now.set()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self._take_hotplug_notes()
+            for state in list(self.ports.values()):
+                if self._stop.is_set():
+                    break
+                self._scan(state)
+            self._read_now.wait(self.cfg.agent.port_scan_s)
+            self._read_now.clear()
+
+    def _take_hotplug_notes(self) -> None:
+        folder = self.cfg.agent.state_dir / HOTPLUG_DIR
+        try:
+            notes = sorted(folder.iterdir())
+        except FileNotFoundError:
+            return
+        for note in notes:
+            action, _, name = note.name.partition("-")
+            dev = f"/dev/{name}"
+            if action == "add" and dev not in self.ports:
+                log.info("hotplug: %s appeared", dev)
+                self.ports[dev] = PortState(DevicePort(name=name, port=dev, protocol="auto"))
+            elif action == "add":
+                self.ports[dev].last_read = 0.0
+            elif action == "remove" and dev in self.ports:
+                self.ports[dev].present = False
+            note.unlink(missing_ok=True)
+
+    def _scan(self, state: PortState) -> None:
+        present = os.path.exists(state.port.port)
+        if present and not state.present:
+            log.info("port %s: device present", state.port.port)
+            state.last_read = 0.0
+        state.present = present
+        if not present:
+            return
+        backoff = min(300.0, 5.0 * 2 ** min(state.failures, 6)) if state.failures else 0.0
+        due = state.last_read + (backoff or self.cfg.agent.reread_s)
+        if state.last_read and time.monotonic() < due:
+            return
+        state.last_read = time.monotonic()
+        try:
+            stored = self.read_port(state.port)
+        except BufferFull:
+            state.failures += 1
+            return
+        except GlucoagentError as exc:
+            state.failures += 1
+            self.serial_errors += 1
+            log.warning("port %s: %s", state.port.port, exc)
+            return
+        state.failures = 0
+        if stored:
+            self.on_stored()
+
+    def read_port(self, port: DevicePort) -> int:
+        """Read one device and store what is new; returns how many records were stored."""
+        if port.protocol == "novopen":
+            return self._read_pen(port)
+        from drivers.reader import read_meter  # drivers are optional at import time of the agent core
+
+        result = read_meter(
+            port.port, None if port.protocol == "auto" else port.protocol, wall_clock=self.clock.local_naive
+        )
+        source = f"{result.identity.protocol}:{result.identity.serial}"
+        seqs = self.recorder.accept_readings(source, result.readings, complete=result.complete)
+        self.recorder.store.source_seen(source, result.identity.protocol, port.port, result.complete)
+        if result.complete:
+            log.info("meter %s on %s: %d records, %d new", source, port.port, len(result.readings), len(seqs))
+        else:
+            log.warning(
+                "meter %s on %s: read cut off after %d verified records (%s); %d new stored, rest on the next read",
+                source,
+                port.port,
+                len(result.readings),
+                result.error,
+                len(seqs),
+            )
+        return len(seqs)
+
+    def _read_pen(self, port: DevicePort) -> int:
+        from drivers.novopen import Device  # type: ignore[attr-defined]
+
+        with Device(port.port) as device:
+            result = device.read_pen(insulin=self.cfg.insulin)
+        source = f"novopen:{result.identity.serial}"
+        seqs = self.recorder.accept_doses(source, result.doses, complete=result.complete)
+        self.recorder.store.source_seen(source, "novopen", port.port, result.complete)
+        log.info("pen %s on %s: %d doses, %d new", source, port.port, len(result.doses), len(seqs))
+        return len(seqs)

@@ -1,0 +1,343 @@
+"""paho-mqtt behind a small typed API: connect, publish-and-wait, subscribe, messages.
+
+paho speaks MQTT; this module translates its return codes and exceptions into
+``LinkError`` subclasses (no rc escapes) and turns PUBACK callbacks into
+per-mid events that are always cleared. The caller's thread drives the network
+by calling ``loop()``; paho's own auto-reconnect is not used (the uplink owns
+backoff, see agent/uplink.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.errors import (
+    BrokerUnreachable,
+    ClockNotSet,
+    DnsError,
+    LinkError,
+    LinkTimeout,
+    NotAuthorized,
+    TlsError,
+)
+
+log = logging.getLogger(__name__)
+SESSION_EXPIRY_S = 7 * 86_400  # the broker keeps our subscriptions and queued commands this long
+_X509_CERT_NOT_YET_VALID = 9
+_X509_CERT_HAS_EXPIRED = 10
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    retain: bool = True
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LinkSettings:
+    host: str
+    port: int
+    client_id: str
+    tls: TlsFiles
+    protocol: str = "mqttv5"
+    keepalive: int = 30
+    connect_timeout_s: float = 15.0
+    clean_start: bool = False  # persistent session: the broker holds commands for an offline box
+    will: Will | None = None
+    max_inflight: int = 20
+
+
+Message = tuple[str, bytes]
+
+
+def _tls_context(files: TlsFiles) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.ca))  # fleet CA pinned, no system CAs
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_cert_chain(str(files.cert), str(files.key))
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsError(f"cannot load the device certificate or key: {exc}") from exc
+    return ctx
+
+
+def classify_connect_error(exc: BaseException, host: str, port: int) -> LinkError:
+    """One place that turns socket/TLS failures into errors a technician can act on."""
+    where = f"{host}:{port}"
+    if isinstance(exc, socket.gaierror):
+        return DnsError(f"cannot resolve {host}: {exc.strerror or exc}")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code == _X509_CERT_NOT_YET_VALID:
+            return ClockNotSet(
+                f"the broker's certificate is not yet valid by this box's clock ({time.strftime('%Y-%m-%d %H:%M')} UTC)"
+                ": set the date and time, then retry"
+            )
+        if exc.verify_code == _X509_CERT_HAS_EXPIRED:
+            return TlsError(f"the broker's certificate has expired, or this box's clock is far ahead: {exc}")
+        return TlsError(f"TLS: the broker at {where} is not signed by the pinned fleet CA ({exc.verify_message})")
+    if isinstance(exc, ssl.SSLError):
+        return TlsError(f"TLS handshake with {where} failed: {exc.reason or exc}")
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return LinkTimeout(f"timed out connecting to {where}")
+    if isinstance(exc, ConnectionRefusedError):
+        return BrokerUnreachable(f"broker {where} refused the connection (nothing listening?)")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNRESET):
+        return BrokerUnreachable(f"broker {where} unreachable: {exc.strerror}")
+    if isinstance(exc, OSError):
+        return BrokerUnreachable(f"cannot reach broker {where}: {exc}")
+    return LinkError(f"connecting to {where}: {exc}")
+
+
+class MqttLink:
+    """One MQTT connection. Not reconnecting by itself: call ``connect()`` again after a drop."""
+
+    def __init__(self, settings: LinkSettings, on_message: Callable[[str, bytes], None] | None = None) -> None:
+        self.s = settings
+        self._on_message = on_message
+        v5 = settings.protocol == "mqttv5"
+        self._v5 = v5
+        self.client = paho.Client(
+            callback_api_version=paho.CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            clean_session=None if v5 else settings.clean_start,
+            reconnect_on_failure=False,
+        )
+        self.client.max_inflight_messages_set(settings.max_inflight)
+        self.client.max_queued_messages_set(0)
+        self.client.tls_set_context(_tls_context(settings.tls))
+        if settings.will:
+            self.client.will_set(settings.will.topic, settings.will.payload, qos=1, retain=settings.will.retain)
+        self.client.on_connect = self._handle_connect
+        self.client.on_disconnect = self._handle_disconnect
+        self.client.on_publish = self._handle_publish
+        self.client.on_subscribe = self._handle_subscribe
+        self.client.on_message = self._handle_message
+        self._lock = threading.Lock()
+        self._connack = threading.Event()
+        self._connack_rc: ReasonCode | int | None = None
+        self._connected = False
+        self._session_present = False
+        self._acks: dict[int, threading.Event] = {}
+        self._ack_reason: dict[int, int] = {}
+        self._subacks: dict[int, tuple[threading.Event, list[int]]] = {}
+        self.disconnect_reason: str | None = None
+
+    # --- paho callbacks (network thread) --------------------------------------------------------
+    def _handle_connect(
+        self, _c: paho.Client, _u: object, flags: paho.ConnectFlags, rc: ReasonCode, _p: object
+    ) -> None:
+        self._connack_rc = rc
+        self._session_present = bool(flags.session_present)
+        self._connected = not rc.is_failure
+        self._connack.set()
+
+    def _handle_disconnect(self, _c: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        self._connected = False
+        self.disconnect_reason = str(rc)
+        self._connack.set()
+        with self._lock:  # wake every waiter: their PUBACK will not come on this connection
+            for event in self._acks.values():
+                event.set()
+            for event, _codes in self._subacks.values():
+                event.set()
+
+    def _handle_publish(self, _c: paho.Client, _u: object, mid: int, rc: ReasonCode, _p: object) -> None:
+        with self._lock:
+            self._ack_reason[mid] = rc.value
+            event = self._acks.get(mid)
+        if event:
+            event.set()
+
+    def _handle_subscribe(self, _c: paho.Client, _u: object, mid: int, codes: list[ReasonCode], _p: object) -> None:
+        with self._lock:
+            entry = self._subacks.get(mid)
+        if entry:
+            entry[1].extend(c.value for c in codes)
+            entry[0].set()
+
+    def _handle_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        if self._on_message:
+            try:
+                self._on_message(msg.topic, bytes(msg.payload))
+            except Exception:
+                log.exception("handler for %s failed", msg.topic)
+
+    # --- API -----------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def session_present(self) -> bool:
+        return self._session_present
+
+    def connect(self) -> None:
+        """Open TCP+TLS, send CONNECT, wait for CONNACK. Raises a LinkError subclass."""
+        self._connack.clear()
+        self._connack_rc = None
+        props = None
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+        try:
+            self.client.connect(
+                self.s.host,
+                self.s.port,
+                keepalive=self.s.keepalive,
+                clean_start=self.s.clean_start if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+                properties=props,
+            )
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise classify_connect_error(exc, self.s.host, self.s.port) from exc
+        deadline = time.monotonic() + self.s.connect_timeout_s
+        while not self._connack.is_set():
+            if time.monotonic() > deadline:
+                self.close()
+                raise LinkTimeout(f"no CONNACK from {self.s.host}:{self.s.port} within {self.s.connect_timeout_s:g}s")
+            rc = self.client.loop(timeout=0.2)
+            if rc != paho.MQTT_ERR_SUCCESS and not self._connack.is_set():
+                self.close()
+                # The broker closes the TLS session when it refuses our certificate (TLS 1.3 reports it late).
+                raise TlsError(
+                    f"the broker at {self.s.host}:{self.s.port} closed the connection during login "
+                    "(device certificate refused: unknown CA, expired or revoked?)"
+                )
+        rc = self._connack_rc
+        if isinstance(rc, ReasonCode) and rc.is_failure:
+            self.close()
+            if rc.value in (0x86, 0x87, 0x8C, 0x04, 0x05):  # bad credentials / not authorized
+                raise NotAuthorized(f"broker refused the login: {rc}")
+            raise LinkError(f"broker refused the connection: {rc}")
+        if not self._connected:
+            raise LinkError(f"connection to {self.s.host}:{self.s.port} dropped during login")
+
+    def loop(self, timeout: float = 0.5) -> bool:
+        """Run network I/O for up to ``timeout``; False once the link is down."""
+        if not self._connected:
+            return False
+        rc = self.client.loop(timeout=timeout)
+        if rc != paho.MQTT_ERR_SUCCESS:
+            self._connected = False
+        elif self._ping_overdue():
+            log.warning("no PINGRESP within half a keepalive: link is dead")
+            self.close()
+        return self._connected
+
+    def _ping_overdue(self) -> bool:
+        # paho only gives up after ~2x keepalive; we want a dead link noticed within 1.5x.
+        # paho exposes no public "ping outstanding since" so read its private timestamp.
+        ping_t = getattr(self.client, "_ping_t", 0)
+        return bool(ping_t) and time.monotonic() - ping_t > self.s.keepalive / 2
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
+        """Queue a publish; returns the mid to ``wait_ack`` on. Raises LinkError when not sent."""
+        if not self._connected:
+            raise LinkError("not connected")
+        event = threading.Event()
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise LinkError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        with self._lock:
+            if info.mid in self._ack_reason:  # PUBACK already arrived
+                event.set()
+            self._acks[info.mid] = event
+        return info.mid
+
+    def wait_ack(self, mid: int, timeout: float) -> bool:
+        """True if the broker acknowledged ``mid`` (and accepted it); the entry is always removed."""
+        with self._lock:
+            event = self._acks.get(mid)
+        if event is None:
+            return False
+        try:
+            deadline = time.monotonic() + timeout
+            while not event.is_set() and time.monotonic() < deadline and self._connected:
+                event.wait(0.05)
+            with self._lock:
+                reason = self._ack_reason.get(mid)
+            return reason is not None and reason < 0x80
+        finally:
+            with self._lock:
+                self._acks.pop(mid, None)
+                self._ack_reason.pop(mid, None)
+
+    def acked(self, mid: int) -> bool | None:
+        """Non-blocking: True acked ok, False refused, None still waiting."""
+        with self._lock:
+            reason = self._ack_reason.get(mid)
+        if reason is None:
+            return None
+        with self._lock:
+            self._acks.pop(mid, None)
+            self._ack_reason.pop(mid, None)
+        return reason < 0x80
+
+    def forget(self, mid: int) -> None:
+        with self._lock:
+            self._acks.pop(mid, None)
+            self._ack_reason.pop(mid, None)
+
+    def subscribe(self, topics: list[str], timeout: float = 10.0, qos: int = 1) -> list[int]:
+        """Subscribe and wait for SUBACK; returns the granted codes (>= 0x80 = refused)."""
+        event = threading.Event()
+        codes: list[int] = []
+        rc, mid = self.client.subscribe([(t, qos) for t in topics])
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            raise LinkError(f"subscribe failed: {paho.error_string(rc)}")
+        with self._lock:
+            self._subacks[mid] = (event, codes)
+        try:
+            deadline = time.monotonic() + timeout
+            while not event.is_set():
+                if time.monotonic() > deadline:
+                    raise LinkTimeout(f"no SUBACK within {timeout:g}s")
+                if not self.loop(0.1):
+                    raise LinkError("link dropped while subscribing")
+            if not codes:
+                raise LinkError("link dropped while subscribing")
+            return codes
+        finally:
+            with self._lock:
+                self._subacks.pop(mid, None)
+
+    def close(self) -> None:
+        """Drop the connection without DISCONNECT (the will is published): for dead links."""
+        with contextlib.suppress(Exception):
+            sock = self.client.socket()
+            if sock is not None:
+                sock.close()
+        with contextlib.suppress(Exception):
+            self.client.loop(timeout=0.01)
+        self._connected = False
+
+    def disconnect(self) -> None:
+        """Clean DISCONNECT: the broker drops the will."""
+        if self._connected:
+            with contextlib.suppress(Exception):
+                self.client.disconnect()
+                self.client.loop(timeout=0.2)
+        self._connected = False

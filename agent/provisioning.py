@@ -1,0 +1,209 @@
+"""Claim-based provisioning: the box enrols itself with a one-time token and its own CSR.
+
+Flow (docs/provisioning.md): key made on the box -> CSR -> connect with the factory
+claim certificate (the broker confines it to gluco/v1/prov/) -> subscribe to our
+reply topic -> publish the request -> receive certificate chain, device id,
+command-verification key and initial config -> write them atomically ->
+reconnect with the device certificate and confirm by publishing ``online``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cbor2
+
+from agent import __version__, topics
+from agent.config import Endpoint
+from agent.errors import GlucoagentError, LinkTimeout, ProvisioningError, TokenRejected
+from agent.identity import (
+    build_csr,
+    ensure_state_dir,
+    hardware_serial,
+    is_provisioned,
+    load_identity,
+    load_or_create_key,
+    save_credentials,
+)
+from agent.mqtt import LinkSettings, MqttLink, TlsFiles, Will
+from agent.uplink import STATUS_ONLINE
+
+FACTORY_DIR = "factory"
+TOKEN_CODES = {"token_unknown", "token_used", "token_expired"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClaimFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def default(cls, state_dir: Path) -> ClaimFiles:
+        f = state_dir / FACTORY_DIR
+        return cls(ca=f / "ca.crt", cert=f / "claim.crt", key=f / "claim.key")
+
+
+Step = Callable[[str], None]
+
+
+class Progress:
+    """Numbered steps, each ending ok or failed: what a technician reads on a phone screen."""
+
+    def __init__(self, total: int, out: Callable[[str], None]) -> None:
+        self.total = total
+        self.n = 0
+        self.out = out
+
+    def step(self, text: str) -> _StepCtx:
+        self.n += 1
+        return _StepCtx(self, f"[{self.n}/{self.total}] {text}")
+
+
+class _StepCtx:
+    def __init__(self, progress: Progress, label: str) -> None:
+        self.p = progress
+        self.label = label
+        self.detail = ""
+
+    def __enter__(self) -> _StepCtx:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, _tb: object) -> None:
+        if exc is None:
+            self.p.out(f"{self.label} ... ok{(' (' + self.detail + ')') if self.detail else ''}")
+        else:
+            self.p.out(f"{self.label} ... failed")
+
+
+def provision(
+    state_dir: Path,
+    endpoint: str,
+    token: str,
+    patient: str,
+    *,
+    claim: ClaimFiles | None = None,
+    key_type: str = "ed25519",
+    protocol: str = "mqttv5",
+    timeout_s: float = 20.0,
+    out: Callable[[str], None] = print,
+) -> str:
+    """Enrol this box; returns the device id. Raises GlucoagentError subclasses with exit codes."""
+    ep = Endpoint.parse(endpoint, "--endpoint")
+    claim = claim or ClaimFiles.default(state_dir)
+    progress = Progress(6, out)
+    with progress.step(f"state directory {state_dir}") as s:
+        ensure_state_dir(state_dir)
+        for path in (claim.ca, claim.cert, claim.key):
+            if not path.exists():
+                raise ProvisioningError(
+                    f"factory file missing: {path} (was the box flashed with its claim certificate?)"
+                )
+        if is_provisioned(state_dir):
+            s.detail = "already provisioned: credentials kept, enrolment re-confirmed"
+    with progress.step(f"device key ({key_type}, created on this box, never leaves it)"):
+        key = load_or_create_key(state_dir, key_type)
+        hw = hardware_serial()
+        csr = build_csr(key, hw)
+    request_id = secrets.token_hex(12)
+    reply: dict[str, Any] = {}
+    got_reply = threading.Event()
+
+    def on_message(topic: str, payload: bytes) -> None:
+        if topic == topics.provision_response(request_id):
+            try:
+                reply.update(cbor2.loads(payload))
+            except (cbor2.CBORDecodeError, ValueError, TypeError):
+                reply.update({"ok": False, "code": "bad_reply", "message": "unreadable reply"})
+            got_reply.set()
+
+    settings = LinkSettings(
+        host=ep.host,
+        port=ep.port,
+        client_id=f"claim-{request_id}",
+        tls=TlsFiles(ca=claim.ca, cert=claim.cert, key=claim.key),
+        protocol=protocol,
+        clean_start=True,
+    )
+    link = MqttLink(settings, on_message=on_message)
+    with progress.step(f"connect to {ep} with the factory claim certificate"):
+        link.connect()
+    try:
+        with progress.step("send enrolment request (token, patient reference, CSR)") as s:
+            codes = link.subscribe([topics.provision_response(request_id)])
+            if any(c >= 0x80 for c in codes):
+                raise ProvisioningError(f"broker refused the provisioning reply topic (codes {codes})")
+            request = {
+                "v": 1,
+                "req": request_id,
+                "csr": csr,
+                "token": token,
+                "patient": patient,
+                "hw": {"serial": hw, "machine": platform.machine(), "agent": __version__},
+            }
+            mid = link.publish(topics.provision_request(request_id), cbor2.dumps(request))
+            deadline = time.monotonic() + timeout_s
+            while not got_reply.is_set():
+                if time.monotonic() > deadline:
+                    raise LinkTimeout(f"no answer from the provisioning service within {timeout_s:g}s")
+                if not link.loop(0.1):
+                    raise ProvisioningError("the broker closed the connection during enrolment")
+            link.forget(mid)
+            if not reply.get("ok"):
+                code, message = str(reply.get("code", "error")), str(reply.get("message", "refused"))
+                if code in TOKEN_CODES:
+                    raise TokenRejected(f"enrolment token refused ({code}): {message}")
+                raise ProvisioningError(f"enrolment refused ({code}): {message}")
+            s.detail = f"device id {reply['device_id']}"
+    finally:
+        link.disconnect()
+    with progress.step("save certificate, fleet CA and command key (atomic, mode 0600)"):
+        save_credentials(
+            state_dir,
+            device_id=str(reply["device_id"]),
+            endpoint=str(ep),
+            cert_chain_pem=bytes(reply["cert"]),
+            ca_pem=bytes(reply["ca"]),
+            command_key_pem=bytes(reply["command_key"]),
+            config=dict(reply.get("config", {})),
+        )
+    with progress.step("connect with the device certificate and confirm"):
+        confirm(state_dir, protocol=protocol)
+    return str(reply["device_id"])
+
+
+def confirm(state_dir: Path, *, protocol: str = "mqttv5", timeout_s: float = 10.0) -> None:
+    """Log in as the device and publish ``online``: proves the new credentials work end to end."""
+    ident = load_identity(state_dir)
+    ep = Endpoint.parse(ident.endpoint)
+    dev = topics.DeviceTopics(ident.device_id)
+    link = MqttLink(
+        LinkSettings(
+            host=ep.host,
+            port=ep.port,
+            client_id=ident.device_id,
+            tls=TlsFiles(ca=ident.ca_path, cert=ident.cert_path, key=ident.key_path),
+            protocol=protocol,
+            will=Will(dev.status, b"offline"),
+        )
+    )
+    link.connect()
+    try:
+        mid = link.publish(dev.status, STATUS_ONLINE, retain=True)
+        deadline = time.monotonic() + timeout_s
+        while (ok := link.acked(mid)) is None:
+            if time.monotonic() > deadline or not link.loop(0.05):
+                raise LinkTimeout("the broker did not acknowledge the confirmation")
+        if not ok:
+            raise GlucoagentError("the broker refused the device's status message (ACL?)")
+        link.publish(dev.status, b"offline", retain=True)  # until the daemon runs and says online
+        link.loop(0.2)
+    finally:
+        link.disconnect()

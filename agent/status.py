@@ -1,0 +1,147 @@
+"""`glucoagent status` and `glucoagent check`: what a technician needs to see, read-only."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.clock import CLOCK_FLOOR, Clock
+from agent.config import Config, Endpoint
+from agent.errors import GlucoagentError
+from agent.identity import is_provisioned, load_identity
+from agent.mqtt import LinkSettings, MqttLink, TlsFiles, classify_connect_error
+from agent.store import Store
+
+ONLINE_FILE = "online"  # touched by the daemon while its link is up
+
+
+def collect_status(cfg: Config) -> dict[str, Any]:
+    state = cfg.agent.state_dir
+    out: dict[str, Any] = {"provisioned": is_provisioned(state), "state_dir": str(state)}
+    clock = Clock()
+    out["clock"] = clock.quality().value
+    if out["provisioned"]:
+        ident = load_identity(state)
+        out["device_id"] = ident.device_id
+        out["broker"] = cfg.mqtt.endpoint or ident.endpoint
+    online = state / ONLINE_FILE
+    out["connected"] = online.exists() and time.time() - online.stat().st_mtime < 3 * cfg.mqtt.keepalive
+    if cfg.buffer_path.exists():
+        store = Store(cfg.buffer_path, max_records=cfg.buffer.max_records, retention_s=cfg.buffer.retention_s)
+        try:
+            st = store.stats()
+            out["buffer_depth"] = st.pending_clinical
+            out["buffer_health_samples"] = st.pending - st.pending_clinical
+            out["oldest_unsent_age_s"] = round(time.time() - st.oldest_pending_at) if st.oldest_pending_at else None
+            out["last_upload_ack"] = st.last_ack
+            out["next_seq"] = st.next_seq
+            out["conditions"] = {c: msg for c, (_since, msg) in store.conditions().items()}
+            out["meters"] = [
+                {"source": s, "protocol": p, "port": port, "last_seen": seen, "last_read_complete": ok}
+                for s, p, port, seen, ok in store.sources()
+            ]
+        finally:
+            store.close()
+    else:
+        out.update(buffer_depth=0, oldest_unsent_age_s=None, conditions={}, meters=[])
+    return out
+
+
+def format_status(st: dict[str, Any]) -> str:
+    def ts(v: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v)) + " UTC" if v else "never"
+
+    lines = [
+        f"provisioned:    {'yes' if st['provisioned'] else 'no'}",
+        f"device id:      {st.get('device_id', '-')}",
+        f"broker:         {st.get('broker', '-')}",
+        f"connected:      {'yes' if st['connected'] else 'no'}",
+        f"last upload:    {ts(st.get('last_upload_ack'))}",
+        f"buffer depth:   {st['buffer_depth']} unsent"
+        + (f", oldest {st['oldest_unsent_age_s']} s" if st.get("oldest_unsent_age_s") is not None else ""),
+        f"clock:          {st['clock']}",
+    ]
+    for m in st.get("meters", []):
+        lines.append(
+            f"meter:          {m['source']} on {m['port']}, last seen {ts(m['last_seen'])}"
+            + ("" if m["last_read_complete"] else " (last read incomplete)")
+        )
+    for code, msg in st.get("conditions", {}).items():
+        lines.append(f"ALERT {code}: {msg}")
+    return "\n".join(lines)
+
+
+def status_json(st: dict[str, Any]) -> str:
+    return json.dumps(st, indent=2, sort_keys=True)
+
+
+def run_checks(cfg: Config, out: Any = print) -> int:
+    """Self-test; prints one line per check and returns the exit code of the first failure (0 if none)."""
+    first_failure = 0
+
+    def report(name: str, ok: bool, detail: str, code: int = 1) -> None:
+        nonlocal first_failure
+        out(f"{'ok    ' if ok else 'FAILED'} {name}: {detail}")
+        if not ok and not first_failure:
+            first_failure = code
+
+    now = time.time()
+    report(
+        "clock",
+        now >= CLOCK_FLOOR.timestamp(),
+        time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
+        + ("" if now >= CLOCK_FLOOR.timestamp() else " is before 2025: set the time"),
+        44,
+    )
+    for p in cfg.ports:
+        present = os.path.exists(p.port)
+        access = present and os.access(p.port, os.R_OK | os.W_OK)
+        report(f"serial port {p.name}", bool(access), p.port + ("" if access else " missing or not accessible"), 20)
+    state = cfg.agent.state_dir
+    if not is_provisioned(state):
+        report("provisioned", False, f"no credentials in {state}: run `glucoagent provision`", 52)
+        return first_failure
+    ident = load_identity(state)
+    ep = Endpoint.parse(cfg.mqtt.endpoint or ident.endpoint)
+    try:
+        with socket.create_connection((ep.host, ep.port), timeout=cfg.mqtt.connect_timeout_s) as sock:
+            report("broker reachable", True, f"{ep.host}:{ep.port}")
+            ctx = ssl.create_default_context(cafile=str(ident.ca_path))
+            ctx.load_cert_chain(str(ident.cert_path), str(ident.key_path))
+            with ctx.wrap_socket(sock, server_hostname=ep.host) as tls:
+                report("TLS handshake", True, f"{tls.version()}, broker certificate signed by the pinned fleet CA")
+    except (OSError, ssl.SSLError) as exc:
+        err = classify_connect_error(exc, ep.host, ep.port)
+        report("broker", False, str(err), err.exit_code)
+        return first_failure
+    link = MqttLink(
+        LinkSettings(
+            host=ep.host,
+            port=ep.port,
+            client_id=f"{ident.device_id}-check",
+            tls=TlsFiles(ident.ca_path, ident.cert_path, ident.key_path),
+            protocol=cfg.mqtt.protocol,
+            clean_start=True,
+        )
+    )
+    try:
+        link.connect()
+        report("MQTT login", True, f"as {ident.device_id}")
+    except GlucoagentError as exc:
+        report("MQTT login", False, str(exc), exc.exit_code)
+    finally:
+        link.disconnect()
+    return first_failure
+
+
+def touch_online(state_dir: Path, up: bool) -> None:
+    path = state_dir / ONLINE_FILE
+    if up:
+        path.touch()
+    else:
+        path.unlink(missing_ok=True)

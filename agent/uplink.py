@@ -1,0 +1,330 @@
+"""The upload side of the daemon: keeps a link up, drains the buffer, applies acknowledgements.
+
+One thread owns the link. It reconnects with exponential backoff and full jitter
+(tenacity's ``wait_random_exponential``) from ``backoff_min_s`` to ``backoff_cap_s``;
+the attempt count only resets after the link stayed up ``stable_s``, so a
+flapping network does not turn into a reconnect storm. While offline it sleeps.
+
+A row leaves the buffer only when acknowledged: by the backend's signed
+end-to-end ack (default) or by the broker's PUBACK (``mqtt.ack = puback``).
+Unacknowledged batches are re-sent after ``ack_timeout_s`` or a reconnect; the
+backend de-duplicates by (device, stream, seq), so the effect is exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import types
+from collections.abc import Callable
+from typing import Any
+
+import cbor2
+import tenacity
+
+from agent import cose
+from agent.config import Config, Endpoint
+from agent.errors import GlucoagentError, LinkError, SignatureError, StoreError
+from agent.identity import DeviceIdentity
+from agent.mqtt import LinkSettings, MqttLink, TlsFiles, Will
+from agent.store import CLINICAL, HEALTH, OutboxRow, Store
+from agent.topics import DeviceTopics
+
+log = logging.getLogger(__name__)
+STATUS_ONLINE = b"online"
+STATUS_OFFLINE = b"offline"
+_BATCH_OVERHEAD = 16  # CBOR array header and per-item length prefixes, generously
+
+
+@dataclasses.dataclass(slots=True)
+class _Batch:
+    mid: int
+    stream: str
+    ids: set[int]
+    seqs: set[int]
+    sent_at: float
+
+
+@dataclasses.dataclass(slots=True)
+class Counters:
+    uploaded: int = 0
+    acked: int = 0
+    reconnects: int = 0
+    connect_failures: int = 0
+    resends: int = 0
+    bad_messages: int = 0
+    connected_since: float | None = None
+    last_upload: float | None = None
+
+
+def encode_batch(rows: list[OutboxRow]) -> bytes:
+    """Upload payload: a CBOR array of COSE_Sign1 byte strings (each record signed on its own)."""
+    return cbor2.dumps([r.cose for r in rows])
+
+
+def decode_ack(data: bytes, command_key: cose.PublicKey, device_id: str) -> dict[str, list[int]]:
+    """Verify and parse a backend ack: COSE_Sign1 by the cloud key over {"dev", "c", "h"}."""
+    verified = cose.verify1(data, lambda _kid: command_key)
+    try:
+        body = cbor2.loads(verified.payload)
+    except (cbor2.CBORDecodeError, ValueError) as exc:
+        raise SignatureError(f"ack payload is not CBOR: {exc}") from exc
+    if not isinstance(body, dict) or body.get("dev") != device_id:
+        raise SignatureError("ack is not addressed to this device")
+    out: dict[str, list[int]] = {}
+    for stream in (CLINICAL, HEALTH):
+        seqs = body.get(stream, [])
+        if not isinstance(seqs, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seqs):
+            raise SignatureError(f"ack field {stream!r} is not a list of integers")
+        out[stream] = seqs
+    return out
+
+
+class _Attempts:
+    """Backoff state that survives short-lived connections."""
+
+    def __init__(self, lo: float, cap: float) -> None:
+        self.count = 0
+        self._wait = tenacity.wait_random_exponential(multiplier=lo, max=cap)
+        self.lo = lo
+
+    def next_delay(self) -> float:
+        self.count += 1
+        # Full jitter: uniform(0, min(cap, lo * 2^n)), but never a busy loop.
+        return max(self.lo / 2, float(self._wait(types.SimpleNamespace(attempt_number=self.count))))  # type: ignore[arg-type]
+
+    def reset(self) -> None:
+        self.count = 0
+
+
+class Uplink:
+    def __init__(
+        self,
+        cfg: Config,
+        identity: DeviceIdentity,
+        store: Store,
+        on_command: Callable[[bytes], None] | None = None,
+        health_payload: Callable[[], bytes | None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.identity = identity
+        self.store = store
+        self.topics = DeviceTopics(identity.device_id)
+        self.on_command = on_command
+        self.counters = Counters()
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=1000)
+        self._inflight: dict[int, _Batch] = {}
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._attempts = _Attempts(cfg.mqtt.backoff_min_s, cfg.mqtt.backoff_cap_s)
+        endpoint = Endpoint.parse(cfg.mqtt.endpoint or identity.endpoint)
+        self.settings = LinkSettings(
+            host=endpoint.host,
+            port=endpoint.port,
+            client_id=identity.device_id,
+            tls=TlsFiles(ca=identity.ca_path, cert=identity.cert_path, key=identity.key_path),
+            protocol=cfg.mqtt.protocol,
+            keepalive=cfg.mqtt.keepalive,
+            connect_timeout_s=cfg.mqtt.connect_timeout_s,
+            will=Will(self.topics.status, STATUS_OFFLINE, retain=True),
+        )
+        self.link: MqttLink | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """New rows in the buffer: upload without waiting for the next tick."""
+        self._wake.set()
+
+    @property
+    def connected(self) -> bool:
+        return self.link is not None and self.link.connected
+
+    def run(self) -> None:
+        """Until stop(): connect, serve, back off, repeat. Never raises for link trouble."""
+        while not self._stop.is_set():
+            try:
+                self._connect()
+            except GlucoagentError as exc:
+                self.counters.connect_failures += 1
+                delay = self._attempts.next_delay()
+                log.warning("uplink: %s; retrying in %.1fs", exc, delay)
+                self._stop.wait(delay)
+                continue
+            up_since = time.monotonic()
+            try:
+                self._serve()
+            except LinkError as exc:
+                log.warning("uplink: %s", exc)
+            finally:
+                if self.link is not None:
+                    self.link.close()
+                self._inflight.clear()
+                self.counters.connected_since = None
+            if self._stop.is_set():
+                break
+            if time.monotonic() - up_since >= self.cfg.mqtt.stable_s:
+                self._attempts.reset()
+            delay = self._attempts.next_delay()
+            log.warning("uplink: link lost (%s); reconnecting in %.1fs", self._reason(), delay)
+            self._stop.wait(delay)
+        self._shutdown()
+
+    def _reason(self) -> str:
+        return (self.link.disconnect_reason if self.link else None) or "closed"
+
+    def _connect(self) -> None:
+        link = MqttLink(self.settings, on_message=self._on_message)
+        self.link = link
+        link.connect()
+        codes = link.subscribe([self.topics.acks, self.topics.commands])
+        if any(c >= 0x80 for c in codes):
+            link.close()
+            raise LinkError(f"broker refused our subscriptions (codes {codes})")
+        mid = link.publish(self.topics.status, STATUS_ONLINE, retain=True)
+        self.counters.reconnects += 1
+        self.counters.connected_since = time.time()
+        log.info(
+            "uplink: connected to %s:%d as %s (session present: %s, status mid %d)",
+            self.settings.host,
+            self.settings.port,
+            self.identity.device_id,
+            link.session_present,
+            mid,
+        )
+
+    def _shutdown(self) -> None:
+        link = self.link
+        if link is not None and link.connected:
+            try:
+                mid = link.publish(self.topics.status, STATUS_OFFLINE, retain=True)
+                deadline = time.monotonic() + 2
+                while link.acked(mid) is None and time.monotonic() < deadline and link.loop(0.05):
+                    pass
+            except LinkError:
+                pass
+            link.disconnect()
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            self._inbox.put_nowait((topic, payload))
+        except queue.Full:
+            log.error("inbox full: dropping a message on %s (the sender will redeliver)", topic)
+        self._wake.set()
+
+    # --- serving ----------------------------------------------------------------------------
+    def _serve(self) -> None:
+        link = self.link
+        assert link is not None
+        while not self._stop.is_set():
+            if not link.loop(0.05):
+                return
+            self._drain_inbox()
+            self._reap()
+            self._fill_window()
+            self._wake.wait(0.2)
+            self._wake.clear()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                topic, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if topic == self.topics.acks:
+                self._on_ack(payload)
+            elif topic == self.topics.commands and self.on_command is not None:
+                self.on_command(payload)
+            else:
+                log.warning("message on unexpected topic %s ignored", topic)
+
+    def _on_ack(self, payload: bytes) -> None:
+        try:
+            acks = decode_ack(payload, self.identity.command_key, self.identity.device_id)
+        except SignatureError as exc:
+            self.counters.bad_messages += 1
+            log.error("ignoring an ack that failed verification: %s", exc)
+            return
+        for stream, seqs in acks.items():
+            if seqs:
+                self._apply_ack(stream, set(seqs))
+
+    def _apply_ack(self, stream: str, seqs: set[int]) -> None:
+        try:
+            done = self.store.ack(stream, seqs)
+        except StoreError as exc:
+            log.error("could not record an ack (will be re-acked after resend): %s", exc)
+            return
+        self.counters.acked += done
+        for key, batch in list(self._inflight.items()):
+            if batch.stream == stream:
+                batch.seqs -= seqs
+                if not batch.seqs:
+                    del self._inflight[key]
+
+    def _reap(self) -> None:
+        """Handle PUBACKs (puback mode) and give up on batches whose ack is overdue."""
+        link = self.link
+        assert link is not None
+        now = time.monotonic()
+        for key, batch in list(self._inflight.items()):
+            if self.cfg.mqtt.ack == "puback":
+                ok = link.acked(batch.mid)
+                if ok:
+                    del self._inflight[key]
+                    self._apply_ack(batch.stream, set(batch.seqs))
+                    continue
+                if ok is False:
+                    log.error("broker refused batch mid %d; will resend", batch.mid)
+                    del self._inflight[key]
+                    continue
+            else:
+                link.acked(batch.mid)  # consume the PUBACK; the backend's ack is what counts
+            if now - batch.sent_at > self.cfg.mqtt.ack_timeout_s:
+                log.warning(
+                    "no ack for %d records within %.0fs; resending", len(batch.seqs), self.cfg.mqtt.ack_timeout_s
+                )
+                self.counters.resends += 1
+                link.forget(batch.mid)
+                del self._inflight[key]
+
+    def _fill_window(self) -> None:
+        link = self.link
+        assert link is not None
+        while len(self._inflight) < self.cfg.mqtt.inflight:
+            exclude = {i for b in self._inflight.values() for i in b.ids}
+            try:
+                rows = self.store.pending(self.cfg.mqtt.batch_records, exclude)
+            except StoreError as exc:
+                log.error("cannot read the buffer: %s", exc)
+                return
+            if not rows:
+                return
+            stream = rows[0].stream
+            batch: list[OutboxRow] = []
+            size = _BATCH_OVERHEAD
+            for row in rows:
+                if row.stream != stream:
+                    break
+                if batch and size + len(row.cose) + 4 > self.cfg.mqtt.max_payload:
+                    break
+                batch.append(row)
+                size += len(row.cose) + 4
+            topic = self.topics.telemetry if stream == CLINICAL else self.topics.health
+            mid = link.publish(topic, encode_batch(batch))
+            self._inflight[mid] = _Batch(mid, stream, {r.id for r in batch}, {r.seq for r in batch}, time.monotonic())
+            self.counters.uploaded += len(batch)
+            self.counters.last_upload = time.time()
+
+    def publish_result(self, payload: bytes) -> None:
+        if self.link is not None and self.link.connected:
+            self.link.publish(self.topics.results, payload)
+
+    def stats(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.counters) | {"connected": self.connected, "inflight": len(self._inflight)}
