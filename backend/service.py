@@ -1,0 +1,330 @@
+"""The reference cloud's MQTT service: provisioning, ingest with verification, acks.
+
+It logs in as the ``backend`` identity (the only one the broker lets read every
+device's telemetry and write their acks and commands). Every record's COSE
+signature is checked against a key registered for the device that published it,
+records are de-duplicated by (device id, stream, sequence number) in one
+transaction, and only then acknowledged with a signed ack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cbor2
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from agent import cose, telemetry, topics
+from agent.errors import GlucoagentError, LinkError, SignatureError
+from agent.mqtt import LinkSettings, MqttLink, TlsFiles
+from backend.db import BackendDb, token_hash
+
+log = logging.getLogger(__name__)
+MAX_BATCH = 1000
+CERT_DAYS = 365
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BackendKeys:
+    ca_pem: bytes
+    sign_csr: Callable[[bytes, str], bytes]  # (csr pem, device id) -> device certificate pem
+    command_key: ed25519.Ed25519PrivateKey
+
+    @property
+    def command_pub_pem(self) -> bytes:
+        return self.command_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+
+def device_id_for(public_key: cose.PublicKey) -> str:
+    """Device ids derive from the device key: a re-run of provisioning maps to the same id."""
+    return "gd-" + cose.key_id(public_key)[:6].hex()
+
+
+def sign_ack(command_key: ed25519.Ed25519PrivateKey, device_id: str, acks: dict[str, list[int]]) -> bytes:
+    return cose.sign1(command_key, cbor2.dumps({"dev": device_id, **acks}, canonical=True))
+
+
+class BackendService:
+    def __init__(
+        self, db: BackendDb, keys: BackendKeys, settings: LinkSettings, initial_config: dict[str, Any]
+    ) -> None:
+        self.db = db
+        self.keys = keys
+        self.settings = settings
+        self.initial_config = initial_config
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._stop = threading.Event()
+        self.link: MqttLink | None = None
+        self.ready = threading.Event()
+        self.on_record: Callable[[str, telemetry.Record], None] | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        delay = 0.5
+        while not self._stop.is_set():
+            link = MqttLink(self.settings, on_message=lambda t, p: self._inbox.put((t, p)))
+            try:
+                link.connect()
+                link.subscribe(
+                    [
+                        topics.ALL_PROVISION_REQUESTS,
+                        topics.ALL_TELEMETRY,
+                        topics.ALL_HEALTH,
+                        topics.ALL_STATUS,
+                        topics.ALL_RESULTS,
+                    ]
+                )
+            except GlucoagentError as exc:
+                log.warning("backend: %s; retrying in %.1fs", exc, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.5
+            self.link = link
+            self.ready.set()
+            log.info("backend: connected to %s:%d", self.settings.host, self.settings.port)
+            while not self._stop.is_set() and link.loop(0.05):
+                self._drain()
+            self.ready.clear()
+            link.disconnect()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                topic, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self.handle(topic, payload)
+            except (GlucoagentError, LinkError) as exc:
+                log.warning("backend: message on %s not handled: %s", topic, exc)
+            except Exception:
+                log.exception("backend: message on %s crashed its handler", topic)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        if self.link is None:
+            raise LinkError("backend not connected")
+        self.link.publish(topic, payload, retain=retain)
+
+    # --- dispatch -----------------------------------------------------------------------------
+    def handle(self, topic: str, payload: bytes) -> None:
+        parts = topic.split("/")
+        if topic.startswith(f"{topics.PREFIX}/prov/") and parts[-1] == "request":
+            self.publish(topics.provision_response(parts[-2]), cbor2.dumps(self.provision(parts[-2], payload)))
+            return
+        device_id = topics.device_of(topic)
+        if device_id is None:
+            return
+        leaf = parts[-1]
+        if leaf in (topics.TELEMETRY, topics.HEALTH):
+            acks = self.ingest(device_id, leaf, payload)
+            if acks:
+                self.publish(topics.DeviceTopics(device_id).acks, sign_ack(self.keys.command_key, device_id, acks))
+        elif leaf == topics.STATUS:
+            self.on_status(device_id, payload)
+        elif leaf == topics.RESULTS:
+            self.on_result(device_id, payload)
+
+    # --- provisioning -----------------------------------------------------------------------
+    def provision(self, request_id: str, payload: bytes) -> dict[str, Any]:
+        def refuse(code: str, message: str) -> dict[str, Any]:
+            log.warning("provisioning %s refused: %s (%s)", request_id, code, message)
+            self.db.bump(f"provision_{code}")
+            return {"ok": False, "code": code, "message": message}
+
+        try:
+            req = cbor2.loads(payload)
+        except (cbor2.CBORDecodeError, ValueError, TypeError):
+            return refuse("bad_request", "request is not CBOR")
+        if not isinstance(req, dict) or req.get("req") != request_id:
+            return refuse("bad_request", "request id does not match its topic")
+        token, patient, csr_pem, hw = req.get("token"), req.get("patient"), req.get("csr"), req.get("hw", {})
+        if not (isinstance(token, str) and isinstance(patient, str) and isinstance(csr_pem, bytes) and patient):
+            return refuse("bad_request", "token, patient and csr are required")
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+            if not csr.is_signature_valid:
+                return refuse("bad_csr", "CSR signature does not verify")
+            public_key = csr.public_key()
+        except ValueError as exc:
+            return refuse("bad_csr", f"unreadable CSR: {exc}")
+        if not isinstance(public_key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
+            return refuse("bad_csr", "device key must be Ed25519 or EC P-256")
+        device_id = device_id_for(public_key)
+        hw_serial = str(hw.get("serial", "")) if isinstance(hw, dict) else ""
+        now = time.time()
+        with self.db.tx() as db:
+            row = db.execute(
+                "SELECT patient_ref, expires_at, used_at, device_id FROM tokens WHERE token_hash = ?",
+                (token_hash(token),),
+            ).fetchone()
+            if row is None:
+                return refuse("token_unknown", "no such enrolment token")
+            token_patient, expires_at, used_at, used_by = row
+            if used_at is not None and used_by != device_id:
+                return refuse("token_used", "this enrolment token was already used by another box")
+            if used_at is None and expires_at < now:
+                return refuse("token_expired", "this enrolment token has expired; ask the clinic for a new one")
+            if token_patient != patient:
+                return refuse(
+                    "patient_mismatch", "the patient reference does not match the one the token was issued for"
+                )
+            cert_pem = self.keys.sign_csr(csr_pem, device_id)
+            kid = cose.key_id(public_key)
+            db.execute(
+                "UPDATE tokens SET used_at = coalesce(used_at, ?), device_id = ? WHERE token_hash = ?",
+                (now, device_id, token_hash(token)),
+            )
+            db.execute(
+                "INSERT INTO devices (device_id, patient_ref, hardware_serial, created_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(device_id) DO UPDATE SET patient_ref = excluded.patient_ref",
+                (device_id, patient, hw_serial, now),
+            )
+            db.execute(
+                "INSERT INTO device_keys (kid, device_id, cert_pem, added_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(kid) DO UPDATE SET cert_pem = excluded.cert_pem",
+                (kid, device_id, cert_pem, now),
+            )
+        log.info("provisioned %s (hardware %s)", device_id, hw_serial)
+        self.db.bump("provisioned")
+        return {
+            "ok": True,
+            "device_id": device_id,
+            "cert": cert_pem + self.keys.ca_pem,
+            "ca": self.keys.ca_pem,
+            "command_key": self.keys.command_pub_pem,
+            "config": self.initial_config,
+        }
+
+    # --- ingest -------------------------------------------------------------------------------
+    def _key_for(self, device_id: str) -> Callable[[bytes | None], cose.PublicKey | None]:
+        def lookup(kid: bytes | None) -> cose.PublicKey | None:
+            if kid is None:
+                return None
+            rows = self.db.query("SELECT cert_pem FROM device_keys WHERE kid = ? AND device_id = ?", (kid, device_id))
+            if not rows:
+                return None
+            key = x509.load_pem_x509_certificate(rows[0][0]).public_key()
+            return key if isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey) else None
+
+        return lookup
+
+    def ingest(self, device_id: str, leaf: str, payload: bytes) -> dict[str, list[int]]:
+        """Verify, de-duplicate and store a batch; returns the sequence numbers to acknowledge."""
+        try:
+            items = cbor2.loads(payload)
+        except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError):
+            self.db.bump("rejected_batches")
+            log.warning("%s: telemetry batch is not CBOR", device_id)
+            return {}
+        if not isinstance(items, Sequence) or isinstance(items, str | bytes) or len(items) > MAX_BATCH:
+            self.db.bump("rejected_batches")
+            return {}
+        key_for = self._key_for(device_id)
+        good: list[tuple[telemetry.Record, bytes]] = []
+        for item in items:
+            try:
+                if not isinstance(item, bytes):
+                    raise SignatureError("batch item is not a byte string")
+                verified = cose.verify1(item, key_for)
+                rec = telemetry.decode(verified.payload)
+                if rec.device_id != device_id:
+                    raise SignatureError(f"record names device {rec.device_id}, published by {device_id}")
+                if (rec.kind is telemetry.Kind.HEALTH) != (leaf == topics.HEALTH):
+                    raise SignatureError(f"{rec.kind} record on the {leaf} topic")
+            except GlucoagentError as exc:
+                self.db.bump("rejected_records")
+                log.warning("%s: record rejected: %s", device_id, exc)
+                continue
+            good.append((rec, item))
+        acks: dict[str, list[int]] = {"c": [], "h": []}
+        fresh: list[telemetry.Record] = []
+        now = time.time()
+        with self.db.tx() as db:
+            for rec, raw in good:
+                stream = "h" if rec.kind is telemetry.Kind.HEALTH else "c"
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO records (device_id, stream, seq, kind, received_at, wall, clock, fields, cose) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        device_id,
+                        stream,
+                        rec.seq,
+                        rec.kind.value,
+                        now,
+                        rec.wall,
+                        rec.clock,
+                        json.dumps(_jsonable(rec.fields), sort_keys=True),
+                        raw,
+                    ),
+                )
+                if cur.rowcount:
+                    fresh.append(rec)
+                else:
+                    db.execute(
+                        "INSERT INTO counters (name, value) VALUES ('duplicates', 1) "
+                        "ON CONFLICT(name) DO UPDATE SET value = value + 1"
+                    )
+                acks[stream].append(rec.seq)
+        if self.on_record:
+            for rec in fresh:
+                self.on_record(device_id, rec)
+        return {k: v for k, v in acks.items() if v}
+
+    def on_status(self, device_id: str, payload: bytes) -> None:
+        status = payload.decode("utf-8", "replace")[:32]
+        with self.db.tx() as db:
+            db.execute(
+                "UPDATE devices SET status = ?, status_at = ? WHERE device_id = ?", (status, time.time(), device_id)
+            )
+            if status == "online":
+                db.execute(
+                    "UPDATE devices SET confirmed_at = coalesce(confirmed_at, ?) WHERE device_id = ?",
+                    (time.time(), device_id),
+                )
+
+    def on_result(self, device_id: str, payload: bytes) -> None:
+        # Results are verified and interpreted by backend.commands; stored raw here.
+        digest = hashlib.sha256(payload).hexdigest()[:16]
+        with self.db.tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO results (device_id, command_id, received_at, body) VALUES (?, ?, ?, ?)",
+                (device_id, digest, time.time(), payload.hex()),
+            )
+
+
+def _jsonable(value: Any) -> Any:
+    from decimal import Decimal
+
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def link_settings(host: str, port: int, tls: TlsFiles) -> LinkSettings:
+    return LinkSettings(host=host, port=port, client_id=f"backend-{secrets.token_hex(4)}", tls=tls, clean_start=True)
