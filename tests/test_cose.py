@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from pathlib import Path
 
@@ -140,10 +141,8 @@ _GOOD = cose.sign1(_KEY, b"payload", kid=b"k")
 @settings(max_examples=300)
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_never_crash_the_verifier(data: bytes) -> None:
-    try:
+    with contextlib.suppress(SignatureError):
         cose.verify1(data, lambda _kid: _KEY.public_key())
-    except SignatureError:
-        pass
 
 
 @settings(max_examples=300)
