@@ -1,0 +1,152 @@
+"""Cloud-to-device commands: verify, check, journal, execute once, report (docs/commands.md).
+
+Envelope: COSE_Sign1 by the cloud's command key (pinned at provisioning) over a
+CBOR map ``{id, dev, type, args, iat, exp}``. Checks, in order: size, signature,
+shape, target device, expiry, replay. The journal (in the buffer database)
+records a command as *started* before it runs and *done* with its result after,
+so a redelivered or crash-interrupted command is never run twice.
+
+Expiry when the clock cannot be trusted: the box keeps a *cloud time floor*,
+the highest ``iat`` of any verified command (persisted). While the wall clock is
+before 2025 (unset), a command is expired when ``exp`` is below that floor;
+otherwise when ``exp`` is below the wall clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import cbor2
+
+from agent import cose
+from agent.errors import CommandRejected, SignatureError
+
+MAX_COMMAND_BYTES = 16 * 1024
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+MAX_LIFETIME_S = 30 * 86_400
+CLOCK_SKEW_S = 300
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ArgSpec:
+    kind: type
+    required: bool = True
+    lo: float | None = None
+    hi: float | None = None
+    max_len: int | None = None
+
+
+# type -> argument schema. Arguments not listed are refused.
+COMMANDS: dict[str, dict[str, ArgSpec]] = {
+    "ping": {},
+    "sync_time": {"time": ArgSpec(float, lo=1_735_689_600, hi=4_102_444_800)},  # 2025..2100
+    "set_config": {"key": ArgSpec(str, max_len=64), "value": ArgSpec(str, max_len=256)},
+    "read_now": {},
+    "resend": {
+        "first": ArgSpec(int, lo=1, hi=2**53),
+        "last": ArgSpec(int, lo=1, hi=2**53),
+    },
+    "renew_certificate": {},
+    "diagnostics": {"lines": ArgSpec(int, required=False, lo=1, hi=500)},
+    "deprovision": {"force": ArgSpec(bool, required=False)},
+    "reboot": {},
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Command:
+    id: str
+    device_id: str
+    type: str
+    args: Mapping[str, Any]
+    issued_at: float
+    expires_at: float
+
+
+def _check_args(ctype: str, args: Any) -> dict[str, Any]:
+    if not isinstance(args, Mapping):
+        raise CommandRejected("bad_args", "args must be a map")
+    schema = COMMANDS[ctype]
+    unknown = set(args) - set(schema)
+    if unknown:
+        raise CommandRejected("bad_args", f"unknown argument(s) for {ctype}: {', '.join(sorted(map(str, unknown)))}")
+    out: dict[str, Any] = {}
+    for name, spec in schema.items():
+        if name not in args:
+            if spec.required:
+                raise CommandRejected("bad_args", f"{ctype}: missing argument {name!r}")
+            continue
+        value = args[name]
+        if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, spec.kind) or (spec.kind is not bool and isinstance(value, bool)):
+            raise CommandRejected("bad_args", f"{ctype}: {name} must be {spec.kind.__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CommandRejected("bad_args", f"{ctype}: {name} must be finite")
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        if numeric and ((spec.lo is not None and value < spec.lo) or (spec.hi is not None and value > spec.hi)):
+            raise CommandRejected("bad_args", f"{ctype}: {name}={value} out of range {spec.lo}..{spec.hi}")
+        if isinstance(value, str) and spec.max_len is not None and len(value) > spec.max_len:
+            raise CommandRejected("bad_args", f"{ctype}: {name} longer than {spec.max_len}")
+        out[name] = value
+    if ctype == "resend" and out["first"] > out["last"]:
+        raise CommandRejected("bad_args", "resend: first must not exceed last")
+    return out
+
+
+def decode_command(data: bytes, command_key: cose.PublicKey, device_id: str) -> Command:
+    """Verify and parse an envelope (pure: no clock, no journal). Raises CommandRejected."""
+    if len(data) > MAX_COMMAND_BYTES:
+        raise CommandRejected("oversize", f"command of {len(data)} bytes exceeds {MAX_COMMAND_BYTES}")
+    try:
+        verified = cose.verify1(data, lambda _kid: command_key)
+    except SignatureError as exc:
+        raise CommandRejected("bad_signature", str(exc)) from None
+    try:
+        body = cbor2.loads(verified.payload)
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise CommandRejected("malformed", f"payload is not CBOR: {exc}") from None
+    if not isinstance(body, Mapping):
+        raise CommandRejected("malformed", "payload must be a map")
+    cid, dev, ctype = body.get("id"), body.get("dev"), body.get("type")
+    iat, exp = body.get("iat"), body.get("exp")
+    if not isinstance(cid, str) or not ID_RE.match(cid):
+        raise CommandRejected("malformed", "id must be 8-64 characters of [A-Za-z0-9_-]")
+    if not isinstance(dev, str):
+        raise CommandRejected("malformed", "dev must be a string")
+    if dev != device_id:
+        raise CommandRejected("wrong_device", f"command is for {dev!r}, not this device")
+    if not isinstance(ctype, str) or ctype not in COMMANDS:
+        raise CommandRejected("unknown_type", f"unknown command type {ctype!r}")
+    for name, value in (("iat", iat), ("exp", exp)):
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise CommandRejected("malformed", f"{name} must be a number")
+    assert isinstance(iat, int | float) and isinstance(exp, int | float)
+    if exp <= iat or exp - iat > MAX_LIFETIME_S:
+        raise CommandRejected("malformed", "exp must follow iat by at most 30 days")
+    args = _check_args(ctype, body.get("args", {}))
+    return Command(cid, dev, ctype, args, float(iat), float(exp))
+
+
+def check_expiry(cmd: Command, *, wall: float, clock_trusted: bool, cloud_floor: float) -> None:
+    """The expiry rule (module docstring). Raises CommandRejected('expired')."""
+    if clock_trusted:
+        if cmd.expires_at < wall:
+            raise CommandRejected("expired", f"command expired {wall - cmd.expires_at:.0f}s ago")
+        if cmd.issued_at > wall + CLOCK_SKEW_S:
+            raise CommandRejected("not_yet_valid", "command issued in the future by this box's clock")
+    elif cmd.expires_at < cloud_floor:
+        raise CommandRejected("expired", "command expired (judged by the newest cloud time seen; box clock unset)")
+
+
+def encode_result(
+    cmd_id: str, device_id: str, status: str, code: str, message: str, data: Mapping[str, Any] | None = None
+) -> bytes:
+    return cbor2.dumps(
+        {"id": cmd_id, "dev": device_id, "status": status, "code": code, "message": message, "data": dict(data or {})},
+        canonical=True,
+    )
