@@ -139,7 +139,7 @@ def run_checks(cfg: Config, out: Any = print) -> int:
     return first_failure
 
 
-def touch_online(state_dir: Path, up: bool) -> None:
+def touch_online(state_dir: Path, *, up: bool) -> None:
     path = state_dir / ONLINE_FILE
     if up:
         path.touch()

@@ -30,6 +30,7 @@ from agent.config import Config, Endpoint
 from agent.errors import GlucoagentError, LinkError, SignatureError, StoreError
 from agent.identity import DeviceIdentity
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles, Will
+from agent.status import touch_online
 from agent.store import CLINICAL, HEALTH, OutboxRow, Store
 from agent.topics import DeviceTopics
 
@@ -222,14 +223,21 @@ class Uplink:
     def _serve(self) -> None:
         link = self.link
         assert link is not None
-        while not self._stop.is_set():
-            if not link.loop(0.05):
-                return
-            self._drain_inbox()
-            self._reap()
-            self._fill_window()
-            self._wake.wait(0.2)
-            self._wake.clear()
+        next_touch = 0.0
+        try:
+            while not self._stop.is_set():
+                if not link.loop(0.05):
+                    return
+                if time.monotonic() >= next_touch:  # lets `glucoagent status` see that the link is up
+                    touch_online(self.identity.state_dir, up=True)
+                    next_touch = time.monotonic() + max(1.0, self.cfg.mqtt.keepalive / 3)
+                self._drain_inbox()
+                self._reap()
+                self._fill_window()
+                self._wake.wait(0.2)
+                self._wake.clear()
+        finally:
+            touch_online(self.identity.state_dir, up=False)
 
     def _drain_inbox(self) -> None:
         while True:

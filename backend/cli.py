@@ -1,0 +1,136 @@
+"""`glucoagent-backend`: the reference cloud (PKI, broker config, service, tokens, commands, demo)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.errors import GlucoagentError
+
+log = logging.getLogger("glucoagent-backend")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from backend.home import BackendHome
+
+    home = BackendHome(args.home)
+    home.ensure()
+    print(f"backend home ready: {home.root} (fleet CA {home.pki.ca_cert_path})")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from backend.home import BackendHome
+    from backend.service import new_token
+
+    home = BackendHome(args.home)
+    home.ensure()
+    token = new_token()
+    db = home.db()
+    try:
+        db.add_token(token, args.patient, args.ttl)
+    finally:
+        db.close()
+    print(token)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from backend.home import BackendHome
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    home = BackendHome(args.home)
+    home.ensure()
+    service = home.service(args.host, args.port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: (service.stop(), stop.set()))
+    thread = threading.Thread(target=service.run, name="backend", daemon=True)
+    thread.start()
+    stop.wait()
+    thread.join(timeout=5)
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from backend.home import BackendHome
+
+    home = BackendHome(args.home)
+    home.ensure()
+    broker = home.broker(port=args.port)
+    broker.start()
+    print(f"mosquitto listening on {broker.host}:{broker.port} (config {broker.run_dir})", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    broker.stop()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from backend.demo import run_demo
+
+    return run_demo(records=args.records, timeout_s=args.timeout, run_root=args.run_root)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glucoagent-backend", description="Reference cloud for glucoagent.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    home_default = Path("backend-home")
+
+    p = sub.add_parser("init", help="create the fleet PKI, command key and database")
+    p.add_argument("--home", type=Path, default=home_default)
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("token", help="issue a single-use enrolment token bound to a patient reference")
+    p.add_argument("--home", type=Path, default=home_default)
+    p.add_argument("--patient", required=True)
+    p.add_argument("--ttl", type=float, default=7 * 86_400, help="seconds the token stays valid")
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("broker", help="run mosquitto with the fleet's TLS and ACL configuration")
+    p.add_argument("--home", type=Path, default=home_default)
+    p.add_argument("--port", type=int, default=8883)
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("serve", help="run the provisioning, ingest and ack service")
+    p.add_argument("--home", type=Path, default=home_default)
+    p.add_argument("--host", default="localhost")
+    p.add_argument("--port", type=int, default=8883)
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="run the whole system on this machine and show readings arriving verified")
+    p.add_argument("--records", type=int, default=20, help="readings in the simulated meter")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--run-root", type=Path, default=Path("runs"))
+    p.set_defaults(func=cmd_demo)
+
+    try:
+        from backend.command_cli import add_parser as add_command_parser
+    except ImportError:
+        pass
+    else:
+        add_command_parser(sub, home_default)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except GlucoagentError as exc:
+        print(f"glucoagent-backend: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
