@@ -1,0 +1,463 @@
+"""The fleet's reference PKI: one CA, the broker's server certificate, the claim and backend identities.
+
+Layout of the PKI directory (keys mode 0600, every write atomic: temp file, fsync, rename):
+
+    ca.key ca.crt              fleet CA, EC P-256; signs everything below and the CRL
+    server.key server.crt      broker; SAN DNS:localhost, IP:127.0.0.1; serverAuth
+    claim.key claim.crt        factory claim identity (CN ``claim``): provisioning topics only
+    backend.key backend.crt    reference cloud (CN ``backend``): every fleet topic
+    crl.pem                    revocation list, always present (empty at first)
+    clients/                   certificates issued by ``issue_client_cert`` (tests, demo)
+
+The broker takes the certificate CN as the MQTT user name (``use_identity_as_username``),
+so a CN *is* an identity: device certificates carry the device id, and the reserved names
+``claim`` and ``backend`` are never issued to a device. Device keys may be Ed25519 (the
+default on the box) or EC P-256. Only APIs present in cryptography 41 are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import ipaddress
+import threading
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.errors import GlucoagentError
+from agent.fsutil import atomic_write
+from agent.topics import DEVICE_ID_RE
+
+__all__ = [
+    "BACKEND_CN",
+    "CLAIM_CN",
+    "RESERVED_CNS",
+    "ClientCreds",
+    "FleetPki",
+    "KeyType",
+    "PkiError",
+    "RogueCa",
+    "generate_key",
+    "make_csr",
+]
+
+KeyType = Literal["ed25519", "p256"]
+PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+
+CLAIM_CN = "claim"
+BACKEND_CN = "backend"
+RESERVED_CNS = frozenset({CLAIM_CN, BACKEND_CN})
+SERVER_HOSTS = ("localhost", "127.0.0.1")
+
+CA_DAYS = 3650
+SERVER_DAYS = 825
+IDENTITY_DAYS = 825
+CRL_DAYS = 30
+BACKDATE = dt.timedelta(minutes=5)  # tolerate small clock skew between CA and peers
+
+CA_KEY, CA_CERT = "ca.key", "ca.crt"
+SERVER_KEY, SERVER_CERT = "server.key", "server.crt"
+CLAIM_KEY, CLAIM_CERT = "claim.key", "claim.crt"
+BACKEND_KEY, BACKEND_CERT = "backend.key", "backend.crt"
+CRL_FILE = "crl.pem"
+CLIENTS_DIR = "clients"
+CERT_MODE = 0o644
+KEY_MODE = 0o600
+
+
+class PkiError(GlucoagentError):
+    """A CSR or certificate request the CA refuses, or a PKI directory that is incomplete."""
+
+    exit_code = 80
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClientCreds:
+    """What an MQTT client needs for mutual TLS: its certificate, its key and the CA it pins."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    def certificate(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert.read_bytes())
+
+    @property
+    def serial(self) -> int:
+        return self.certificate().serial_number
+
+    @property
+    def common_name(self) -> str:
+        return _common_name(self.certificate().subject)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _common_name(name: x509.Name) -> str:
+    attrs = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else ""
+
+
+def generate_key(key_type: KeyType = "ed25519") -> PrivateKey:
+    if key_type == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    if key_type == "p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    raise PkiError(f"key type: expected ed25519 or p256, got {key_type!r}")
+
+
+def key_to_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def cert_to_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def make_csr(key: PrivateKey, cn: str = "") -> bytes:
+    """A CSR as a device builds one (the CA ignores the subject and sets CN = device id)."""
+    subject = _name(cn) if cn else x509.Name([])
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(subject)
+        .sign(key, algorithm)
+        .public_bytes(serialization.Encoding.PEM)
+    )
+
+
+def _device_public_key(public_key: object) -> ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey:
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return public_key
+    if isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ec.SECP256R1):
+        return public_key
+    raise PkiError(f"unsupported device key {type(public_key).__name__}: expected Ed25519 or EC P-256")
+
+
+class _Issuer:
+    """A CA key and certificate that sign leaf certificates and CRLs."""
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+        self.key = key
+        self.cert = cert
+
+    @classmethod
+    def new(cls, cn: str) -> _Issuer:
+        """A self-signed EC P-256 CA named ``cn``."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = _now()
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(cn))
+            .issuer_name(_name(cn))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_key_usage(cert_sign=True), critical=True)
+            .add_extension(ski, critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(key, cert)
+
+    def issue(
+        self,
+        cn: str,
+        public_key: ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey,
+        not_before: dt.datetime,
+        not_after: dt.datetime,
+        *,
+        server_hosts: tuple[str, ...] = (),
+    ) -> x509.Certificate:
+        eku = ExtendedKeyUsageOID.SERVER_AUTH if server_hosts else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(cn))
+            .issuer_name(self.cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(cert_sign=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(self._aki(), critical=False)
+        )
+        if server_hosts:
+            builder = builder.add_extension(x509.SubjectAlternativeName(_san(server_hosts)), critical=False)
+        return builder.sign(self.key, hashes.SHA256())
+
+    def _aki(self) -> x509.AuthorityKeyIdentifier:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key())
+
+    def crl(self, revoked: dict[int, dt.datetime], number: int) -> x509.CertificateRevocationList:
+        now = _now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(now - BACKDATE)
+            .next_update(now + dt.timedelta(days=CRL_DAYS))
+            .add_extension(x509.CRLNumber(number), critical=False)
+            .add_extension(self._aki(), critical=False)
+        )
+        for serial, when in sorted(revoked.items()):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+            )
+        return builder.sign(self.key, hashes.SHA256())
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=not cert_sign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _san(hosts: tuple[str, ...]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return names
+
+
+def _revocation_date(entry: x509.RevokedCertificate) -> dt.datetime:
+    # cryptography >= 42 has the tz-aware ``*_utc`` twin and deprecates the naive one; 41 has only the naive one.
+    when = getattr(entry, "revocation_date_utc", None)
+    if when is None:
+        when = entry.revocation_date.replace(tzinfo=dt.UTC)
+    return when
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return 0
+
+
+class FleetPki:
+    """The fleet CA and its standing identities, kept in one directory. Thread-safe."""
+
+    def __init__(self, directory: Path, issuer: _Issuer) -> None:
+        self.directory = directory
+        self._issuer = issuer
+        self._lock = threading.Lock()
+
+    # --- construction ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, directory: Path) -> FleetPki:
+        """Load the PKI in ``directory``, creating it first if it holds none."""
+        if (directory / CA_CERT).exists():
+            return cls.load(directory)
+        return cls.create(directory)
+
+    @classmethod
+    def create(cls, directory: Path) -> FleetPki:
+        if (directory / CA_CERT).exists():
+            raise PkiError(f"{directory}: a fleet CA exists already (use FleetPki.load)")
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o700)
+        issuer = _Issuer.new("glucoagent fleet CA")
+        pki = cls(directory, issuer)
+        now = _now()
+        identities = [
+            (SERVER_KEY, SERVER_CERT, "localhost", SERVER_DAYS, SERVER_HOSTS),
+            (CLAIM_KEY, CLAIM_CERT, CLAIM_CN, IDENTITY_DAYS, ()),
+            (BACKEND_KEY, BACKEND_CERT, BACKEND_CN, IDENTITY_DAYS, ()),
+        ]
+        for key_file, cert_file, cn, days, hosts in identities:
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = issuer.issue(cn, key.public_key(), now - BACKDATE, now + dt.timedelta(days=days), server_hosts=hosts)
+            pki._write_pair(directory / key_file, key, directory / cert_file, cert)
+        pki._write_crl({}, 1)
+        # The CA last: its presence marks a complete directory for ``open``.
+        pki._write_pair(directory / CA_KEY, issuer.key, directory / CA_CERT, issuer.cert)
+        return pki
+
+    @classmethod
+    def load(cls, directory: Path) -> FleetPki:
+        try:
+            key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), password=None)
+            cert = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise PkiError(f"{directory}: not a fleet PKI directory: {exc}") from exc
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise PkiError(f"{directory / CA_KEY}: expected an EC CA key, got {type(key).__name__}")
+        for name in (SERVER_KEY, SERVER_CERT, CLAIM_KEY, CLAIM_CERT, BACKEND_KEY, BACKEND_CERT):
+            if not (directory / name).exists():
+                raise PkiError(f"{directory}: {name} is missing")
+        return cls(directory, _Issuer(key, cert))
+
+    # --- paths and standing identities ----------------------------------------------------------
+    @property
+    def ca_path(self) -> Path:
+        return self.directory / CA_CERT
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self.ca_path.read_bytes()
+
+    @property
+    def ca_cert(self) -> x509.Certificate:
+        return self._issuer.cert
+
+    @property
+    def server_cert_path(self) -> Path:
+        return self.directory / SERVER_CERT
+
+    @property
+    def server_key_path(self) -> Path:
+        return self.directory / SERVER_KEY
+
+    @property
+    def crl_path(self) -> Path:
+        return self.directory / CRL_FILE
+
+    @property
+    def claim(self) -> ClientCreds:
+        return ClientCreds(self.directory / CLAIM_CERT, self.directory / CLAIM_KEY, self.ca_path)
+
+    @property
+    def backend(self) -> ClientCreds:
+        return ClientCreds(self.directory / BACKEND_CERT, self.directory / BACKEND_KEY, self.ca_path)
+
+    # --- issuing --------------------------------------------------------------------------------
+    def sign_device_csr(self, csr_pem: bytes, device_id: str, days: int = 365) -> bytes:
+        """Certificate (PEM) for a device: CN = ``device_id``, clientAuth, the CSR's own key.
+
+        The CSR's signature is checked first (proof the requester holds the key); its subject
+        is ignored, since the CA, not the device, names the device.
+        """
+        if not DEVICE_ID_RE.match(device_id) or device_id in RESERVED_CNS:
+            raise PkiError(f"refusing to issue a device certificate for {device_id!r}: not a valid device id")
+        if days <= 0:
+            raise PkiError(f"certificate lifetime: expected days > 0, got {days}")
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError as exc:
+            raise PkiError(f"malformed CSR: {exc}") from exc
+        public_key = _device_public_key(csr.public_key())
+        if not csr.is_signature_valid:
+            raise PkiError("CSR signature does not verify: the requester does not hold the key")
+        now = _now()
+        with self._lock:
+            cert = self._issuer.issue(device_id, public_key, now - BACKDATE, now + dt.timedelta(days=days))
+        return cert_to_pem(cert)
+
+    def issue_client_cert(
+        self,
+        cn: str,
+        key_type: KeyType = "ed25519",
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
+    ) -> ClientCreds:
+        """A client key and certificate for ``cn`` written under ``clients/`` (tests, demo).
+
+        Unlike ``sign_device_csr`` any CN and any validity window is allowed, so tests can
+        make expired, not-yet-valid or reserved-name certificates.
+        """
+        now = _now()
+        not_before = not_before or now - BACKDATE
+        not_after = not_after or now + dt.timedelta(days=IDENTITY_DAYS)
+        key = generate_key(key_type)
+        with self._lock:
+            cert = self._issuer.issue(cn, key.public_key(), not_before, not_after)
+        return self._write_client(cn, key, cert)
+
+    def write_device_creds(self, device_id: str, key: PrivateKey, cert_pem: bytes) -> ClientCreds:
+        """Store a device's key and certificate under ``clients/`` and return them as creds."""
+        return self._write_client(device_id, key, x509.load_pem_x509_certificate(cert_pem))
+
+    def _write_client(self, cn: str, key: PrivateKey, cert: x509.Certificate) -> ClientCreds:
+        stem = f"{cn}-{cert.serial_number:x}"
+        folder = self.directory / CLIENTS_DIR
+        self._write_pair(folder / f"{stem}.key", key, folder / f"{stem}.crt", cert)
+        return ClientCreds(folder / f"{stem}.crt", folder / f"{stem}.key", self.ca_path)
+
+    # --- revocation -----------------------------------------------------------------------------
+    def revoke(self, serial: int) -> None:
+        """Add ``serial`` to the CRL and rewrite ``crl.pem`` (the broker reads it on reload)."""
+        with self._lock:
+            crl = self._load_crl()
+            revoked = {entry.serial_number: _revocation_date(entry) for entry in crl} if crl else {}
+            revoked.setdefault(serial, _now())
+            self._write_crl(revoked, (_crl_number(crl) if crl else 0) + 1)
+
+    def revoked_serials(self) -> frozenset[int]:
+        crl = self._load_crl()
+        return frozenset(entry.serial_number for entry in crl) if crl else frozenset()
+
+    def crl_pem(self) -> bytes:
+        """The current CRL (PEM), written first if the directory has none yet."""
+        with self._lock:
+            if not self.crl_path.exists():
+                self._write_crl({}, 1)
+            return self.crl_path.read_bytes()
+
+    def _load_crl(self) -> x509.CertificateRevocationList | None:
+        try:
+            return x509.load_pem_x509_crl(self.crl_path.read_bytes())
+        except FileNotFoundError:
+            return None
+
+    def _write_crl(self, revoked: dict[int, dt.datetime], number: int) -> None:
+        crl = self._issuer.crl(revoked, number)
+        atomic_write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), CERT_MODE)
+
+    @staticmethod
+    def _write_pair(key_path: Path, key: PrivateKey, cert_path: Path, cert: x509.Certificate) -> None:
+        atomic_write(key_path, key_to_pem(key), KEY_MODE)
+        atomic_write(cert_path, cert_to_pem(cert), CERT_MODE)
+
+
+class RogueCa:
+    """A CA the fleet does not trust, for tests: its certificates must be refused by the broker."""
+
+    def __init__(self, directory: Path, fleet: FleetPki, *, same_name: bool = True) -> None:
+        """``same_name`` gives the rogue CA the fleet CA's subject, so only the signature tells them apart."""
+        self.directory = directory
+        self.fleet_ca = fleet.ca_path
+        self._issuer = _Issuer.new(_common_name(fleet.ca_cert.subject) if same_name else "rogue CA")
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / CA_CERT, cert_to_pem(self._issuer.cert), CERT_MODE)
+
+    @property
+    def ca_path(self) -> Path:
+        return self.directory / CA_CERT
+
+    def issue_client_cert(self, cn: str, key_type: KeyType = "ed25519") -> ClientCreds:
+        """A client certificate signed by the rogue CA; the creds pin the *fleet* CA for the server."""
+        now = _now()
+        key = generate_key(key_type)
+        cert = self._issuer.issue(cn, key.public_key(), now - BACKDATE, now + dt.timedelta(days=30))
+        stem = f"{cn}-{cert.serial_number:x}"
+        atomic_write(self.directory / f"{stem}.key", key_to_pem(key), KEY_MODE)
+        atomic_write(self.directory / f"{stem}.crt", cert_to_pem(cert), CERT_MODE)
+        return ClientCreds(self.directory / f"{stem}.crt", self.directory / f"{stem}.key", self.fleet_ca)

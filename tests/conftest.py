@@ -1,0 +1,224 @@
+"""Shared fixtures: a generated fleet PKI, a real mosquitto with mutual TLS, device credentials.
+
+- ``pki``: session-wide ``FleetPki`` in a temp dir (fleet CA, server, claim, backend).
+- ``broker``: one mosquitto for the whole session. Do not revoke, restart or kill it:
+  take ``fresh_broker()`` for that.
+- ``fresh_broker(**kwargs)``: a new mosquitto (own run dir and persistence) per call,
+  stopped at the end of the test.
+- ``device_creds(device_id, key_type="ed25519")``: device key + CSR signed by the CA,
+  as ``ClientCreds``.
+- ``mqtt_probe(creds, ...)``: a synchronous paho client (connect / subscribe / publish /
+  wait for messages, each with a timeout) closed at the end of the test.
+- ``vectors_dir``: conformance vectors (env GLUCOAGENT_VECTORS, else ../shared/vectors).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.reasoncodes import ReasonCode
+
+from backend.broker import Broker, tls_client
+from backend.pki import ClientCreds, FleetPki, KeyType, generate_key, make_csr
+
+REPO = Path(__file__).resolve().parent.parent
+WAIT_S = 5.0
+
+
+@pytest.fixture(scope="session")
+def vectors_dir() -> Path:
+    path = Path(os.environ.get("GLUCOAGENT_VECTORS") or REPO.parent / "shared" / "vectors")
+    if not path.is_dir():
+        pytest.skip("conformance vectors absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> FleetPki:
+    return FleetPki.create(tmp_path_factory.mktemp("pki") / "fleet")
+
+
+@pytest.fixture(scope="session")
+def broker(pki: FleetPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    with Broker(pki, tmp_path_factory.mktemp("broker")) as b:
+        yield b
+
+
+@pytest.fixture
+def fresh_broker(pki: FleetPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Broker]]:
+    started: list[Broker] = []
+
+    def make(**kwargs: Any) -> Broker:
+        b = Broker(kwargs.pop("pki", pki), tmp_path_factory.mktemp("fresh-broker"), **kwargs)
+        started.append(b)
+        b.start()
+        return b
+
+    yield make
+    for b in started:
+        b.stop()
+
+
+@pytest.fixture
+def device_creds(pki: FleetPki) -> Callable[..., ClientCreds]:
+    def make(device_id: str, key_type: KeyType = "ed25519", days: int = 365) -> ClientCreds:
+        key = generate_key(key_type)
+        cert_pem = pki.sign_device_csr(make_csr(key), device_id, days)
+        return pki.write_device_creds(device_id, key, cert_pem)
+
+    return make
+
+
+class MqttProbe:
+    """A paho client driven by its own network thread, with blocking, time-bounded calls.
+
+    Results are kept per mid in dicts guarded by one condition, so an acknowledgement that
+    arrives before the caller starts waiting is not lost.
+    """
+
+    def __init__(
+        self,
+        creds: ClientCreds | None,
+        host: str,
+        port: int,
+        client_id: str = "",
+        protocol: int = mqtt.MQTTv5,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.host, self.port = host, port
+        client_id = client_id or f"probe-{uuid.uuid4().hex[:12]}"
+        if tls is None:
+            if creds is None:
+                raise ValueError("creds or tls is required")
+            self.client = tls_client(creds, client_id, protocol)
+        else:
+            self.client = mqtt.Client(
+                callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                protocol=protocol,
+                reconnect_on_failure=False,
+            )
+            self.client.tls_set_context(tls)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
+        self._cond = threading.Condition()
+        self.connack: ReasonCode | None = None
+        self.disconnected: ReasonCode | None = None
+        self.error: BaseException | None = None
+        self._subacks: dict[int, list[ReasonCode]] = {}
+        self._pubacks: dict[int, ReasonCode] = {}
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self._looping = False
+
+    # --- callbacks (network thread) ---
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
+        with self._cond:
+            self.connack = rc
+            self._cond.notify_all()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
+        with self._cond:
+            self.disconnected = rc
+            self._cond.notify_all()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: list[ReasonCode], props: Any) -> None:
+        with self._cond:
+            self._subacks[mid] = list(codes)
+            self._cond.notify_all()
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any) -> None:
+        with self._cond:
+            self._pubacks[mid] = rc
+            self._cond.notify_all()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.messages.put(msg)
+
+    def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        with self._cond:
+            if not self._cond.wait_for(predicate, timeout):
+                raise TimeoutError(f"{what}: nothing within {timeout}s")
+
+    # --- blocking API (test thread) ---
+    def connect(self, timeout: float = WAIT_S) -> bool:
+        """True when the broker accepted us (CONNACK success); False when TLS or CONNACK refused us."""
+        try:
+            self.client.connect(self.host, self.port, keepalive=30)
+        except (ssl.SSLError, OSError) as exc:  # TLS 1.2: the broker's alert breaks the handshake itself
+            self.error = exc
+            return False
+        self.client.loop_start()
+        self._looping = True
+        # TLS 1.3: the client's handshake completes first; a refusal then arrives as an alert or EOF.
+        self._wait(lambda: self.connack is not None or self.disconnected is not None, timeout, "CONNACK")
+        return self.connack is not None and not self.connack.is_failure and self.disconnected is None
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = WAIT_S) -> list[ReasonCode]:
+        rc, mid = self.client.subscribe(topic, qos)
+        assert rc == mqtt.MQTT_ERR_SUCCESS, f"subscribe not sent: {mqtt.error_string(rc)}"
+        self._wait(lambda: mid in self._subacks, timeout, f"SUBACK for {topic}")
+        return self._subacks.pop(mid)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, timeout: float = WAIT_S) -> ReasonCode:
+        """Publish and wait for the PUBACK; its reason code (MQTT 5) or plain success (3.1.1)."""
+        info = self.client.publish(topic, payload, qos)
+        assert info.rc == mqtt.MQTT_ERR_SUCCESS, f"publish not sent: {mqtt.error_string(info.rc)}"
+        self._wait(lambda: info.mid in self._pubacks, timeout, f"PUBACK for {topic}")
+        return self._pubacks.pop(info.mid)
+
+    def next_message(self, timeout: float = WAIT_S) -> mqtt.MQTTMessage:
+        try:
+            return self.messages.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no message within {timeout}s") from None
+
+    def messages_until(self, topic: str, payload: bytes, timeout: float = WAIT_S) -> list[mqtt.MQTTMessage]:
+        """Every message received before the sentinel (``topic``, ``payload``); the sentinel is consumed."""
+        deadline = time.monotonic() + timeout
+        before: list[mqtt.MQTTMessage] = []
+        while True:
+            msg = self.next_message(max(0.0, deadline - time.monotonic()))
+            if msg.topic == topic and msg.payload == payload:
+                return before
+            before.append(msg)
+
+    def close(self) -> None:
+        if self.connack is not None and self.disconnected is None:
+            self.client.disconnect()
+        if self._looping:
+            self.client.loop_stop()
+            self._looping = False
+
+
+@pytest.fixture
+def mqtt_probe(broker: Broker) -> Iterator[Callable[..., MqttProbe]]:
+    """``mqtt_probe(creds, client_id="", protocol=MQTTv5, broker=None, tls=None)``: not yet connected."""
+    probes: list[MqttProbe] = []
+
+    def make(
+        creds: ClientCreds | None,
+        client_id: str = "",
+        protocol: int = mqtt.MQTTv5,
+        broker: Broker = broker,
+        tls: ssl.SSLContext | None = None,
+    ) -> MqttProbe:
+        p = MqttProbe(creds, broker.host, broker.port, client_id, protocol, tls)
+        probes.append(p)
+        return p
+
+    yield make
+    for p in probes:
+        p.close()
