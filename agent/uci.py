@@ -479,9 +479,11 @@ def _rewrite(text: str, target: _Builder, option: str, value: str) -> str:
             _, hi = _line_bounds(text, anchor.end, anchor.end)
             nl = "" if text[:hi].endswith("\n") else "\n"
             edits[-1] = (hi, hi, f"{nl}{indent}option {option} {quote(value)}\n")
-    out = text
+    out, limit = text, len(text)
     for start, end, repl in sorted(edits, key=lambda e: e[0], reverse=True):
+        end = min(end, limit)  # two removals on one line may both claim the ';' between them
         out = out[:start] + repl + out[end:]
+        limit = start
     return out
 
 
@@ -489,7 +491,8 @@ def _removal(text: str, cmd: _Command) -> tuple[int, int, str]:
     """Edit removing ``cmd``: its whole line(s) when nothing else is on them, else just the command."""
     lo, hi = _line_bounds(text, cmd.start, cmd.end)
     before, after = text[lo : cmd.start], text[cmd.end : hi]
-    if before.strip() == "" and after.strip() in ("", ";"):
+    alone = after.strip() in ("", ";") or after.lstrip(" \t\r;").startswith("#")
+    if before.strip() == "" and alone:  # the line holds only this command (and maybe its comment)
         return lo, hi, ""
     follow = re.match(r"[ \t]*;[ \t]*", after)
     if follow:  # "option a 1; option b 2" -> "option b 2"
