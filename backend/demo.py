@@ -91,6 +91,7 @@ def _run(
 def _row(device_id: str, rec: telemetry.Record) -> str:
     f = rec.fields
     value, _, unit = str(f.get("glu:native", "")).partition(" ")
+    value = value.lstrip("0") or "0" if value.isdigit() else value
     flags = [
         str(f["glu:range"]) if f.get("glu:range") != "in" else "",
         str(f["glu:meal"]) + "-meal" if f.get("glu:meal") not in (None, "none") else "",
@@ -110,5 +111,7 @@ def _summary(db: BackendDb, meter_records: list[GlucoseReading]) -> int:
     delivered = len(set(stored) & expected)
     duplicates = len(stored) - len(set(stored))
     lost = len(expected) - delivered
-    _say(f"\ndelivered {delivered}/{len(expected)}, lost {lost}, duplicates {duplicates}")
+    alerts = db.records(kind="alert")
+    _say(f"\nalerts raised by the device (hypo/hyper, signed like readings): {len(alerts)}")
+    _say(f"delivered {delivered}/{len(expected)}, lost {lost}, duplicates {duplicates}")
     return 0 if lost == 0 and duplicates == 0 else 1
