@@ -121,7 +121,7 @@ class LocalSystem:
     ) -> subprocess.CompletedProcess[str]:
         token = token or self.token(patient)
         return self.glucoagent(
-            state, "provision", "--endpoint", self.broker.endpoint, "--token", token, "--patient", patient
+            state, "provision", "--endpoint", self.broker.endpoint, f"--token={token}", f"--patient={patient}"
         )
 
     def start_agent(self, state: Path, config: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

@@ -322,8 +322,12 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+TOKEN_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: technicians type these
+
+
 def new_token() -> str:
-    return secrets.token_urlsafe(16)
+    """16 characters, ~80 bits; never starts with '-', so it is never taken for a command-line option."""
+    return "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(16))
 
 
 def link_settings(host: str, port: int, tls: TlsFiles) -> LinkSettings:
