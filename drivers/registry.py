@@ -1,8 +1,8 @@
 """Protocol name -> driver module; open a driver; probe which protocol speaks on a port.
 
 Probing sends only read-only queries, cheapest and least intrusive first:
-Ultra 2 ``DM?`` (version), UltraEasy version request, Contour ``EOT`` nudge (the meter answers
-``ENQ``; we never ACK it, so no transfer starts). Nothing that erases or sets the meter.
+Ultra 2 ``DM?`` (version), Contour ``EOT`` nudge (the meter answers ``ENQ``; we never ACK it,
+so no transfer starts), UltraEasy ``DISC`` packet (link reset). Nothing that erases or sets the meter.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ PROTOCOLS: dict[str, str] = {
     "onetouch-ultraeasy": "drivers.onetouch_ultraeasy",
     "contour-astm": "drivers.contour_astm",
 }
-#: Probe order: each probe's bytes are ignored by the other meters.
-PROBE_ORDER = ("onetouch-ultra2", "onetouch-ultraeasy", "contour-astm")
+#: Probe order: each probe's bytes are ignored by the other meters. Contour comes before
+#: UltraEasy so that no ACK byte (inside an UltraEasy packet) reaches a Contour meter that
+#: has just sent ENQ (that ACK would start a transfer).
+PROBE_ORDER = ("onetouch-ultra2", "contour-astm", "onetouch-ultraeasy")
 PROBE_TIMEOUT = 0.6
 
 
