@@ -72,12 +72,7 @@ def encode_phd(seq: int, apdu: bytes) -> bytes:
     """Short NDEF record for ``apdu``; e.g. seq 7, ``0E0F1011121314`` -> ``D10308504844870E0F1011121314``."""
     if len(apdu) > MAX_SHORT_APDU:
         raise ValueError(f"APDU of {len(apdu)} bytes does not fit a short PHD record")
-    return (
-        bytes((PHD_HEADER, len(PHD_TYPE), len(apdu) + 1))
-        + PHD_TYPE
-        + bytes((SEQ_FLAG | (seq & SEQ_MASK),))
-        + apdu
-    )
+    return bytes((PHD_HEADER, len(PHD_TYPE), len(apdu) + 1)) + PHD_TYPE + bytes((SEQ_FLAG | (seq & SEQ_MASK),)) + apdu
 
 
 def decode_phd(message: bytes) -> PhdPacket:

@@ -210,11 +210,11 @@ def decode_frame(data: bytes) -> Frame:
         raise TypeError(f"bytes expected, got {type(data).__name__}")
     splitter = FrameSplitter()
     tokens = splitter.feed(bytes(data))
+    if tokens and isinstance(tokens[0], BadFrame):
+        raise tokens[0].error
     if len(tokens) != 1 or splitter.pending:
         raise InvalidResponse(f"expected one frame, got {len(tokens)} token(s) and {len(splitter.pending)} spare bytes")
     token = tokens[0]
-    if isinstance(token, BadFrame):
-        raise token.error
     if not isinstance(token, Frame):
         raise InvalidResponse(f"expected an information frame, got {type(token).__name__}")
     return token
@@ -367,11 +367,7 @@ def parse_in_list_passive_target(params: bytes) -> Target | None:
 def encode_target(target: Target) -> bytes:
     """InListPassiveTarget reply parameters for one target (simulator side)."""
     return (
-        bytes((1, target.number))
-        + target.sens_res
-        + bytes((target.sel_res, len(target.uid)))
-        + target.uid
-        + target.ats
+        bytes((1, target.number)) + target.sens_res + bytes((target.sel_res, len(target.uid))) + target.uid + target.ats
     )
 
 

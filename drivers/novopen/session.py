@@ -72,7 +72,9 @@ class SessionState:
         if self.mds is None:
             return None
         model = " ".join(p for p in (self.mds.manufacturer, self.mds.model) if p)
-        return PenIdentity(model=model, serial=self.mds.serial, firmware=self.mds.sw_revision, manufacturer=self.mds.manufacturer)
+        return PenIdentity(
+            model=model, serial=self.mds.serial, firmware=self.mds.sw_revision, manufacturer=self.mds.manufacturer
+        )
 
 
 def _utc_now() -> dt.datetime:
@@ -116,7 +118,14 @@ class _Manager:
             log.warning("pen answered the config acceptance with %d unexpected bytes", len(extra))
         mds = pmstore.decode_mds(self.request(pmstore.get_mds_attributes(self.invoke_id), "the MDS attributes"))
         self.state.mds, self.state.mds_read_at = mds, self.now()
-        log.info("pen %s (%s %s, sw %s), clock %s s", mds.serial, mds.manufacturer, mds.model, mds.sw_revision, mds.relative_time)
+        log.info(
+            "pen %s (%s %s, sw %s), clock %s s",
+            mds.serial,
+            mds.manufacturer,
+            mds.model,
+            mds.sw_revision,
+            mds.relative_time,
+        )
         info = self.request(pmstore.segment_info_request(self.invoke_id), "the segment info")
         segments = pmstore.decode_segment_info(pmstore.decode_action(info, result=True))
         doses = [s for s in segments if s.entry_size() in (None, DOSE_ENTRY_SIZE)]

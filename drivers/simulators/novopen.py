@@ -111,8 +111,7 @@ def random_log(rng: random.Random, count: int, clock_s: int = 5_000_000) -> tupl
     """``count`` plausible doses (0.5..60 U in tenths, unique times), newest first."""
     times = sorted(rng.sample(range(max(0, clock_s - 90 * 86400), clock_s), count), reverse=True)
     return tuple(
-        pmstore.DoseEntry(t, pmstore.encode_float(Decimal(rng.randint(5, 600)).scaleb(-1)), NORMAL_FLAGS)
-        for t in times
+        pmstore.DoseEntry(t, pmstore.encode_float(Decimal(rng.randint(5, 600)).scaleb(-1)), NORMAL_FLAGS) for t in times
     )
 
 
@@ -129,7 +128,9 @@ def load_doses(path: str | Path) -> PenLog:
         flags = int(item.get("flags_hex", f"{NORMAL_FLAGS:08X}"), 16)
         entries.append(pmstore.DoseEntry(int(item["relative_time_s"]), units, flags))
     entries.sort(key=lambda e: e.relative_time, reverse=True)
-    return PenLog(serial=doc.get("serial", "SIM001"), entries=tuple(entries), clock_s=int(doc.get("clock_s", 6_206_432)))
+    return PenLog(
+        serial=doc.get("serial", "SIM001"), entries=tuple(entries), clock_s=int(doc.get("clock_s", 6_206_432))
+    )
 
 
 # --- the pen: IEEE 11073 agent -------------------------------------------------------------------------
