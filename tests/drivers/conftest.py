@@ -78,3 +78,55 @@ def simulated(
             thread.join(5)
             link.close()
             assert not thread.is_alive(), "simulator thread did not stop"
+
+
+class ScriptedMeter:
+    """The test plays the meter by hand on the master side of a real pty (literal bytes)."""
+
+    def __init__(self, directory: str) -> None:
+        self.link = PtyLink(Path(directory) / "ttySCRIPT")
+        self.url = str(self.link.link)
+        self.heard = bytearray()
+
+    def expect(self, data: bytes, timeout: float = 5.0) -> None:
+        """Wait until the host has written ``data`` (after anything heard before)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while data not in self.heard:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"host did not send {data!r}; heard {bytes(self.heard)!r}")
+            self.heard += self.link.read(timeout=min(left, 0.05))
+        del self.heard[: self.heard.index(data) + len(data)]
+
+    def send(self, data: bytes) -> None:
+        self.link.write(data)
+
+    def close(self) -> None:
+        self.link.close()
+
+
+@pytest.fixture
+def scripted() -> Iterator[ScriptedMeter]:
+    with tempfile.TemporaryDirectory(prefix="gscr") as tmp:
+        meter = ScriptedMeter(tmp)
+        try:
+            yield meter
+        finally:
+            meter.close()
+
+
+def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` in a thread; returns a concurrent.futures.Future."""
+    import concurrent.futures
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(fn, *args, **kwargs)
+    pool.shutdown(wait=False)
+    return future
+
+
+@pytest.fixture
+def run_in_thread() -> Any:
+    return in_thread
