@@ -221,12 +221,11 @@ class MqttLink:
             rc = self.client.loop(timeout=0.2)
             if rc != paho.MQTT_ERR_SUCCESS and not self._connack.is_set():
                 self.close()
-                # The broker closes the TLS session when it refuses our certificate (TLS 1.3 reports it late).
-                raise TlsError(
-                    f"the broker at {self.s.host}:{self.s.port} closed the connection during login "
-                    "(device certificate refused: unknown CA, expired or revoked?)"
-                )
+                raise self._closed_during_login()
         rc = self._connack_rc
+        if rc is None:  # woken by on_disconnect, not by a CONNACK
+            self.close()
+            raise self._closed_during_login()
         if isinstance(rc, ReasonCode) and rc.is_failure:
             self.close()
             if rc.value in (0x86, 0x87, 0x8C, 0x04, 0x05):  # bad credentials / not authorized
@@ -234,6 +233,14 @@ class MqttLink:
             raise LinkError(f"broker refused the connection: {rc}")
         if not self._connected:
             raise LinkError(f"connection to {self.s.host}:{self.s.port} dropped during login")
+
+    def _closed_during_login(self) -> TlsError:
+        # The broker closes the TLS session when it refuses our certificate; with TLS 1.3 our side
+        # of the handshake has already completed, so the refusal shows up as a close before CONNACK.
+        return TlsError(
+            f"the broker at {self.s.host}:{self.s.port} closed the connection during login "
+            "(device certificate refused: unknown CA, expired or revoked?)"
+        )
 
     def loop(self, timeout: float = 0.5) -> bool:
         """Run network I/O for up to ``timeout``; False once the link is down."""

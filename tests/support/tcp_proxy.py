@@ -1,0 +1,229 @@
+"""A threaded loopback TCP proxy that breaks links the way real networks do.
+
+Between the agent and the broker: ``cut(rst=True)`` resets every connection
+(SO_LINGER 0, the peer reads ECONNRESET), ``cut(rst=False)`` closes them with a
+FIN, ``black_hole()`` keeps every socket open but silently drops all bytes (new
+connections are accepted and go nowhere, so even the TLS handshake hangs),
+``refuse()`` resets new connections at once, and ``flap(period_s)`` cuts every
+connection every ``period_s`` seconds until ``steady()``.
+
+Each connection is a pair of sockets pumped by two threads; pumps poll with a
+short timeout, so every state change takes effect within ``POLL_S``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import socket
+import struct
+import threading
+import time
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+LOOPBACK = "127.0.0.1"
+POLL_S = 0.05
+CHUNK = 65_536
+
+
+class Mode(enum.StrEnum):
+    FORWARD = "forward"
+    BLACK_HOLE = "black_hole"  # read and drop everything, both ways; accept but never connect upstream
+    REFUSE = "refuse"  # reset new connections as soon as they are accepted
+
+
+def _close(sock: socket.socket, *, rst: bool) -> None:
+    with contextlib.suppress(OSError):
+        if rst:  # linger on, timeout 0: close() sends RST instead of FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.shutdown(socket.SHUT_RD)  # wakes a pump blocked in recv, sends nothing
+        else:
+            sock.shutdown(socket.SHUT_RDWR)  # FIN now
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+class _Pair:
+    """One proxied connection: client side and (unless black-holed from the start) upstream side."""
+
+    def __init__(self, proxy: TcpProxy, client: socket.socket, upstream: socket.socket | None) -> None:
+        self.proxy = proxy
+        self.client = client
+        self.upstream = upstream
+        self.closed = threading.Event()
+        self._lock = threading.Lock()
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    def start(self) -> None:
+        self.client.settimeout(POLL_S)
+        threading.Thread(target=self._pump, args=(self.client, True), name="proxy-up", daemon=True).start()
+        if self.upstream is not None:
+            self.upstream.settimeout(POLL_S)
+            threading.Thread(target=self._pump, args=(self.upstream, False), name="proxy-down", daemon=True).start()
+
+    def _pump(self, src: socket.socket, up: bool) -> None:
+        while not self.closed.is_set():
+            try:
+                data = src.recv(CHUNK)
+            except TimeoutError:
+                continue
+            except OSError:
+                self.close(rst=False)
+                return
+            if not data:  # the peer closed: pass the close on
+                self.close(rst=False)
+                return
+            if self.proxy.mode is Mode.BLACK_HOLE or self.upstream is None:
+                continue  # swallowed
+            dst = self.upstream if up else self.client
+            try:
+                dst.sendall(data)
+            except OSError:
+                self.close(rst=False)
+                return
+            if up:
+                self.bytes_up += len(data)
+            else:
+                self.bytes_down += len(data)
+
+    def close(self, *, rst: bool) -> None:
+        with self._lock:
+            if self.closed.is_set():
+                return
+            self.closed.set()
+        _close(self.client, rst=rst)
+        if self.upstream is not None:
+            _close(self.upstream, rst=rst)
+        self.proxy._forget(self)
+
+
+class TcpProxy:
+    """``with TcpProxy(broker_port) as proxy:`` listens on ``proxy.port`` (loopback) and forwards."""
+
+    def __init__(self, target_port: int, target_host: str = LOOPBACK, *, port: int = 0) -> None:
+        self.target = (target_host, target_port)
+        self.mode = Mode.FORWARD
+        self.accepted = 0
+        self.cuts = 0
+        self._listener = socket.create_server((LOOPBACK, port), reuse_port=False)
+        self._listener.settimeout(POLL_S)
+        self.port: int = self._listener.getsockname()[1]
+        self._pairs: set[_Pair] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._flap_stop = threading.Event()
+        self._flapper: threading.Thread | None = None
+        self._acceptor = threading.Thread(target=self._accept_loop, name="proxy-accept", daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        """For the agent's ``mqtt.endpoint``: the broker certificate names localhost."""
+        return f"mqtts://localhost:{self.port}"
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._pairs)
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> TcpProxy:
+        self._acceptor.start()
+        return self
+
+    def close(self) -> None:
+        self.steady()
+        self._stop.set()
+        self._acceptor.join(timeout=2)
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        self.cut(rst=True, count=False)
+
+    def __enter__(self) -> TcpProxy:
+        return self.start()
+
+    def __exit__(self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None) -> None:
+        self.close()
+
+    # --- faults ----------------------------------------------------------------------------------
+    def forward(self) -> None:
+        """Back to normal for new connections (black-holed ones stay dead, as after a real outage)."""
+        self.mode = Mode.FORWARD
+
+    def black_hole(self) -> None:
+        self.mode = Mode.BLACK_HOLE
+
+    def refuse(self) -> None:
+        self.mode = Mode.REFUSE
+
+    def cut(self, *, rst: bool, count: bool = True) -> int:
+        """Close every open connection, with RST or FIN; returns how many were cut."""
+        with self._lock:
+            pairs = list(self._pairs)
+        for pair in pairs:
+            pair.close(rst=rst)
+        if count and pairs:
+            self.cuts += 1
+        return len(pairs)
+
+    def flap(self, period_s: float, *, rst: bool = True) -> None:
+        """Cut every connection every ``period_s`` seconds (in the background) until ``steady()``."""
+        self.steady()
+        self._flap_stop.clear()
+
+        def loop() -> None:
+            while not self._flap_stop.wait(period_s):
+                self.cut(rst=rst)
+
+        self._flapper = threading.Thread(target=loop, name="proxy-flap", daemon=True)
+        self._flapper.start()
+
+    def steady(self) -> None:
+        self._flap_stop.set()
+        if self._flapper is not None:
+            self._flapper.join(timeout=2)
+            self._flapper = None
+
+    # --- internals -------------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _addr = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            mode = self.mode
+            if mode is Mode.REFUSE:
+                _close(client, rst=True)
+                continue
+            upstream: socket.socket | None = None
+            if mode is Mode.FORWARD:
+                try:
+                    upstream = socket.create_connection(self.target, timeout=2)
+                except OSError as exc:  # broker down: the agent sees its connection reset
+                    log.info("proxy: upstream %s:%d: %s", *self.target, exc)
+                    _close(client, rst=True)
+                    continue
+                upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            pair = _Pair(self, client, upstream)
+            with self._lock:
+                self._pairs.add(pair)
+            pair.start()
+
+    def _forget(self, pair: _Pair) -> None:
+        with self._lock:
+            self._pairs.discard(pair)
+
+    def wait_connections(self, n: int, timeout: float) -> bool:
+        """Poll until at least ``n`` connections are open (True) or ``timeout`` passes (False)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.connections >= n:
+                return True
+            time.sleep(POLL_S)
+        return self.connections >= n
