@@ -112,8 +112,11 @@ def simulate_main(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"novopen reader simulator on {link}", flush=True)
-    stats = sim.serve(link, source, faults, stop)
+    from drivers.simulators.pty_link import PtyLink
+
+    with PtyLink(link) as pty:
+        print(f"novopen reader simulator on {link} ({pty.slave_name})", flush=True)
+        stats = sim.serve(pty, source, faults, stop)
     print(f"served {stats.exchanges} exchanges, {stats.sessions} sessions, {stats.nacks} NACKs", flush=True)
     return 0
 
