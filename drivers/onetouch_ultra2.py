@@ -63,6 +63,7 @@ HIGH_TEXT = "HIGH"
 CONTROL_MARKS = ("C", "K")  # K when the meter language is SVENS or DEUTS
 SUSPECT_MARK = "?"
 MAX_RECORDS = 500
+COMMAND_RETRIES = 2  # short read-only commands are asked again on a damaged reply (never DMP)
 
 MEAL_CODES: dict[str, Meal] = {"N": Meal.NONE, "B": Meal.BEFORE, "A": Meal.AFTER}
 MEAL_LETTERS: dict[Meal, str] = {v: k for k, v in MEAL_CODES.items()}
@@ -285,23 +286,33 @@ class Device(SerialTransport, MeterDriver):
     PROTOCOL = PROTOCOL
     TIMEOUT = 2.0  # longest silence between two lines of a reply
 
-    def _command(self, command: bytes) -> str:
-        self.flush_input()
-        self.write(encode_command(command))
-        line = self.readline()
-        if not line:
-            raise NoResponse(f"no reply to {command.decode()} on {self.url}")
-        return strip_checksum(line)
+    def _command(self, command: bytes, retries: int = 0) -> str:
+        """Send a command and verify its one-line reply; short read-only commands may be retried."""
+        for attempt in range(retries + 1):
+            self.flush_input()
+            self.write(encode_command(command))
+            line = self.readline()
+            try:
+                if not line:
+                    raise NoResponse(f"no reply to {command.decode()} on {self.url}")
+                return strip_checksum(line)
+            except MeterNotReady:
+                raise
+            except DriverError as exc:
+                if attempt == retries:
+                    raise
+                log.debug("%s: %s; asking again", command.decode(), exc)
+        raise NoResponse(f"no reply to {command.decode()}")  # not reached: the loop returns or raises
 
     def identify(self) -> MeterIdentity:
-        serial = decode_serial(self._command(CMD_SERIAL))
+        serial = decode_serial(self._command(CMD_SERIAL, COMMAND_RETRIES))
         if len(serial) != 9 or not serial.endswith("Y"):
             log.info("serial %s is not of the documented 9-character ...Y form; accepted", serial)
-        version = decode_version(self._command(CMD_VERSION))
+        version = decode_version(self._command(CMD_VERSION, COMMAND_RETRIES))
         return MeterIdentity(PROTOCOL, MODEL, serial, version)
 
     def read_clock(self) -> dt.datetime:
-        return decode_clock(self._command(CMD_CLOCK))
+        return decode_clock(self._command(CMD_CLOCK, COMMAND_RETRIES))
 
     def read_records(self) -> Iterator[GlucoseReading]:
         """Yield every verified record, newest first; a bad line is skipped and reported at the end."""

@@ -315,8 +315,18 @@ class Device(SerialTransport, MeterDriver):
         return reply
 
     def _connect(self) -> None:
-        if not self._connected:
-            self._disconnect_packet()  # DISC opens a fresh session and resets the sequence bits
+        """DISC opens a fresh session and resets the sequence bits (retried like any request)."""
+        for attempt in range(MAX_RETRIES + 1):
+            if self._connected:
+                return
+            try:
+                self._disconnect_packet()
+            except PortError:
+                raise
+            except DriverError:
+                if attempt == MAX_RETRIES:
+                    raise
+                continue
             self._connected = True
 
     def request(self, message: bytes) -> bytes:

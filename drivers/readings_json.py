@@ -65,6 +65,8 @@ def _get(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], default: 
             raise ReadingsFormatError(f"reading.{key}: required")
         return default
     value = doc[key]
+    if value is None and key not in ("meter_time", "value_mgdl"):
+        return default  # an optional field written as null by to_json
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ReadingsFormatError(f"reading.{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
     return value
