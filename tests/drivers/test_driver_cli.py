@@ -1,0 +1,129 @@
+"""simulate / decode commands, readings JSON, registry and probing: real processes and real ptys."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.errors import NoResponse
+from drivers import readings_json
+from drivers.reader import read_meter
+from drivers.registry import PROTOCOLS, UnknownProtocol, open_device, probe
+from drivers.simulators.records import random_records
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "drivers.cli_commands"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_decode_json_of_the_500_record_dump(vectors: Any) -> None:
+    capture = vectors.path("onetouch-ultra2", "insulaudit-dmp-500.txt")
+    expected = vectors.json("onetouch-ultra2", "insulaudit-dmp-500.expected.json")
+    out = run_cli("decode", "--protocol", "onetouch-ultra2", str(capture), "--json")
+    assert out.returncode == 0, out.stderr
+    readings = [readings_json.from_json(d) for d in json.loads(out.stdout)]
+    assert [(r.meter_time.isoformat(), r.value_mgdl) for r in readings] == [
+        (e["timestamp_local"], e["value_mgdl"]) for e in expected["records"]
+    ]
+
+
+def test_decode_reports_rejected_units_with_exit_code(tmp_path: Path) -> None:
+    capture = tmp_path / "cap.bin"
+    capture.write_bytes(b"\x025L|1||N\r\x0385\r\n")
+    out = run_cli("decode", "--protocol", "contour-astm", str(capture), "--json")
+    assert out.returncode == 20 and json.loads(out.stdout) == [] and "InvalidChecksum" in out.stderr
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    out = run_cli("decode", "--protocol", "contour-astm", str(tmp_path / "missing"))
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and out.stderr.startswith("glucoagent: error:")
+    bad = tmp_path / "records.json"
+    bad.write_text('[{"meter_time": "2020-01-01T00:00:00+01:00", "value_mgdl": 100}]')
+    out = run_cli("simulate", "onetouch-ultra2", "--link", str(tmp_path / "tty"), "--records", str(bad))
+    assert out.returncode == 10 and "no zone" in out.stderr and out.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_simulate_command_serves_records_file_until_sigterm(protocol: str, tmp_path: Path) -> None:
+    records = random_records(protocol, 8, seed=4)
+    records_file = tmp_path / "records.json"
+    records_file.write_text(readings_json.dumps(records))
+    link = tmp_path / "ttyMETER"
+    proc = subprocess.Popen(
+        [*CLI, "simulate", protocol, "--link", str(link), "--records", str(records_file), "--baud", "0"],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not link.is_symlink():
+            assert proc.poll() is None and time.monotonic() < deadline, "simulator did not come up"
+            time.sleep(0.02)
+        result = read_meter(str(link), None, wall_clock=dt.datetime.now)
+        assert result.complete and result.identity.protocol == protocol
+        assert [r.with_offset(None) for r in result.readings] == records
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    assert not link.exists() and not link.is_symlink()
+
+
+def test_readings_json_roundtrip_and_defaults() -> None:
+    for protocol in PROTOCOLS:
+        for r in random_records(protocol, 20, seed=1):
+            r = r.with_offset(-12.5)
+            assert readings_json.from_json(json.loads(json.dumps(readings_json.to_json(r)))) == r
+    minimal = readings_json.from_json({"meter_time": "2024-05-06T07:08:09", "value_mgdl": 99})
+    assert (minimal.native_value, minimal.native_unit, minimal.range_flag, minimal.clock_offset_s) == (
+        "99",
+        "mg/dL",
+        "in",
+        None,
+    )
+    for bad, field in (
+        ({"value_mgdl": 5}, "meter_time"),
+        ({"meter_time": "x", "value_mgdl": 5}, "meter_time"),
+        ({"meter_time": "2024-05-06T07:08:09", "value_mgdl": True}, "value_mgdl"),
+        ({"meter_time": "2024-05-06T07:08:09", "value_mgdl": 5, "meal": "brunch"}, "brunch"),
+        ({"meter_time": "2024-05-06T07:08:09", "value_mgdl": 5, "colour": "red"}, "colour"),
+    ):
+        with pytest.raises(readings_json.ReadingsFormatError, match=field):
+            readings_json.from_json(bad)
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_probe_finds_each_protocol_without_side_effects(protocol: str, sim: Any) -> None:
+    records = random_records(protocol, 4, seed=3)
+    with sim(protocol, records) as (link, simulator):
+        assert probe(link) == protocol
+        assert probe(link) == protocol  # probing twice changes nothing
+        read = read_meter(link, None, wall_clock=dt.datetime.now)
+    assert read.complete and [r.with_offset(None) for r in read.readings] == records
+    assert simulator.records == records  # memory untouched
+
+
+def test_probe_of_a_silent_port_is_none(scripted: Any) -> None:
+    assert probe(scripted.url, timeout=0.1) is None
+    with pytest.raises(NoResponse):
+        read_meter(scripted.url, None, wall_clock=dt.datetime.now)
+
+
+def test_unknown_protocol_and_missing_port() -> None:
+    with pytest.raises(UnknownProtocol):
+        open_device("freestyle", "loop://")
+    from agent.errors import PortError
+
+    with pytest.raises(PortError):
+        read_meter("/dev/does-not-exist", "onetouch-ultra2", wall_clock=dt.datetime.now)
