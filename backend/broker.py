@@ -84,8 +84,10 @@ def render_acl() -> str:
     """The mosquitto ``acl_file``: named users first, then the per-device patterns.
 
     mosquitto applies ``pattern`` lines to *every* user, named ones included; ``%u`` is the
-    user name, i.e. the certificate CN. That is why the CA never issues a device
-    certificate named ``claim`` or ``backend`` (backend/pki.py).
+    user name, i.e. the certificate CN. So ``claim`` gets an explicit deny on the device
+    tree, and the CA never issues a device certificate named ``claim`` or ``backend``
+    (backend/pki.py). The acl_file never refuses a SUBSCRIBE (SUBACK is always granted):
+    ``read`` is enforced per message at delivery, retained messages included.
     """
     dev = f"{topics.PREFIX}/dev/%u"
     prov = f"{topics.PREFIX}/prov/+"
@@ -95,6 +97,9 @@ def render_acl() -> str:
         f"topic readwrite {topics.PREFIX}/#",
         "",
         f"user {CLAIM_CN}",
+        # A user's own rules are checked before the patterns, and a deny match ends the check:
+        # without this line the device patterns below would give 'claim' gluco/v1/dev/claim/...
+        f"topic deny {topics.PREFIX}/dev/#",
         f"topic write {prov}/request",
         f"topic read {prov}/response",
         "",
@@ -260,6 +265,7 @@ class Broker:
             self._spawn()
             try:
                 self._wait_ready()
+                self._fixed_port = True  # from now on the port is ours: restart and start-after-kill keep it
             except BrokerError:
                 lost_race = "Address already in use" in self._output()
                 self._terminate(signal.SIGKILL)
@@ -279,7 +285,6 @@ class Broker:
     def restart(self) -> None:
         """Stop and start again on the same port with the same persistence database."""
         self.stop()
-        self._fixed_port = True
         self.start()
 
     def reload_crl(self) -> None:

@@ -321,6 +321,11 @@ class FleetPki:
         return self.directory / CA_CERT
 
     @property
+    def ca_cert_path(self) -> Path:
+        """Alias of ``ca_path``."""
+        return self.ca_path
+
+    @property
     def ca_pem(self) -> bytes:
         return self.ca_path.read_bytes()
 

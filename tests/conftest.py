@@ -26,7 +26,10 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from backend.broker import Broker, tls_client
 from backend.pki import ClientCreds, FleetPki, KeyType, generate_key, make_csr
@@ -148,33 +151,56 @@ class MqttProbe:
         self.messages.put(msg)
 
     def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        """Wait for ``predicate``; a dropped connection ends the wait at once."""
         with self._cond:
-            if not self._cond.wait_for(predicate, timeout):
+            if not self._cond.wait_for(lambda: predicate() or self.disconnected is not None, timeout):
                 raise TimeoutError(f"{what}: nothing within {timeout}s")
+            if not predicate():
+                raise ConnectionError(f"{what}: connection lost ({self.disconnected})")
 
     # --- blocking API (test thread) ---
-    def connect(self, timeout: float = WAIT_S) -> bool:
-        """True when the broker accepted us (CONNACK success); False when TLS or CONNACK refused us."""
+    def connect(self, timeout: float = WAIT_S, *, clean_start: bool = True, session_expiry_s: int = 0) -> bool:
+        """True when the broker accepted us (CONNACK success); False when TLS or CONNACK refused us.
+
+        ``clean_start`` and ``session_expiry_s`` apply to MQTT 5 only.
+        """
+        props = None
+        if self.client.protocol == mqtt.MQTTv5 and session_expiry_s:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = session_expiry_s
         try:
-            self.client.connect(self.host, self.port, keepalive=30)
+            if self.client.protocol == mqtt.MQTTv5:
+                self.client.connect(self.host, self.port, keepalive=30, clean_start=clean_start, properties=props)
+            else:
+                self.client.connect(self.host, self.port, keepalive=30)
         except (ssl.SSLError, OSError) as exc:  # TLS 1.2: the broker's alert breaks the handshake itself
             self.error = exc
             return False
         self.client.loop_start()
         self._looping = True
         # TLS 1.3: the client's handshake completes first; a refusal then arrives as an alert or EOF.
-        self._wait(lambda: self.connack is not None or self.disconnected is not None, timeout, "CONNACK")
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.connack is not None or self.disconnected is not None, timeout):
+                raise TimeoutError(f"CONNACK: nothing within {timeout}s")
         return self.connack is not None and not self.connack.is_failure and self.disconnected is None
 
-    def subscribe(self, topic: str, qos: int = 1, timeout: float = WAIT_S) -> list[ReasonCode]:
-        rc, mid = self.client.subscribe(topic, qos)
+    def subscribe(
+        self, topic: str, qos: int = 1, timeout: float = WAIT_S, *, no_retained: bool = False
+    ) -> list[ReasonCode]:
+        """Subscribe and wait for the SUBACK. ``no_retained`` (MQTT 5): skip what is retained now."""
+        if no_retained:
+            rc, mid = self.client.subscribe(topic, options=SubscribeOptions(qos=qos, retainHandling=2))
+        else:
+            rc, mid = self.client.subscribe(topic, qos)
         assert rc == mqtt.MQTT_ERR_SUCCESS, f"subscribe not sent: {mqtt.error_string(rc)}"
         self._wait(lambda: mid in self._subacks, timeout, f"SUBACK for {topic}")
         return self._subacks.pop(mid)
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, timeout: float = WAIT_S) -> ReasonCode:
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, timeout: float = WAIT_S, retain: bool = False
+    ) -> ReasonCode:
         """Publish and wait for the PUBACK; its reason code (MQTT 5) or plain success (3.1.1)."""
-        info = self.client.publish(topic, payload, qos)
+        info = self.client.publish(topic, payload, qos, retain=retain)
         assert info.rc == mqtt.MQTT_ERR_SUCCESS, f"publish not sent: {mqtt.error_string(info.rc)}"
         self._wait(lambda: info.mid in self._pubacks, timeout, f"PUBACK for {topic}")
         return self._pubacks.pop(info.mid)
@@ -184,6 +210,14 @@ class MqttProbe:
             return self.messages.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(f"no message within {timeout}s") from None
+
+    def next_message_on(self, topic: str, timeout: float = WAIT_S) -> mqtt.MQTTMessage:
+        """The next message on ``topic``; others received meanwhile are dropped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.next_message(max(0.0, deadline - time.monotonic()))
+            if msg.topic == topic:
+                return msg
 
     def messages_until(self, topic: str, payload: bytes, timeout: float = WAIT_S) -> list[mqtt.MQTTMessage]:
         """Every message received before the sentinel (``topic``, ``payload``); the sentinel is consumed."""
