@@ -6,7 +6,8 @@ the same tree give the same bytes: entries sorted by name, every mtime = SOURCE_
 last commit time), uid/gid 0 with no user names, gzip without name or time, ``.pyc`` compiled with
 ``UNCHECKED_HASH`` and the device path as their file name.
 
-Usage: ``python -m openwrt.build_ipk [--out dist] [--print-name]`` (``make ipk``).
+Usage: ``python -m openwrt.build_ipk [--out dist]`` (``make ipk``); ``--stage DIR`` writes the installed
+tree only, which ``openwrt/Makefile`` (OpenWrt SDK) packages.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "main",
     "package_version",
     "source_date_epoch",
+    "stage",
     "tar_gz",
 ]
 
@@ -364,11 +366,29 @@ def build_ipk(out_dir: Path, repo: Path = REPO) -> Path:
     return target
 
 
+def stage(dest: Path, repo: Path = REPO) -> Path:
+    """Write the package's files (what data.tar.gz holds) into ``dest``: the OpenWrt SDK's input."""
+    if sys.version_info[:2] != PYTHON:
+        raise BuildError(f"build with Python {PYTHON[0]}.{PYTHON[1]} (the device's); this is {sys.version.split()[0]}")
+    for e in data_entries(repo):
+        path = dest / e.path.lstrip("/")
+        if e.data is None:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.write_bytes(e.data)
+        path.chmod(e.mode)
+    return dest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="build_ipk", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "dist", help="output directory (default dist/)")
+    parser.add_argument("--stage", type=Path, help="only write the installed tree here (for the OpenWrt SDK)")
     args = parser.parse_args(argv)
     try:
+        if args.stage:
+            print(stage(args.stage))
+            return 0
         path = build_ipk(args.out)
     except BuildError as exc:
         print(f"build_ipk: {exc}", file=sys.stderr)

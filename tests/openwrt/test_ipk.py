@@ -339,3 +339,26 @@ def test_source_date_epoch_sets_every_time(tmp_path: Path, monkeypatch: pytest.M
     data_members, _ = _tar(blobs["./data.tar.gz"])
     assert {m.mtime for m in data_members} == {1700000000}
     assert b"SourceDateEpoch: 1700000000\n" in _tar(blobs["./control.tar.gz"])[1]["./control"]
+
+
+def test_sdk_makefile_agrees_with_the_host_build(tmp_path: Path) -> None:
+    mk = (REPO / "openwrt" / "Makefile").read_text()
+    version, release = B.package_version().split("-")
+    assert re.search(rf"^PKG_VERSION:={re.escape(version)}$", mk, re.M)
+    assert re.search(rf"^PKG_RELEASE:={release}$", mk, re.M)
+    depends_block = re.search(r"DEPENDS:=(.*?)\nendef", mk, re.S)
+    assert depends_block
+    sdk = {d.lstrip("+") for d in depends_block[1].replace("\\", " ").split()}
+    host = {d.split(" ")[0] for d in B.DEPENDS} - {"libc"}  # the SDK adds libc itself
+    assert sdk == host
+    conffiles = re.search(r"define Package/glucoagent/conffiles\n(.*?)endef", mk, re.S)
+    assert conffiles and conffiles[1].split() == list(B.CONFFILES)
+    postinst = (REPO / "openwrt" / "files" / "glucoagent.postinst-pkg").read_text()
+    for line in postinst.splitlines():
+        if line and not line.startswith("#"):
+            assert line.replace("${", "$${") in mk
+    # --stage (what the SDK installs) is the same tree as data.tar.gz
+    staged = B.stage(tmp_path / "stage")
+    files = {"/" + p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+    assert files == {e.path for e in B.data_entries() if e.data is not None}
+    assert (staged / "usr/bin/glucoagent").stat().st_mode & 0o777 == 0o755
