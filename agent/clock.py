@@ -12,6 +12,7 @@ import ctypes.util
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import time
 import uuid
 from pathlib import Path
@@ -41,13 +42,24 @@ class _Timex(ctypes.Structure):
     _fields_ = [("modes", ctypes.c_uint), ("_rest", ctypes.c_byte * 256)]
 
 
-def _kernel_synced() -> bool | None:
-    """adjtimex() read-only query; None where it is unavailable."""
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    # find_library may run ldconfig: do it once, not per timestamp.
     name = ctypes.util.find_library("c")
     if not name:
         return None
     try:
-        libc = ctypes.CDLL(name, use_errno=True)
+        return ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        return None
+
+
+def _kernel_synced() -> bool | None:
+    """adjtimex() read-only query; None where it is unavailable."""
+    libc = _libc()
+    if libc is None:
+        return None
+    try:
         tx = _Timex()
         tx.modes = 0  # read only
         state = libc.adjtimex(ctypes.byref(tx))
@@ -71,14 +83,24 @@ class Clock:
     def __init__(self) -> None:
         self._boot_id = boot_id()
         self.trusted = False
+        self._synced_cache = False
+        self._synced_at = -10.0
 
     def quality(self, wall: float | None = None) -> ClockQuality:
         wall = time.time() if wall is None else wall
         if wall < CLOCK_FLOOR.timestamp():
             return ClockQuality.UNSET
-        if self.trusted or _kernel_synced():
+        if self.trusted or self._synced():
             return ClockQuality.SYNCED
         return ClockQuality.UNSYNCED
+
+    def _synced(self) -> bool:
+        # A meter read signs hundreds of records in a burst: ask the kernel at most once a second.
+        now = time.monotonic()
+        if now - self._synced_at > 1.0:
+            self._synced_cache = bool(_kernel_synced())
+            self._synced_at = now
+        return self._synced_cache
 
     def now(self) -> Timestamp:
         wall = time.time()

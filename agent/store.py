@@ -252,21 +252,24 @@ class Store:
             fresh = list({(i.record_key or id(i)): i for i in fresh}.values())  # a key twice in one batch
             self._make_room(db, fresh)
             seqs: list[int] = []
+            counters = {
+                stream: db.execute("SELECT value FROM meta WHERE key = ?", (f"next_seq_{stream}",)).fetchone()[0]
+                for stream in {i.stream for i in fresh}
+            }
+            rows, ledger = [], []
             for item in fresh:
-                counter = f"next_seq_{item.stream}"
-                seq = db.execute("SELECT value FROM meta WHERE key = ?", (counter,)).fetchone()[0]
+                seq = counters[item.stream]
+                counters[item.stream] = seq + 1
                 self._reserve_through(item.stream, seq)
-                cose = item.build(seq)
-                db.execute(
-                    "INSERT INTO outbox (stream, seq, kind, priority, accepted_at, cose) VALUES (?, ?, ?, ?, ?, ?)",
-                    (item.stream, seq, item.kind, item.priority, now, cose),
-                )
-                db.execute("UPDATE meta SET value = ? WHERE key = ?", (seq + 1, counter))
+                rows.append((item.stream, seq, item.kind, item.priority, now, item.build(seq)))
                 if item.record_key is not None:
-                    db.execute(
-                        "INSERT INTO ledger (source, record_key, seq) VALUES (?, ?, ?)", (source, item.record_key, seq)
-                    )
+                    ledger.append((source, item.record_key, seq))
                 seqs.append(seq)
+            db.executemany(
+                "INSERT INTO outbox (stream, seq, kind, priority, accepted_at, cose) VALUES (?, ?, ?, ?, ?, ?)", rows
+            )
+            db.executemany("INSERT INTO ledger (source, record_key, seq) VALUES (?, ?, ?)", ledger)
+            db.executemany("UPDATE meta SET value = ? WHERE key = ?", [(v, f"next_seq_{k}") for k, v in counters.items()])
             if complete_keys is not None and source is not None:
                 self._prune_ledger(db, source, set(complete_keys))
         return seqs
@@ -346,6 +349,18 @@ class Store:
             (stream, first, last, limit),
         )
         return [OutboxRow(*r) for r in rows]
+
+    def requeue(self, stream: str, first: int, last: int) -> int:
+        """`resend`: rows of a sequence range still retained after their ack become pending again.
+
+        Returns how many were re-queued. The backend de-duplicates by (device, stream, seq) and
+        acknowledges them again, which marks them delivered again.
+        """
+        with self.transaction() as db:
+            return db.execute(
+                "UPDATE outbox SET acked_at = NULL WHERE stream = ? AND seq BETWEEN ? AND ? AND acked_at IS NOT NULL",
+                (stream, first, last),
+            ).rowcount
 
     # --- state for status ---------------------------------------------------------------------
     def stats(self) -> Stats:
