@@ -58,10 +58,13 @@ def bench_dump_at_9600() -> Row:
         thread = threading.Thread(target=sim.serve, kwargs={"poll_s": 0.005}, daemon=True)
         thread.start()
         try:
-            with u2.Device(str(link.link)) as device:
+            device = u2.Device(str(link.link))
+            try:
                 started = time.perf_counter()
                 got = list(device.read_records())
                 read_s = time.perf_counter() - started
+            finally:
+                device.close()
         finally:
             stop.set()
             thread.join(5)

@@ -63,6 +63,7 @@ HIGH_TEXT = "HIGH"
 CONTROL_MARKS = ("C", "K")  # K when the meter language is SVENS or DEUTS
 SUSPECT_MARK = "?"
 MAX_RECORDS = 500
+DUMP_START_TIMEOUT = 10.0  # Tidepool waits up to 18 s for the DMP reply; the line timeout applies after
 COMMAND_RETRIES = 2  # short read-only commands are asked again on a damaged reply (never DMP)
 
 MEAL_CODES: dict[str, Meal] = {"N": Meal.NONE, "B": Meal.BEFORE, "A": Meal.AFTER}
@@ -286,12 +287,15 @@ class Device(SerialTransport, MeterDriver):
     PROTOCOL = PROTOCOL
     TIMEOUT = 2.0  # longest silence between two lines of a reply
 
-    def _command(self, command: bytes, retries: int = 0) -> str:
-        """Send a command and verify its one-line reply; short read-only commands may be retried."""
+    def _command(self, command: bytes, retries: int = 0, wait: float | None = None) -> str:
+        """Send a command and verify its one-line reply; short read-only commands may be retried.
+
+        ``wait``: longer timeout for the first reply line (the meter may pause before a dump).
+        """
         for attempt in range(retries + 1):
             self.flush_input()
             self.write(encode_command(command))
-            line = self.readline()
+            line = self._readline_within(wait)
             try:
                 if not line:
                     raise NoResponse(f"no reply to {command.decode()} on {self.url}")
@@ -303,6 +307,16 @@ class Device(SerialTransport, MeterDriver):
                     raise
                 log.debug("%s: %s; asking again", command.decode(), exc)
         raise NoResponse(f"no reply to {command.decode()}")  # not reached: the loop returns or raises
+
+    def _readline_within(self, wait: float | None) -> bytes:
+        if wait is None or wait <= (self.port.timeout or 0):
+            return self.readline()
+        normal = self.port.timeout
+        self.port.timeout = wait
+        try:
+            return self.readline()
+        finally:
+            self.port.timeout = normal
 
     def identify(self) -> MeterIdentity:
         serial = decode_serial(self._command(CMD_SERIAL, COMMAND_RETRIES))
@@ -316,7 +330,7 @@ class Device(SerialTransport, MeterDriver):
 
     def read_records(self) -> Iterator[GlucoseReading]:
         """Yield every verified record, newest first; a bad line is skipped and reported at the end."""
-        header = decode_header(self._command(CMD_DUMP))
+        header = decode_header(self._command(CMD_DUMP, wait=DUMP_START_TIMEOUT))
         rejected: list[str] = []
         for index in range(header.count):
             line = self.readline()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from typing import ClassVar
 
+from agent.errors import DriverError
 from drivers import onetouch_ultraeasy as codec
 from drivers.simulators.base import Simulator
 
@@ -50,7 +51,7 @@ class UltraEasySimulator(Simulator):
             candidate = bytes(self._buffer[:length])
             try:
                 packet = codec.decode_packet(candidate)
-            except codec.DriverError:
+            except DriverError:
                 del self._buffer[:1]  # damaged: resynchronise on the next STX
                 continue
             del self._buffer[:length]
