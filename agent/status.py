@@ -7,7 +7,6 @@ import os
 import socket
 import ssl
 import time
-from pathlib import Path
 from typing import Any
 
 from agent.clock import CLOCK_FLOOR, Clock
@@ -15,36 +14,50 @@ from agent.config import Config, Endpoint
 from agent.errors import GlucoagentError
 from agent.identity import is_provisioned, load_identity
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles, classify_connect_error
+from agent.snapshot import read_snapshot
 from agent.store import Store
 
-ONLINE_FILE = "online"  # touched by the daemon while its link is up
+SNAPSHOT_EVERY_S = 2.0  # how often the daemon publishes its state (agent/snapshot.py)
+STORE_KEYS = ("buffer_depth", "buffer_health_samples", "oldest_unsent_age_s", "last_upload_ack", "next_seq",
+              "conditions", "meters")
+
+
+def store_state(store: Store) -> dict[str, Any]:
+    """The buffer's part of the status: computed by the daemon for its snapshot, or here when it is stopped."""
+    st = store.stats()
+    return {
+        "buffer_depth": st.pending_clinical,
+        "buffer_health_samples": st.pending - st.pending_clinical,
+        "oldest_unsent_age_s": round(time.time() - st.oldest_pending_at) if st.oldest_pending_at else None,
+        "last_upload_ack": st.last_ack,
+        "next_seq": st.next_seq,
+        "conditions": {c: msg for c, (_since, msg) in store.conditions().items()},
+        "meters": [
+            {"source": s, "protocol": p, "port": port, "last_seen": seen, "last_read_complete": ok}
+            for s, p, port, seen, ok in store.sources()
+        ],
+    }
 
 
 def collect_status(cfg: Config) -> dict[str, Any]:
     state = cfg.agent.state_dir
     out: dict[str, Any] = {"provisioned": is_provisioned(state), "state_dir": str(state)}
-    clock = Clock()
-    out["clock"] = clock.quality().value
+    out["clock"] = Clock().quality().value
     if out["provisioned"]:
         ident = load_identity(state)
         out["device_id"] = ident.device_id
         out["broker"] = cfg.mqtt.endpoint or ident.endpoint
-    online = state / ONLINE_FILE
-    out["connected"] = online.exists() and time.time() - online.stat().st_mtime < 3 * cfg.mqtt.keepalive
+    live = read_snapshot(cfg.run_path, max_age_s=SNAPSHOT_EVERY_S * 5)
+    out["running"] = live is not None
+    if live is not None:  # the daemon holds the buffer exclusively: use what it published
+        out["connected"] = bool(live.get("connected"))
+        out.update({k: live[k] for k in STORE_KEYS if k in live})
+        return out
+    out["connected"] = False
     if cfg.buffer_path.exists():
         store = Store(cfg.buffer_path, max_records=cfg.buffer.max_records, retention_s=cfg.buffer.retention_s)
         try:
-            st = store.stats()
-            out["buffer_depth"] = st.pending_clinical
-            out["buffer_health_samples"] = st.pending - st.pending_clinical
-            out["oldest_unsent_age_s"] = round(time.time() - st.oldest_pending_at) if st.oldest_pending_at else None
-            out["last_upload_ack"] = st.last_ack
-            out["next_seq"] = st.next_seq
-            out["conditions"] = {c: msg for c, (_since, msg) in store.conditions().items()}
-            out["meters"] = [
-                {"source": s, "protocol": p, "port": port, "last_seen": seen, "last_read_complete": ok}
-                for s, p, port, seen, ok in store.sources()
-            ]
+            out.update(store_state(store))
         finally:
             store.close()
     else:
@@ -139,9 +152,3 @@ def run_checks(cfg: Config, out: Any = print) -> int:
     return first_failure
 
 
-def touch_online(state_dir: Path, *, up: bool) -> None:
-    path = state_dir / ONLINE_FILE
-    if up:
-        path.touch()
-    else:
-        path.unlink(missing_ok=True)

@@ -29,8 +29,10 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def test_durability_settings_are_in_force(store: Store) -> None:
-    assert store._read("PRAGMA journal_mode")[0][0] == "persist"
+    assert store._read("PRAGMA journal_mode")[0][0] == "wal"
+    assert store._read("PRAGMA locking_mode")[0][0] == "exclusive"  # WAL index in heap: no -shm mmap (JFFS2)
     assert store._read("PRAGMA synchronous")[0][0] == 2  # FULL
+    assert not store.path.with_name(store.path.name + "-shm").exists()
     assert oct(os.stat(store.path).st_mode & 0o777) == oct(0o600)
 
 
@@ -182,11 +184,26 @@ def test_read_only_file_system_is_a_clear_error(tmp_path: Path) -> None:
         s.accept([rec("a")], source="m")
         s.close()
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        with pytest.raises(StorageUnavailable, match="opening"):
+            Store(mnt / "b.db")  # refused clearly (the daemon logs it and retries), nothing touched
+        subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
         s = Store(mnt / "b.db")
-        with pytest.raises(StorageUnavailable):
-            s.accept([rec("b")], source="m")
         assert [r.seq for r in s.pending(10)] == [1]
+        assert s.accept([rec("b")], source="m") == [2]
         s.close()
+
+
+def test_a_second_process_is_locked_out_with_a_clear_error(store: Store) -> None:
+    import subprocess
+    import sys
+
+    store.accept([rec("a")], source="m")
+    code = (
+        "import sys; from pathlib import Path; from agent.store import Store; from agent.errors import StoreError\n"
+        f"try:\n    Store(Path({str(store.path)!r})).stats()\nexcept StoreError as e:\n    print(e); sys.exit(3)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3 and "in use by another process" in out.stdout
 
 
 def test_sqlite_errors_never_escape_untranslated(tmp_path: Path) -> None:
