@@ -67,6 +67,14 @@ class Command:
     expires_at: float
 
 
+def _finite(value: float) -> bool:
+    """A finite number a float can hold (a CBOR bignum such as 10**400 cannot: OverflowError otherwise)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _check_args(ctype: str, args: Any) -> dict[str, Any]:
     if not isinstance(args, Mapping):
         raise CommandRejected("bad_args", "args must be a map")
@@ -81,11 +89,11 @@ def _check_args(ctype: str, args: Any) -> dict[str, Any]:
                 raise CommandRejected("bad_args", f"{ctype}: missing argument {name!r}")
             continue
         value = args[name]
-        if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        if spec.kind is float and isinstance(value, int) and not isinstance(value, bool) and _finite(value):
             value = float(value)
         if not isinstance(value, spec.kind) or (spec.kind is not bool and isinstance(value, bool)):
             raise CommandRejected("bad_args", f"{ctype}: {name} must be {spec.kind.__name__}")
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, float) and not _finite(value):
             raise CommandRejected("bad_args", f"{ctype}: {name} must be finite")
         numeric = isinstance(value, int | float) and not isinstance(value, bool)
         if numeric and ((spec.lo is not None and value < spec.lo) or (spec.hi is not None and value > spec.hi)):
@@ -102,6 +110,10 @@ def decode_command(data: bytes, command_key: cose.PublicKey, device_id: str) -> 
     """Verify and parse an envelope (pure: no clock, no journal). Raises CommandRejected."""
     if len(data) > MAX_COMMAND_BYTES:
         raise CommandRejected("oversize", f"command of {len(data)} bytes exceeds {MAX_COMMAND_BYTES}")
+    try:
+        cose.parse_sign1(data)
+    except SignatureError as exc:  # not even a COSE_Sign1: garbage, not a forgery
+        raise CommandRejected("malformed", f"not a COSE_Sign1: {exc}") from None
     try:
         verified = cose.verify1(data, lambda _kid: command_key)
     except SignatureError as exc:
@@ -123,7 +135,7 @@ def decode_command(data: bytes, command_key: cose.PublicKey, device_id: str) -> 
     if not isinstance(ctype, str) or ctype not in COMMANDS:
         raise CommandRejected("unknown_type", f"unknown command type {ctype!r}")
     for name, value in (("iat", iat), ("exp", exp)):
-        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        if not isinstance(value, int | float) or isinstance(value, bool) or not _finite(value):
             raise CommandRejected("malformed", f"{name} must be a number")
     assert isinstance(iat, int | float) and isinstance(exp, int | float)
     if exp <= iat or exp - iat > MAX_LIFETIME_S:

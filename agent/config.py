@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,6 +50,9 @@ class AgentSection:
     health_interval_s: int = 300
     port_scan_s: float = 5.0  # how often configured ports are checked for a meter
     reread_s: int = 900  # re-read a meter still attached after this long
+    # System commands run by the cloud's sync_time and reboot commands ({epoch}: integer Unix seconds).
+    settime_command: str = "date -u -s @{epoch}"
+    reboot_command: str = "reboot"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -138,6 +142,24 @@ def _choice(*options: str) -> Callable[[str], str]:
     return conv
 
 
+def _system_command(*placeholders: str) -> Callable[[str], str]:
+    """A command line (split like a shell would, never run through one) using each placeholder."""
+
+    def conv(text: str) -> str:
+        try:
+            argv = shlex.split(text)
+        except ValueError as exc:
+            raise ValueError(f"not a valid command line: {exc}") from None
+        if not argv:
+            raise ValueError("expected a command, got nothing")
+        for name in placeholders:
+            if "{" + name + "}" not in text:
+                raise ValueError(f"expected the placeholder {{{name}}} in {text!r}")
+        return text
+
+    return conv
+
+
 def _endpoint(text: str) -> str:
     if text:
         Endpoint.parse(text)
@@ -154,6 +176,8 @@ SCHEMA: dict[str, dict[str, Callable[[str], Any]]] = {
         "health_interval_s": _int_range(10, 86_400),
         "port_scan_s": _float_range(0.2, 3600),
         "reread_s": _int_range(10, 86_400),
+        "settime_command": _system_command("epoch"),
+        "reboot_command": _system_command(),
     },
     "mqtt": {
         "endpoint": _endpoint,
@@ -180,7 +204,13 @@ SCHEMA: dict[str, dict[str, Callable[[str], Any]]] = {
         "hyper_mgdl": _int_range(100, 600),
     },
 }
-SETTABLE_KEYS = frozenset(f"{s}.{o}" for s, opts in SCHEMA.items() for o in opts) - {"agent.state_dir", "buffer.path"}
+# Not settable by the cloud: where the state lives, and the system commands (that would be remote code execution).
+SETTABLE_KEYS = frozenset(f"{s}.{o}" for s, opts in SCHEMA.items() for o in opts) - {
+    "agent.state_dir",
+    "buffer.path",
+    "agent.settime_command",
+    "agent.reboot_command",
+}
 
 
 def _section(cls: type[T], name: str, options: Mapping[str, str], where: Callable[[str], str]) -> T:

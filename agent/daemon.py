@@ -12,7 +12,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from agent import renewal
 from agent.clock import Clock
+from agent.command_exec import CommandExecutor
 from agent.config import Config
 from agent.errors import GlucoagentError, StorageUnavailable
 from agent.identity import DeviceIdentity, load_identity
@@ -50,6 +52,7 @@ def memory_rss_kib() -> int:
 class Daemon:
     def __init__(self, cfg: Config, identity: DeviceIdentity | None = None) -> None:
         self.cfg = cfg
+        renewed = renewal.complete_swap(cfg.agent.state_dir)  # a certificate swap a crash cut short
         self.identity = identity or load_identity(cfg.agent.state_dir)
         self.clock = Clock()
         self.store, set_aside = open_buffer(cfg)
@@ -59,10 +62,12 @@ class Daemon:
             self.recorder.raise_condition("store_corrupt", f"buffer file was corrupt; kept aside as {set_aside}")
         self.uplink = Uplink(cfg, self.identity, self.store, on_command=self.on_command)
         self.watcher = MeterWatcher(cfg, self.recorder, self.clock, on_stored=self.uplink.wake)
+        self.commands = CommandExecutor(self, renewed=renewed)
         self._stop = threading.Event()
 
     def on_command(self, payload: bytes) -> None:
-        log.info("command received (%d bytes); commands are handled by agent.commands", len(payload))
+        """Uplink thread: hand the message to the command worker (agent/command_exec.py)."""
+        self.commands.submit(payload)
 
     def health_sample(self) -> dict[str, str | int | float | bool]:
         stats = self.store.stats()
@@ -94,6 +99,7 @@ class Daemon:
         threads = [
             threading.Thread(target=self.uplink.run, name="uplink", daemon=True),
             threading.Thread(target=self.watcher.run, name="meters", daemon=True),
+            threading.Thread(target=self.commands.run, name="commands", daemon=True),  # recovers first
         ]
         for t in threads:
             t.start()
@@ -108,11 +114,13 @@ class Daemon:
                 except GlucoagentError as exc:
                     log.warning("health sample not recorded: %s", exc)
         log.info("stopping")
+        self.commands.stop()
         self.watcher.stop()
         self.uplink.stop()
         for t in threads:
             t.join(timeout=8)
         self.store.close()
+        self.commands.after_stop()  # a deprovision wipes the box once nothing uses it any more
         return 0
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:

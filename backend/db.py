@@ -27,10 +27,15 @@ SCHEMA = (
         received_at REAL NOT NULL, wall REAL NOT NULL, clock TEXT NOT NULL, fields TEXT NOT NULL,
         cose BLOB NOT NULL, PRIMARY KEY (device_id, stream, seq))""",
     """CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)""",
+    # Commands sent and their results (backend/commands.py): a row is 'sent', maybe 'pending' (a
+    # renewal's CSR), then final ('ok' / 'failed' / 'refused'), and a final result is never replaced.
     """CREATE TABLE IF NOT EXISTS results (
-        device_id TEXT NOT NULL, command_id TEXT NOT NULL, received_at REAL NOT NULL, body TEXT NOT NULL,
+        device_id TEXT NOT NULL, command_id TEXT NOT NULL, type TEXT, status TEXT NOT NULL,
+        code TEXT, message TEXT, data TEXT, cose BLOB, sent_at REAL, received_at REAL,
         PRIMARY KEY (device_id, command_id))""",
 )
+# The first results table held raw payloads keyed by a digest; an old database keeps it aside.
+_OLD_RESULTS = "ALTER TABLE results RENAME TO results_raw_v1"
 
 
 def token_hash(token: str) -> str:
@@ -57,6 +62,9 @@ class BackendDb:
         self._db.execute("PRAGMA synchronous = FULL")
         self._lock = threading.RLock()
         with self.tx() as db:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(results)")}
+            if "body" in columns:
+                db.execute(_OLD_RESULTS)
             for stmt in SCHEMA:
                 db.execute(stmt)
 

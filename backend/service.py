@@ -10,7 +10,6 @@ transaction, and only then acknowledged with a signed ack.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import queue
@@ -299,13 +298,18 @@ class BackendService:
                 )
 
     def on_result(self, device_id: str, payload: bytes) -> None:
-        # Results are verified and interpreted by backend.commands; stored raw here.
-        digest = hashlib.sha256(payload).hexdigest()[:16]
-        with self.db.tx() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO results (device_id, command_id, received_at, body) VALUES (?, ?, ?, ?)",
-                (device_id, digest, time.time(), payload.hex()),
-            )
+        """Verify against the device's keys, store by command id, answer a renewal's CSR (backend/commands.py)."""
+        from backend import commands
+
+        commands.on_result(
+            self.db,
+            device_id,
+            payload,
+            sign_csr=self.keys.sign_csr,
+            ca_pem=self.keys.ca_pem,
+            command_key=self.keys.command_key,
+            publish=self.publish,
+        )
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,0 +1,354 @@
+"""The cloud side of commands: sign, send, receive verified results, and issue renewed certificates.
+
+- ``sign_command``: COSE_Sign1 by the command key over ``{id, dev, type, args, iat, exp}``.
+- ``parse_args``: ``key=value`` words from the command line, typed by ``agent.commands.COMMANDS``.
+- ``verify_result``: a result is believed only if it verifies against a key registered for
+  the device that published it (backend db ``device_keys``).
+- ``on_result``: what ``BackendService.on_result`` does: verify, store by command id (a pending
+  renewal result is followed by the final one; duplicates are ignored), and answer a
+  renewal's CSR with a certificate delivery (agent/renewal.py) when we did send that command.
+- ``CommandClient``: ``glucoagent-backend command``: publish (QoS 1, so a box that is offline
+  gets it from its persistent session on return) and wait for the final result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import queue
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import cbor2
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from agent import cose, topics
+from agent.commands import COMMANDS, MAX_LIFETIME_S
+from agent.errors import GlucoagentError, LinkTimeout, SignatureError
+from agent.mqtt import LinkSettings, MqttLink
+from agent.renewal import DELIVERY_KEY
+from backend.db import BackendDb
+
+log = logging.getLogger(__name__)
+DEFAULT_TTL_S = 3600.0
+DELIVERY_TTL_S = 300.0
+STATUSES = ("ok", "failed", "refused", "pending")
+
+
+class CommandError(GlucoagentError):
+    """A command could not be built or sent, or its result did not verify."""
+
+    exit_code = 70
+
+
+class ResultTimeout(LinkTimeout):
+    """No final result within the wait; the broker keeps the command for the box until it expires."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Result:
+    id: str
+    device_id: str
+    status: str
+    code: str
+    message: str
+    data: Mapping[str, Any]
+
+    def as_json(self) -> str:
+        return json.dumps(
+            {"id": self.id, "device": self.device_id, "status": self.status, "code": self.code,
+             "message": self.message, "data": _jsonable(self.data)},
+            indent=2,
+            sort_keys=True,
+        )  # fmt: skip
+
+
+def new_command_id() -> str:
+    return "c" + secrets.token_hex(12)
+
+
+def sign_command(
+    key: ed25519.Ed25519PrivateKey,
+    device_id: str,
+    ctype: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    ttl_s: float = DEFAULT_TTL_S,
+    now: float | None = None,
+    cmd_id: str | None = None,
+) -> tuple[str, bytes]:
+    """(command id, envelope). Arguments are not validated here: the box is the judge."""
+    if not 0 < ttl_s <= MAX_LIFETIME_S:
+        raise CommandError(f"--ttl: expected 0 < ttl <= {MAX_LIFETIME_S}, got {ttl_s}")
+    now = time.time() if now is None else now
+    cmd_id = cmd_id or new_command_id()
+    body = {
+        "id": cmd_id,
+        "dev": device_id,
+        "type": ctype,
+        "args": dict(args or {}),
+        "iat": int(now),
+        "exp": int(now + ttl_s),
+    }
+    return cmd_id, cose.sign1(key, cbor2.dumps(body, canonical=True))
+
+
+def parse_args(ctype: str, words: Sequence[str]) -> dict[str, Any]:
+    """``["first=1", "last=9"]`` -> ``{"first": 1, "last": 9}``, typed by the command's schema."""
+    if ctype not in COMMANDS:
+        raise CommandError(f"unknown command type {ctype!r} (known: {', '.join(COMMANDS)})")
+    schema = COMMANDS[ctype]
+    out: dict[str, Any] = {}
+    for word in words:
+        name, sep, text = word.partition("=")
+        if not sep:
+            raise CommandError(f"argument {word!r}: expected key=value")
+        spec = schema.get(name)
+        if spec is None:
+            raise CommandError(f"{ctype}: unknown argument {name!r} (known: {', '.join(schema) or 'none'})")
+        try:
+            out[name] = _convert(spec.kind, text)
+        except ValueError:
+            raise CommandError(f"{ctype}: {name} must be {spec.kind.__name__}, got {text!r}") from None
+    return out
+
+
+def _convert(kind: type, text: str) -> Any:
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1", "yes")
+    if kind is int:
+        return int(text)
+    if kind is float:
+        return float(text)
+    return text
+
+
+def _csr_key(csr_pem: object) -> cose.PublicKey:
+    if not isinstance(csr_pem, bytes):
+        raise TypeError("csr must be a byte string")
+    public_key = x509.load_pem_x509_csr(csr_pem).public_key()
+    if not isinstance(public_key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
+        raise TypeError("unsupported key type")
+    return public_key
+
+
+def device_key_lookup(db: BackendDb, device_id: str) -> Callable[[bytes | None], cose.PublicKey | None]:
+    def lookup(kid: bytes | None) -> cose.PublicKey | None:
+        if kid is None:
+            return None
+        rows = db.query("SELECT cert_pem FROM device_keys WHERE kid = ? AND device_id = ?", (kid, device_id))
+        if not rows:
+            return None
+        key = x509.load_pem_x509_certificate(rows[0][0]).public_key()
+        return key if isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey) else None
+
+    return lookup
+
+
+def verify_result(db: BackendDb, device_id: str, payload: bytes) -> Result:
+    """Verify a result against the device's registered keys; raises SignatureError."""
+    verified = cose.verify1(payload, device_key_lookup(db, device_id))
+    try:
+        body = cbor2.loads(verified.payload)
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise SignatureError(f"result payload is not CBOR: {exc}") from None
+    if not isinstance(body, dict):
+        raise SignatureError("result payload is not a map")
+    if body.get("dev") != device_id:
+        raise SignatureError(f"result names device {body.get('dev')!r}, published by {device_id}")
+    fields = [body.get(k) for k in ("id", "status", "code", "message")]
+    if not all(isinstance(f, str) for f in fields) or body.get("status") not in STATUSES:
+        raise SignatureError("result fields id/status/code/message malformed")
+    data = body.get("data", {})
+    return Result(
+        str(fields[0]),
+        device_id,
+        str(fields[1]),
+        str(fields[2]),
+        str(fields[3]),
+        data if isinstance(data, dict) else {},
+    )
+
+
+# --- the service side ------------------------------------------------------------------------------
+def record_sent(db: BackendDb, device_id: str, cmd_id: str, ctype: str) -> None:
+    """Remember what we sent (a renewal CSR is only answered for a renew_certificate we sent)."""
+    with db.tx() as tx:
+        tx.execute(
+            "INSERT OR IGNORE INTO results (device_id, command_id, type, status, sent_at) VALUES (?, ?, ?, 'sent', ?)",
+            (device_id, cmd_id, ctype, time.time()),
+        )
+
+
+def store_result(db: BackendDb, result: Result, payload: bytes) -> bool:
+    """Keep the first final result per (device, command id); True when this one was stored."""
+    key = result.id or "unknown-" + _digest(payload)
+    with db.tx() as tx:
+        cur = tx.execute(
+            "INSERT INTO results (device_id, command_id, status, code, message, data, cose, received_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(device_id, command_id) DO UPDATE SET status = excluded.status, code = excluded.code, "
+            "message = excluded.message, data = excluded.data, cose = excluded.cose, received_at = excluded.received_at "
+            "WHERE results.status IN ('sent', 'pending')",
+            (result.device_id, key, result.status, result.code, result.message,
+             json.dumps(_jsonable(result.data), sort_keys=True), payload, time.time()),
+        )  # fmt: skip
+        return cur.rowcount == 1
+
+
+def stored_result(db: BackendDb, device_id: str, cmd_id: str) -> tuple[str, str, str, Any] | None:
+    rows = db.query(
+        "SELECT status, code, message, data FROM results WHERE device_id = ? AND command_id = ?", (device_id, cmd_id)
+    )
+    if not rows:
+        return None
+    status, code, message, data = rows[0]
+    return status, code, message, json.loads(data) if data else None
+
+
+def on_result(
+    db: BackendDb,
+    device_id: str,
+    payload: bytes,
+    *,
+    sign_csr: Callable[[bytes, str], bytes],
+    ca_pem: bytes,
+    command_key: ed25519.Ed25519PrivateKey,
+    publish: Callable[[str, bytes], None],
+) -> Result | None:
+    try:
+        result = verify_result(db, device_id, payload)
+    except SignatureError as exc:
+        db.bump("rejected_results")
+        log.warning("%s: result rejected: %s", device_id, exc)
+        return None
+    fresh = store_result(db, result, payload)
+    log.info("%s: command %s %s: %s (%s)", device_id, result.id or "?", result.status, result.code, result.message)
+    if fresh and result.status == "pending" and result.code == "csr":
+        delivery = issue_renewal(db, result, sign_csr=sign_csr, ca_pem=ca_pem, command_key=command_key)
+        if delivery is not None:
+            publish(topics.DeviceTopics(device_id).commands, delivery)
+    return result
+
+
+def issue_renewal(
+    db: BackendDb,
+    result: Result,
+    *,
+    sign_csr: Callable[[bytes, str], bytes],
+    ca_pem: bytes,
+    command_key: ed25519.Ed25519PrivateKey,
+) -> bytes | None:
+    """Certificate for a renewal CSR: same device id, the new key registered next to the old one."""
+    sent = db.query("SELECT type FROM results WHERE device_id = ? AND command_id = ?", (result.device_id, result.id))
+    if not sent or sent[0][0] != "renew_certificate":
+        log.warning("%s: CSR for %s, which is not a renew_certificate we sent: ignored", result.device_id, result.id)
+        db.bump("renewal_refused")
+        return None
+    csr_pem = result.data.get("csr")
+    try:
+        public_key = _csr_key(csr_pem)
+        assert isinstance(csr_pem, bytes)
+        cert_pem = sign_csr(csr_pem, result.device_id)  # checks the CSR's signature
+    except (ValueError, TypeError, GlucoagentError) as exc:
+        log.warning("%s: renewal CSR refused: %s", result.device_id, exc)
+        db.bump("renewal_refused")
+        return None
+    now = time.time()
+    with db.tx() as tx:
+        tx.execute(
+            "INSERT INTO device_keys (kid, device_id, cert_pem, added_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(kid) DO UPDATE SET cert_pem = excluded.cert_pem",
+            (cose.key_id(public_key), result.device_id, cert_pem, now),
+        )
+    log.info("%s: renewed certificate issued for command %s", result.device_id, result.id)
+    body = {DELIVERY_KEY: result.id, "dev": result.device_id, "cert": cert_pem + ca_pem,
+            "iat": int(now), "exp": int(now + DELIVERY_TTL_S)}  # fmt: skip
+    return cose.sign1(command_key, cbor2.dumps(body, canonical=True))
+
+
+# --- the command-line client ---------------------------------------------------------------------
+class CommandClient:
+    """One backend connection that sends a command and waits for its final, verified result."""
+
+    def __init__(self, db: BackendDb, settings: LinkSettings) -> None:
+        self.db = db
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.link = MqttLink(settings, on_message=lambda t, p: self._inbox.put((t, p)))
+
+    def __enter__(self) -> CommandClient:
+        self.link.connect()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.link.disconnect()
+
+    def send(
+        self,
+        device_id: str,
+        envelope: bytes,
+        cmd_id: str,
+        ctype: str,
+        *,
+        timeout_s: float,
+        progress: Callable[[Result], None] = lambda _r: None,
+    ) -> Result:
+        results_topic = topics.DeviceTopics(device_id).results
+        codes = self.link.subscribe([results_topic])  # before publishing: the answer may be quick
+        if any(c >= 0x80 for c in codes):
+            raise CommandError(f"broker refused the results subscription (codes {codes})")
+        record_sent(self.db, device_id, cmd_id, ctype)
+        mid = self.link.publish(topics.DeviceTopics(device_id).commands, envelope, qos=1)
+        accept_by = time.monotonic() + 10.0
+        while (accepted := self.link.acked(mid)) is None:
+            if time.monotonic() > accept_by or not self.link.loop(0.05):
+                raise CommandError("no PUBACK from the broker for the command")
+        if not accepted:
+            raise CommandError("the broker refused the command")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.link.loop(0.1):
+                raise CommandError("lost the broker connection while waiting for the result")
+            while not self._inbox.empty():
+                topic, payload = self._inbox.get_nowait()
+                if topic != results_topic:
+                    continue
+                try:
+                    result = verify_result(self.db, device_id, payload)
+                except SignatureError as exc:
+                    log.warning("a result on %s did not verify: %s", topic, exc)
+                    continue
+                if result.id != cmd_id:
+                    continue
+                if result.status == "pending":
+                    progress(result)
+                    continue
+                return result
+        raise ResultTimeout(
+            f"no result from {device_id} within {timeout_s:g}s; the broker keeps command {cmd_id} "
+            "for the box until it expires"
+        )
+
+
+def _digest(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        try:
+            return value.decode("ascii")  # PEM
+        except UnicodeDecodeError:
+            return value.hex()
+    return value
