@@ -4,10 +4,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEBS := mosquitto mosquitto-clients
+# mosquitto: the real broker; qemu-user-static + archive keyring: the emulated MIPS device;
+# faketime: a box whose clock is wrong, for real.
+DEBS := mosquitto mosquitto-clients qemu-user-static debian-archive-keyring faketime
 VECTORS ?= ../shared/vectors
 
-.PHONY: setup debs demo test lint bench clean
+.PHONY: setup debs demo test lint bench soak ipk sbom clean
 
 setup: debs $(STAMP)
 
@@ -37,10 +39,20 @@ test: setup lint
 	  $(BIN)/pytest -q -p no:cacheprovider tests
 
 lint: setup
-	$(BIN)/ruff check agent drivers backend tests
+	$(BIN)/ruff check agent drivers backend bench openwrt tests
 
 bench: setup
-	$(BIN)/python -m backend.bench
+	$(BIN)/python -m bench.run
+
+SOAK_MINUTES ?= 30
+soak: setup
+	$(BIN)/python -m backend.soak --minutes $(SOAK_MINUTES)
+
+ipk: setup
+	$(BIN)/python -m openwrt.build_ipk --out dist
+
+sbom: ipk
+	$(BIN)/python -m openwrt.sbom --ipk dist/glucoagent_$$($(BIN)/python -c 'from openwrt.build_ipk import package_version as v; print(v())')_all.ipk --out dist/glucoagent.cdx.json
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .hypothesis .ruff_cache runs
