@@ -213,6 +213,10 @@ class MqttLink:
             )
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise classify_connect_error(exc, self.s.host, self.s.port) from exc
+        sock = self.client.socket()
+        if sock is not None:  # paho leaves Nagle on: a small PUBLISH would wait ~40 ms for the peer's delayed ACK
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         deadline = time.monotonic() + self.s.connect_timeout_s
         while not self._connack.is_set():
             if time.monotonic() > deadline:

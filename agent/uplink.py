@@ -30,7 +30,6 @@ from agent.config import Config, Endpoint
 from agent.errors import GlucoagentError, LinkError, SignatureError, StoreError
 from agent.identity import DeviceIdentity
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles, Will
-from agent.status import touch_online
 from agent.store import CLINICAL, HEALTH, OutboxRow, Store
 from agent.topics import DeviceTopics
 
@@ -38,6 +37,7 @@ log = logging.getLogger(__name__)
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 _BATCH_OVERHEAD = 16  # CBOR array header and per-item length prefixes, generously
+_IDLE_WAIT_S = 0.2  # longest wait on the socket when there is nothing to do
 
 
 @dataclasses.dataclass(slots=True)
@@ -223,21 +223,16 @@ class Uplink:
     def _serve(self) -> None:
         link = self.link
         assert link is not None
-        next_touch = 0.0
-        try:
-            while not self._stop.is_set():
-                if not link.loop(0.05):
-                    return
-                if time.monotonic() >= next_touch:  # lets `glucoagent status` see that the link is up
-                    touch_online(self.identity.state_dir, up=True)
-                    next_touch = time.monotonic() + max(1.0, self.cfg.mqtt.keepalive / 3)
-                self._drain_inbox()
-                self._reap()
-                self._fill_window()
-                self._wake.wait(0.2)
-                self._wake.clear()
-        finally:
-            touch_online(self.identity.state_dir, up=False)
+        while not self._stop.is_set():
+            # Wait in select() on the socket, not on an event: a PUBACK or an ack ends the wait
+            # at once. After a wake-up (an ack, new rows) only poll, so the work below runs now.
+            wait = 0.0 if self._wake.is_set() else _IDLE_WAIT_S
+            self._wake.clear()
+            if not link.loop(wait):
+                return
+            self._drain_inbox()
+            self._reap()
+            self._fill_window()
 
     def _drain_inbox(self) -> None:
         while True:
