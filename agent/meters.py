@@ -105,7 +105,9 @@ class MeterWatcher:
         if not present:
             return
         backoff = min(300.0, 5.0 * 2 ** min(state.failures, 6)) if state.failures else 0.0
-        due = state.last_read + (backoff or self.cfg.agent.reread_s)
+        # A pen is in the reader's field only while the patient holds it there: poll on every scan.
+        interval = self.cfg.agent.port_scan_s if state.port.protocol == "novopen" else self.cfg.agent.reread_s
+        due = state.last_read + (backoff or interval)
         if state.last_read and time.monotonic() < due:
             return
         state.last_read = time.monotonic()
@@ -115,6 +117,9 @@ class MeterWatcher:
             state.failures += 1
             return
         except GlucoagentError as exc:
+            if type(exc).__name__ == "NoPen":  # the reader answered: no pen in its field, nothing wrong
+                log.debug("port %s: %s", state.port.port, exc)
+                return
             state.failures += 1
             self.serial_errors += 1
             log.warning("port %s: %s", state.port.port, exc)
@@ -149,7 +154,7 @@ class MeterWatcher:
         return len(seqs)
 
     def _read_pen(self, port: DevicePort) -> int:
-        from drivers.novopen import Device  # type: ignore[attr-defined]
+        from drivers.novopen import Device
 
         with Device(port.port) as device:
             result = device.read_pen(insulin=self.cfg.insulin)

@@ -6,6 +6,7 @@ Until then: ``python -m drivers.cli_commands simulate onetouch-ultra2 --link /tm
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -18,11 +19,13 @@ from drivers.registry import PROTOCOLS, driver_module
 from drivers.simulators.base import DEFAULT_BAUD
 from drivers.simulators.faults import Faults
 
+PEN = "novopen"
+
 
 def add_parsers(subparsers: Any) -> None:
     """Add ``simulate`` and ``decode`` to an argparse subparsers object."""
-    p = subparsers.add_parser("simulate", help="serve a simulated glucose meter on a pseudo-terminal")
-    p.add_argument("protocol", choices=sorted(PROTOCOLS))
+    p = subparsers.add_parser("simulate", help="serve a simulated meter or pen reader on a pseudo-terminal")
+    p.add_argument("protocol", choices=[*sorted(PROTOCOLS), PEN])
     p.add_argument("--link", required=True, help="symlink to create for the pty, e.g. /tmp/ttyMETER")
     p.add_argument("--records", help="JSON array of readings (docs/readings.md), newest first; default: demo set")
     p.add_argument("--serial", help="meter serial number (default: from the records, else per protocol)")
@@ -37,16 +40,27 @@ def add_parsers(subparsers: Any) -> None:
     g.add_argument("--unplug-after", type=int, help="pull the cable after N records")
     g.add_argument("--switched-on", action="store_true", help="meter left switched on (not in data mode)")
     g.add_argument("--seed", type=int, help="fault RNG seed")
+    pen = p.add_argument_group("novopen (the NFC reader with a pen in its field)")
+    pen.add_argument("--doses", help="JSON dose log to serve (docs/pen.md)")
+    pen.add_argument("--capture", help="captured pen session to replay byte for byte")
+    pen.add_argument("--remove-at", type=int, help="the pen leaves the field at this exchange")
+    pen.add_argument("--corrupt-at", type=int, action="append", default=[], help="reply frame number to damage")
     p.set_defaults(func=cmd_simulate)
 
     p = subparsers.add_parser("decode", help="decode a raw capture of meter bytes into readings")
-    p.add_argument("--protocol", required=True, choices=sorted(PROTOCOLS))
-    p.add_argument("capture", help="file with the raw bytes the meter sent")
+    p.add_argument("--protocol", required=True, choices=[*sorted(PROTOCOLS), PEN])
+    p.add_argument("capture", help="file with the raw bytes the meter sent (novopen: the pen's replies, hex text)")
     p.add_argument("--json", action="store_true", help="print a JSON array of readings (docs/readings.md)")
     p.set_defaults(func=cmd_decode)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    if args.protocol == PEN:
+        from drivers.novopen.cli import simulate_main
+
+        return simulate_main(
+            args.link, args.doses, args.capture, remove_at=args.remove_at, corrupt_at=args.corrupt_at, slow_s=args.slow
+        )
     from drivers.simulators import records as demo
     from drivers.simulators.run import link_path, serve
 
@@ -83,6 +97,11 @@ def cmd_decode(args: argparse.Namespace) -> int:
         data = Path(args.capture).read_bytes()
     except OSError as exc:
         raise GlucoagentError(f"decode: cannot read {args.capture}: {exc}") from exc
+    if args.protocol == PEN:
+        from drivers.novopen.cli import decode_capture
+
+        print(json.dumps(decode_capture(data), indent=1))
+        return 0
     decoded = driver_module(args.protocol).decode_capture(data)
     for message in decoded.rejected:
         print(f"decode: rejected {message}", file=sys.stderr)
