@@ -142,6 +142,7 @@ class Store:
             raise StoreError(f"journal_mode WAL refused (got {mode})")
         self._db.execute("PRAGMA synchronous = FULL")  # fsync the WAL at every commit: durable on power loss
         self._db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
+        self._db.execute("PRAGMA cache_size = -512")  # 512 KiB page cache: the box has 64-256 MB of RAM
         self._db.execute("PRAGMA foreign_keys = ON")
 
     def _migrate(self) -> None:
