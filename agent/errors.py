@@ -61,9 +61,13 @@ class StoreError(GlucoagentError):
 
 
 class BufferFull(StoreError):
-    """Intake refused: the buffer is at its configured limit (nothing was written)."""
+    """Intake refused: the buffer is at its configured limit. ``accepted``: what was stored before it filled."""
 
     transient = True
+
+    def __init__(self, message: str, accepted: list[int] | None = None) -> None:
+        self.accepted = accepted or []
+        super().__init__(message)
 
 
 class StorageUnavailable(StoreError):

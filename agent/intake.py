@@ -102,10 +102,12 @@ class Recorder:
 
     def _accept(self, items: list[Intake], source: str, complete_keys: list[str] | None) -> list[int]:
         try:
-            seqs = self.store.accept(items, source=source, complete_keys=complete_keys)
+            seqs = self.store.accept(items, source=source, complete_keys=complete_keys, partial=True)
         except BufferFull as exc:
-            log.error("buffer full: %s; the meter keeps its records until there is room", exc)
+            log.error("%s; the meter keeps the rest until there is room", exc)
             self.raise_condition("buffer_full", str(exc))
+            if exc.accepted:
+                return exc.accepted
             raise
         if seqs and self.store.clear_condition("buffer_full"):
             log.info("buffer has room again")

@@ -33,6 +33,7 @@ PRIO_HEALTH, PRIO_RECORD, PRIO_ALERT = 0, 1, 2
 PAGE_SIZE = 1024  # small pages: fewer bytes rewritten per commit on flash
 WAL_LIMIT = 1 << 20  # the WAL file is truncated back to this after a checkpoint
 _CHUNK = 400  # SQL parameters per IN (...) list
+ALERT_RESERVE = 16  # alerts may exceed the limit by this much
 SEQ_BLOCK = 10_000  # sequence numbers reserved ahead in the side file (one small write per block)
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -240,13 +241,16 @@ class Store:
         source: str | None = None,
         now: float | None = None,
         complete_keys: Collection[str] | None = None,
+        partial: bool = False,
     ) -> list[int]:
         """Accept a batch in ONE transaction: sequence numbers, signatures, rows and ledger.
 
         Items whose ledger key is already known are skipped (returned list omits them).
         ``complete_keys``: after a complete read, ledger keys of ``source`` not in it are
         pruned (the meter has forgotten those records, they cannot come back).
-        Raises BufferFull (nothing written) when clinical records would exceed the limit.
+        Raises BufferFull when clinical records would exceed the limit: nothing is written, or
+        with ``partial`` the leading items that fit are committed and listed in ``exc.accepted``
+        (the meter keeps the rest, and the ledger only holds what was stored).
         """
         now = time.time() if now is None else now
         with self.transaction() as db:
@@ -256,7 +260,9 @@ class Store:
             known = self._known(db, source, keyed) if source is not None and keyed else set()
             fresh = [i for i in items if i.record_key is None or i.record_key not in known]
             fresh = list({(i.record_key or id(i)): i for i in fresh}.values())  # a key twice in one batch
-            self._make_room(db, fresh)
+            room = self._make_room(db, fresh, partial=partial)
+            truncated = room < len(fresh)
+            fresh = fresh[:room]
             seqs: list[int] = []
             counters = {
                 stream: db.execute("SELECT value FROM meta WHERE key = ?", (f"next_seq_{stream}",)).fetchone()[0]
@@ -276,17 +282,20 @@ class Store:
             )
             db.executemany("INSERT INTO ledger (source, record_key, seq) VALUES (?, ?, ?)", ledger)
             db.executemany("UPDATE meta SET value = ? WHERE key = ?", [(v, f"next_seq_{k}") for k, v in counters.items()])
-            if complete_keys is not None and source is not None:
+            if complete_keys is not None and source is not None and not truncated:
                 self._prune_ledger(db, source, set(complete_keys))
+        if truncated:
+            raise BufferFull(f"buffer full: {len(seqs)} records stored, the rest refused (limit {self.max_records})", seqs)
         return seqs
 
-    def _make_room(self, db: sqlite3.Connection, items: Sequence[Intake]) -> None:
+    def _make_room(self, db: sqlite3.Connection, items: Sequence[Intake], *, partial: bool = False) -> int:
+        """Evict what may go to fit ``items``; return how many of them fit (raise if none may be taken)."""
         if not items:
-            return
+            return 0
         total = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
         excess = total + len(items) - self.max_records
         if excess <= 0:
-            return
+            return len(items)
         # Delivered rows kept only for `resend` go first, then health samples, oldest first.
         for condition in ("acked_at IS NOT NULL", f"acked_at IS NULL AND priority = {PRIO_HEALTH}"):
             cur = db.execute(
@@ -295,13 +304,14 @@ class Store:
             )
             excess -= cur.rowcount
             if excess <= 0:
-                return
+                return len(items)
         if all(i.priority == PRIO_HEALTH for i in items):
-            excess = 0  # a health sample simply is not kept
             raise BufferFull("buffer full: health sample dropped")
         # Alerts may overdraw by a small reserve so `buffer_full` itself can be sent.
-        if all(i.priority == PRIO_ALERT for i in items) and excess <= 16:
-            return
+        if all(i.priority == PRIO_ALERT for i in items) and excess <= ALERT_RESERVE:
+            return len(items)
+        if partial and excess < len(items):
+            return len(items) - excess
         raise BufferFull(f"buffer full: {total} records stored, limit {self.max_records}")
 
     def _prune_ledger(self, db: sqlite3.Connection, source: str, keep: set[str]) -> None:

@@ -224,3 +224,14 @@ def test_any_sequence_of_reads_stores_each_key_once(tmp_path_factory: pytest.Tem
     assert sorted(stored) == sorted({k for keys in reads for k in keys})
     assert [r.seq for r in s.pending(100)] == list(range(1, len(stored) + 1))
     s.close()
+
+
+def test_partial_intake_takes_what_fits_and_the_ledger_only_what_was_stored(tmp_path: Path) -> None:
+    s = Store(tmp_path / "b.db", max_records=10, retention_s=0)
+    s.accept([rec(str(i)) for i in range(6)], source="m")
+    with pytest.raises(BufferFull) as info:
+        s.accept([rec(str(i)) for i in range(6, 12)], source="m", partial=True, complete_keys=[str(i) for i in range(12)])
+    assert info.value.accepted == [7, 8, 9, 10]
+    assert s.known_keys("m", [str(i) for i in range(12)]) == {str(i) for i in range(10)}
+    s.ack(CLINICAL, range(1, 11))  # the uplink drains the buffer...
+    assert s.accept([rec(str(i)) for i in range(12)], source="m") == [11, 12]  # ...and the next read takes the rest
