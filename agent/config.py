@@ -44,6 +44,7 @@ class Endpoint:
 @dataclasses.dataclass(frozen=True, slots=True)
 class AgentSection:
     state_dir: Path = Path("/etc/glucoagent")
+    run_dir: str = ""  # RAM (tmpfs) for the status snapshot; empty: <state_dir>/run. The box sets /var/run/glucoagent
     log_level: str = "info"
     log_target: str = "auto"  # auto: syslog when /dev/log exists, else stderr
     key_type: str = "ed25519"
@@ -101,6 +102,10 @@ class Config:
     ports: tuple[DevicePort, ...] = ()
     insulin: Mapping[str, str] = dataclasses.field(default_factory=dict)  # pen serial -> insulin
     source: str = "<defaults>"
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.agent.run_dir) if self.agent.run_dir else self.agent.state_dir / "run"
 
     @property
     def buffer_path(self) -> Path:
@@ -170,6 +175,7 @@ def _endpoint(text: str) -> str:
 SCHEMA: dict[str, dict[str, Callable[[str], Any]]] = {
     "agent": {
         "state_dir": Path,
+        "run_dir": str,
         "log_level": _choice("debug", "info", "warning", "error"),
         "log_target": _choice("auto", "syslog", "stderr"),
         "key_type": _choice("ed25519", "p256"),
@@ -207,6 +213,7 @@ SCHEMA: dict[str, dict[str, Callable[[str], Any]]] = {
 # Not settable by the cloud: where the state lives, and the system commands (that would be remote code execution).
 SETTABLE_KEYS = frozenset(f"{s}.{o}" for s, opts in SCHEMA.items() for o in opts) - {
     "agent.state_dir",
+    "agent.run_dir",
     "buffer.path",
     "agent.settime_command",
     "agent.reboot_command",

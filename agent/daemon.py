@@ -20,6 +20,8 @@ from agent.errors import GlucoagentError, StorageUnavailable
 from agent.identity import DeviceIdentity, load_identity
 from agent.intake import Recorder, Signer
 from agent.meters import MeterWatcher
+from agent.snapshot import clear_snapshot, write_snapshot
+from agent.status import SNAPSHOT_EVERY_S, store_state
 from agent.store import Store, open_store
 from agent.uplink import Uplink
 
@@ -93,6 +95,13 @@ class Daemon:
     def stop(self, *_: Any) -> None:
         self._stop.set()
 
+    def publish_snapshot(self) -> None:
+        """State for `glucoagent status`, which cannot open the exclusively locked buffer."""
+        try:
+            write_snapshot(self.cfg.run_path, {"connected": self.uplink.connected, **store_state(self.store)})
+        except (OSError, GlucoagentError) as exc:
+            log.warning("status snapshot not written: %s", exc)
+
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
@@ -105,7 +114,11 @@ class Daemon:
             t.start()
         log.info("glucoagent running as %s (pid %d)", self.identity.device_id, os.getpid())
         next_health = time.monotonic() + min(5.0, self.cfg.agent.health_interval_s)
+        next_snapshot = 0.0
         while not self._stop.wait(0.5):
+            if time.monotonic() >= next_snapshot:
+                next_snapshot = time.monotonic() + SNAPSHOT_EVERY_S
+                self.publish_snapshot()
             if time.monotonic() >= next_health:
                 next_health = time.monotonic() + self.cfg.agent.health_interval_s
                 try:
@@ -120,6 +133,7 @@ class Daemon:
         for t in threads:
             t.join(timeout=8)
         self.store.close()
+        clear_snapshot(self.cfg.run_path)
         self.commands.after_stop()  # a deprovision wipes the box once nothing uses it any more
         return 0
 
