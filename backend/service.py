@@ -167,38 +167,27 @@ class BackendService:
         device_id = device_id_for(public_key)
         hw_serial = str(hw.get("serial", "")) if isinstance(hw, dict) else ""
         now = time.time()
+        kid = cose.key_id(public_key)
         with self.db.tx() as db:
-            row = db.execute(
-                "SELECT patient_ref, expires_at, used_at, device_id FROM tokens WHERE token_hash = ?",
-                (token_hash(token),),
-            ).fetchone()
-            if row is None:
-                return refuse("token_unknown", "no such enrolment token")
-            token_patient, expires_at, used_at, used_by = row
-            if used_at is not None and used_by != device_id:
-                return refuse("token_used", "this enrolment token was already used by another box")
-            if used_at is None and expires_at < now:
-                return refuse("token_expired", "this enrolment token has expired; ask the clinic for a new one")
-            if token_patient != patient:
-                return refuse(
-                    "patient_mismatch", "the patient reference does not match the one the token was issued for"
+            refusal = self._check_token(db, token, patient, device_id, now)
+            if refusal is None:
+                cert_pem = self.keys.sign_csr(csr_pem, device_id)
+                db.execute(
+                    "UPDATE tokens SET used_at = coalesce(used_at, ?), device_id = ? WHERE token_hash = ?",
+                    (now, device_id, token_hash(token)),
                 )
-            cert_pem = self.keys.sign_csr(csr_pem, device_id)
-            kid = cose.key_id(public_key)
-            db.execute(
-                "UPDATE tokens SET used_at = coalesce(used_at, ?), device_id = ? WHERE token_hash = ?",
-                (now, device_id, token_hash(token)),
-            )
-            db.execute(
-                "INSERT INTO devices (device_id, patient_ref, hardware_serial, created_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(device_id) DO UPDATE SET patient_ref = excluded.patient_ref",
-                (device_id, patient, hw_serial, now),
-            )
-            db.execute(
-                "INSERT INTO device_keys (kid, device_id, cert_pem, added_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(kid) DO UPDATE SET cert_pem = excluded.cert_pem",
-                (kid, device_id, cert_pem, now),
-            )
+                db.execute(
+                    "INSERT INTO devices (device_id, patient_ref, hardware_serial, created_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(device_id) DO UPDATE SET patient_ref = excluded.patient_ref",
+                    (device_id, patient, hw_serial, now),
+                )
+                db.execute(
+                    "INSERT INTO device_keys (kid, device_id, cert_pem, added_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(kid) DO UPDATE SET cert_pem = excluded.cert_pem",
+                    (kid, device_id, cert_pem, now),
+                )
+        if refusal is not None:  # counted after the transaction: the counter opens its own
+            return refuse(*refusal)
         log.info("provisioned %s (hardware %s)", device_id, hw_serial)
         self.db.bump("provisioned")
         return {
@@ -209,6 +198,23 @@ class BackendService:
             "command_key": self.keys.command_pub_pem,
             "config": self.initial_config,
         }
+
+    @staticmethod
+    def _check_token(db: Any, token: str, patient: str, device_id: str, now: float) -> tuple[str, str] | None:
+        """(code, message) when the token may not enrol this device; None when it may."""
+        row = db.execute(
+            "SELECT patient_ref, expires_at, used_at, device_id FROM tokens WHERE token_hash = ?", (token_hash(token),)
+        ).fetchone()
+        if row is None:
+            return "token_unknown", "no such enrolment token"
+        token_patient, expires_at, used_at, used_by = row
+        if used_at is not None and used_by != device_id:
+            return "token_used", "this enrolment token was already used by another box"
+        if used_at is None and expires_at < now:
+            return "token_expired", "this enrolment token has expired; ask the clinic for a new one"
+        if token_patient != patient:
+            return "patient_mismatch", "the patient reference does not match the one the token was issued for"
+        return None
 
     # --- ingest -------------------------------------------------------------------------------
     def _key_for(self, device_id: str) -> Callable[[bytes | None], cose.PublicKey | None]:
@@ -326,7 +332,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-TOKEN_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: technicians type these
+TOKEN_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # noqa: S105 - an alphabet; no 0/O, 1/I: technicians type these
 
 
 def new_token() -> str:

@@ -224,16 +224,6 @@ def test_clock_before_the_certificates(system: LocalSystem) -> None:
     assert_nothing_written(state)
 
 
-# The reference backend answers a refused token from inside its database transaction, and its
-# refusal counter opens a second one: sqlite3 "cannot start a transaction within a transaction",
-# the handler dies and the box never hears back (backend/service.py BackendService.provision).
-_BACKEND_REFUSAL_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="backend/service.py: refuse() calls db.bump() inside db.tx(); the refusal is never sent",
-)
-
-
-@_BACKEND_REFUSAL_BUG
 def test_token_unknown(system: LocalSystem) -> None:
     state = system.device_dir("token-unknown")
     out = provision(system, state, UNKNOWN_TOKEN, timeout_s=5)
@@ -241,7 +231,6 @@ def test_token_unknown(system: LocalSystem) -> None:
     assert_nothing_written(state)
 
 
-@_BACKEND_REFUSAL_BUG
 def test_token_already_used_by_another_box(system: LocalSystem) -> None:
     token = system.token(PATIENT)
     first = provision(system, system.device_dir("token-owner"), token)
@@ -252,7 +241,6 @@ def test_token_already_used_by_another_box(system: LocalSystem) -> None:
     assert_nothing_written(state)
 
 
-@_BACKEND_REFUSAL_BUG
 def test_token_expired(system: LocalSystem) -> None:
     state = system.device_dir("token-expired")
     out = provision(system, state, system.token(PATIENT, ttl_s=-60), timeout_s=5)
