@@ -15,11 +15,22 @@ from bench.table import Row
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
 
-IMPORTS = "import paho.mqtt.client, serial, cryptography.hazmat.primitives.asymmetric.ed25519, cbor2, tenacity, sqlite3, ssl"
+# The modules a running agent has loaded (its own packages excepted) are "the same libraries".
+_LIST_LIBRARIES = (
+    "import sys, agent.cli, agent.daemon, drivers.reader, drivers.registry, drivers.novopen\n"
+    "for n in ('onetouch_ultra2', 'contour_astm', 'onetouch_ultraeasy'): __import__('drivers.' + n)\n"
+    "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] not in ('agent', 'drivers', '__main__'))))"
+)
 
 
 def _bare_rss() -> float:
-    proc = subprocess.Popen([sys.executable, "-c", f"{IMPORTS}; import time; time.sleep(30)"])
+    libraries = subprocess.run([sys.executable, "-c", _LIST_LIBRARIES], capture_output=True, text=True, check=True)
+    code = (
+        f"import importlib, contextlib\nfor m in {libraries.stdout.split()!r}:\n"
+        "    with contextlib.suppress(Exception): importlib.import_module(m)\n"
+        "import time; time.sleep(30)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
     try:
         time.sleep(2.0)
         return rss_kib(proc.pid) / 1024
