@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import serial
 
-from agent.errors import DriverError, PortError
+from agent.errors import PortError
 from agent.models import GlucoseReading, MeterIdentity
 
 log = logging.getLogger(__name__)
