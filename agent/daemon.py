@@ -98,7 +98,12 @@ class Daemon:
     def publish_snapshot(self) -> None:
         """State for `glucoagent status`, which cannot open the exclusively locked buffer."""
         try:
-            write_snapshot(self.cfg.run_path, {"connected": self.uplink.connected, **store_state(self.store)})
+            state = store_state(self.store)
+            if "buffer_full" in state["conditions"] and self.store.stats().total_rows < self.cfg.buffer.max_records:
+                self.store.clear_condition("buffer_full")  # uploads made room; the meter's rest comes next read
+                log.info("buffer has room again")
+                state = store_state(self.store)
+            write_snapshot(self.cfg.run_path, {"connected": self.uplink.connected, **state})
         except (OSError, GlucoagentError) as exc:
             log.warning("status snapshot not written: %s", exc)
 
