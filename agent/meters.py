@@ -124,6 +124,11 @@ class MeterWatcher:
             self.serial_errors += 1
             log.warning("port %s: %s", state.port.port, exc)
             return
+        except Exception:  # e.g. termios.error from a port that vanished mid-read: never end intake for good
+            state.failures += 1
+            self.serial_errors += 1
+            log.exception("port %s: unexpected error during the read; retrying with backoff", state.port.port)
+            return
         state.failures = 0
         if stored:
             self.on_stored()
