@@ -11,7 +11,7 @@ from typing import Any
 
 from agent.clock import CLOCK_FLOOR, Clock
 from agent.config import Config, Endpoint
-from agent.errors import GlucoagentError
+from agent.errors import GlucoagentError, StoreError
 from agent.identity import is_provisioned, load_identity
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles, classify_connect_error
 from agent.snapshot import read_snapshot
@@ -55,7 +55,16 @@ def collect_status(cfg: Config) -> dict[str, Any]:
         return out
     out["connected"] = False
     if cfg.buffer_path.exists():
-        store = Store(cfg.buffer_path, max_records=cfg.buffer.max_records, retention_s=cfg.buffer.retention_s)
+        try:
+            store = Store(cfg.buffer_path, max_records=cfg.buffer.max_records, busy_timeout_s=0.5)
+        except StoreError:
+            # Locked: a daemon is starting and has not published its first snapshot yet.
+            live = _wait_for_snapshot(cfg, SNAPSHOT_EVERY_S * 3)
+            if live is None:
+                raise
+            out.update(running=True, connected=bool(live.get("connected")))
+            out.update({k: live[k] for k in STORE_KEYS if k in live})
+            return out
         try:
             out.update(store_state(store))
         finally:
@@ -63,6 +72,16 @@ def collect_status(cfg: Config) -> dict[str, Any]:
     else:
         out.update(buffer_depth=0, oldest_unsent_age_s=None, conditions={}, meters=[])
     return out
+
+
+def _wait_for_snapshot(cfg: Config, timeout_s: float) -> dict[str, Any] | None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        live = read_snapshot(cfg.run_path, max_age_s=SNAPSHOT_EVERY_S * 5)
+        if live is not None:
+            return live
+        time.sleep(0.1)
+    return None
 
 
 def format_status(st: dict[str, Any]) -> str:

@@ -115,7 +115,9 @@ def _translate(exc: sqlite3.Error, what: str) -> StoreError:
 
 
 class Store:
-    def __init__(self, path: Path, *, max_records: int = 200_000, retention_s: float = 0.0) -> None:
+    def __init__(
+        self, path: Path, *, max_records: int = 200_000, retention_s: float = 0.0, busy_timeout_s: float = 10.0
+    ) -> None:
         self.path = path
         self.max_records = max_records
         self.retention_s = retention_s
@@ -124,7 +126,7 @@ class Store:
         self._reserve = self._reserved()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
         except (sqlite3.Error, OSError) as exc:
             raise StorageUnavailable(f"cannot open buffer {path}: {exc}") from exc
         try:
