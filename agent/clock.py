@@ -67,7 +67,7 @@ def _kernel_synced() -> bool | None:
         return None
     if state < 0:
         return None
-    return state != _TIME_ERROR
+    return bool(state != _TIME_ERROR)
 
 
 def boot_id() -> bytes:

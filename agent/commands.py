@@ -96,7 +96,11 @@ def _check_args(ctype: str, args: Any) -> dict[str, Any]:
         if isinstance(value, float) and not _finite(value):
             raise CommandRejected("bad_args", f"{ctype}: {name} must be finite")
         numeric = isinstance(value, int | float) and not isinstance(value, bool)
-        if numeric and ((spec.lo is not None and value < spec.lo) or (spec.hi is not None and value > spec.hi)):
+        if (
+            numeric
+            and isinstance(value, int | float)
+            and ((spec.lo is not None and value < spec.lo) or (spec.hi is not None and value > spec.hi))
+        ):
             raise CommandRejected("bad_args", f"{ctype}: {name}={value} out of range {spec.lo}..{spec.hi}")
         if isinstance(value, str) and spec.max_len is not None and len(value) > spec.max_len:
             raise CommandRejected("bad_args", f"{ctype}: {name} longer than {spec.max_len}")

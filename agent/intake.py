@@ -77,7 +77,11 @@ class Recorder:
             if r.record_key in known:
                 continue
             for code, message in glucose_alerts(r, self.limits):
-                extra = {"meter": r.meter_serial, "key": r.record_key, "mgdl": r.value_mgdl}
+                extra: dict[str, str | int | float | bool] = {
+                    "meter": r.meter_serial,
+                    "key": r.record_key,
+                    "mgdl": r.value_mgdl,
+                }
                 items.append(
                     Intake(
                         telemetry.Kind.ALERT,

@@ -313,7 +313,7 @@ class Store:
         if all(i.priority == PRIO_ALERT for i in items) and excess <= ALERT_RESERVE:
             return len(items)
         if partial and excess < len(items):
-            return len(items) - excess
+            return len(items) - int(excess)
         raise BufferFull(f"buffer full: {total} records stored, limit {self.max_records}")
 
     def _prune_ledger(self, db: sqlite3.Connection, source: str, keep: set[str]) -> None:

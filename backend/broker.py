@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent import topics
 from agent.errors import GlucoagentError
@@ -179,10 +180,12 @@ def tls_context(creds: ClientCreds) -> ssl.SSLContext:
     return ctx
 
 
-def tls_client(creds: ClientCreds, client_id: str, protocol: int = mqtt.MQTTv5) -> mqtt.Client:
+def tls_client(
+    creds: ClientCreds, client_id: str, protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
+) -> mqtt.Client:
     """A paho 2.x client set up for the fleet broker's mutual TLS (not connected yet)."""
     client = mqtt.Client(
-        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+        callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=protocol,
         reconnect_on_failure=False,

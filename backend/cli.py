@@ -48,8 +48,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     home.ensure()
     service = home.service(args.host, args.port)
     stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        service.stop()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: (service.stop(), stop.set()))
+        signal.signal(sig, on_signal)
     thread = threading.Thread(target=service.run, name="backend", daemon=True)
     thread.start()
     stop.wait()

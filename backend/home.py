@@ -43,9 +43,9 @@ class BackendHome:
             )
             atomic_write(path, pem)
             return key
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        assert isinstance(key, ed25519.Ed25519PrivateKey)
-        return key
+        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        assert isinstance(loaded, ed25519.Ed25519PrivateKey)
+        return loaded
 
     def keys(self) -> BackendKeys:
         return BackendKeys(

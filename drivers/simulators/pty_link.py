@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import termios
 import tty
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +47,7 @@ class PtyLink:
     def drain(self) -> None:
         """Wait until the driver side has consumed what we wrote (tcdrain on the master)."""
         with contextlib.suppress(OSError):
-            os.tcdrain(self.master)
+            termios.tcdrain(self.master)
 
     def close(self) -> None:
         with contextlib.suppress(FileNotFoundError):
