@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from agent import __version__
+from agent.clitools import dispatch
 from agent.config import Config, load_config, with_state_dir
 from agent.errors import GlucoagentError
 
@@ -162,18 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except GlucoagentError as exc:
-        print(f"glucoagent: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # output piped into `head` and the like
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    return dispatch(build_parser().parse_args(argv), "glucoagent")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from agent.errors import ConfigError
 
 T = TypeVar("T")
+N = TypeVar("N", int, float)
 PROTOCOL_NAMES = ("auto", "onetouch-ultra2", "contour-astm", "onetouch-ultraeasy", "novopen")
 _ENDPOINT_RE = re.compile(r"^mqtts://(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})$")
 
@@ -112,30 +113,25 @@ class Config:
         return Path(self.buffer.path) if self.buffer.path else self.agent.state_dir / "buffer.db"
 
 
-def _int_range(lo: int, hi: int) -> Callable[[str], int]:
-    def conv(text: str) -> int:
+def _in_range(kind: Callable[[str], N], noun: str, lo: N, hi: N) -> Callable[[str], N]:
+    def conv(text: str) -> N:
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise ValueError(f"expected an integer {lo}..{hi}, got {text!r}") from None
-        if not lo <= value <= hi:
+            raise ValueError(f"expected {noun} {lo}..{hi}, got {text!r}") from None
+        if not lo <= value <= hi:  # also refuses nan
             raise ValueError(f"expected {lo}..{hi}, got {value}")
         return value
 
     return conv
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+    return _in_range(int, "an integer", lo, hi)
 
 
 def _float_range(lo: float, hi: float) -> Callable[[str], float]:
-    def conv(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"expected a number {lo}..{hi}, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise ValueError(f"expected {lo}..{hi}, got {value}")
-        return value
-
-    return conv
+    return _in_range(float, "a number", lo, hi)
 
 
 def _choice(*options: str) -> Callable[[str], str]:

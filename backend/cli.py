@@ -10,7 +10,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.errors import GlucoagentError
+from agent.clitools import dispatch
 
 log = logging.getLogger("glucoagent-backend")
 
@@ -127,14 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except GlucoagentError as exc:
-        print(f"glucoagent-backend: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+    return dispatch(build_parser().parse_args(argv), "glucoagent-backend")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.clitools import dispatch
 from agent.errors import GlucoagentError, InvalidResponse
 from drivers import readings_json
 from drivers.registry import PROTOCOLS, driver_module
@@ -133,13 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_parsers(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args))
-    except GlucoagentError as exc:
-        print(f"glucoagent: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+    return dispatch(args, "glucoagent")
 
 
 if __name__ == "__main__":
