@@ -37,6 +37,7 @@ from agent.errors import (
 
 log = logging.getLogger(__name__)
 SESSION_EXPIRY_S = 7 * 86_400  # the broker keeps our subscriptions and queued commands this long
+PINGRESP_WAIT = 0.4  # x keepalive: how long an unanswered PINGREQ may wait before the link counts as dead
 _X509_CERT_NOT_YET_VALID = 9
 _X509_CERT_HAS_EXPIRED = 10
 
@@ -254,15 +255,18 @@ class MqttLink:
         if rc != paho.MQTT_ERR_SUCCESS:
             self._connected = False
         elif self._ping_overdue():
-            log.warning("no PINGRESP within half a keepalive: link is dead")
+            log.warning("no PINGRESP within %.1fs: link is dead", PINGRESP_WAIT * self.s.keepalive)
             self.close()
         return self._connected
 
     def _ping_overdue(self) -> bool:
         # paho only gives up after ~2x keepalive; we want a dead link noticed within 1.5x.
+        # paho sends PINGREQ at most one keepalive after the last packet in, and both checks run
+        # once per loop() call (<= 0.2 s apart in the uplink), so waiting 0.4 x keepalive for the
+        # PINGRESP keeps the worst case at 1.4 x keepalive + 0.4 s: under 1.5x for keepalive >= 5.
         # paho exposes no public "ping outstanding since" so read its private timestamp.
         ping_t = getattr(self.client, "_ping_t", 0)
-        return bool(ping_t) and time.monotonic() - ping_t > self.s.keepalive / 2
+        return bool(ping_t) and time.monotonic() - ping_t > PINGRESP_WAIT * self.s.keepalive
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
         """Queue a publish; returns the mid to ``wait_ack`` on. Raises LinkError when not sent."""

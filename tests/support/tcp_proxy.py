@@ -4,8 +4,11 @@ Between the agent and the broker: ``cut(rst=True)`` resets every connection
 (SO_LINGER 0, the peer reads ECONNRESET), ``cut(rst=False)`` closes them with a
 FIN, ``black_hole()`` keeps every socket open but silently drops all bytes (new
 connections are accepted and go nowhere, so even the TLS handshake hangs),
+``drop_replies()`` drops only what comes back from the broker (acks get lost),
 ``refuse()`` resets new connections at once, and ``flap(period_s)`` cuts every
-connection every ``period_s`` seconds until ``steady()``.
+connection every ``period_s`` seconds until ``steady()``. ``latency_s`` delays
+every chunk each way (a slow uplink), so a backlog takes long enough to be cut
+mid-upload.
 
 Each connection is a pair of sockets pumped by two threads; pumps poll with a
 short timeout, so every state change takes effect within ``POLL_S``.
@@ -31,6 +34,7 @@ CHUNK = 65_536
 class Mode(enum.StrEnum):
     FORWARD = "forward"
     BLACK_HOLE = "black_hole"  # read and drop everything, both ways; accept but never connect upstream
+    DROP_REPLIES = "drop_replies"  # forward towards the broker, drop everything coming back (acks lost)
     REFUSE = "refuse"  # reset new connections as soon as they are accepted
 
 
@@ -71,13 +75,20 @@ class _Pair:
             except TimeoutError:
                 continue
             except OSError:
+                if src is self.client and not self.closed.is_set():
+                    self.proxy._client_closed()
                 self.close(rst=False)
                 return
             if not data:  # the peer closed: pass the close on
+                if src is self.client and not self.closed.is_set():
+                    self.proxy._client_closed()
                 self.close(rst=False)
                 return
-            if self.proxy.mode is Mode.BLACK_HOLE or self.upstream is None:
+            mode = self.proxy.mode
+            if mode is Mode.BLACK_HOLE or (mode is Mode.DROP_REPLIES and not up) or self.upstream is None:
                 continue  # swallowed
+            if self.proxy.latency_s:
+                time.sleep(self.proxy.latency_s)  # a slow link: every chunk, each way
             dst = self.upstream if up else self.client
             try:
                 dst.sendall(data)
@@ -103,11 +114,14 @@ class _Pair:
 class TcpProxy:
     """``with TcpProxy(broker_port) as proxy:`` listens on ``proxy.port`` (loopback) and forwards."""
 
-    def __init__(self, target_port: int, target_host: str = LOOPBACK, *, port: int = 0) -> None:
+    def __init__(self, target_port: int, target_host: str = LOOPBACK, *, port: int = 0, latency_s: float = 0.0) -> None:
         self.target = (target_host, target_port)
+        self.latency_s = latency_s
         self.mode = Mode.FORWARD
         self.accepted = 0
         self.cuts = 0
+        self.accepted_at: list[float] = []  # time.monotonic() of every accepted connection
+        self.client_closed_at: list[float] = []  # ... of every close the client side made (not our cuts)
         self._listener = socket.create_server((LOOPBACK, port), reuse_port=False)
         self._listener.settimeout(POLL_S)
         self.port: int = self._listener.getsockname()[1]
@@ -155,6 +169,10 @@ class TcpProxy:
     def black_hole(self) -> None:
         self.mode = Mode.BLACK_HOLE
 
+    def drop_replies(self) -> None:
+        """One-way black hole: what the agent sends still arrives, nothing comes back (PUBACKs, acks, PINGRESP)."""
+        self.mode = Mode.DROP_REPLIES
+
     def refuse(self) -> None:
         self.mode = Mode.REFUSE
 
@@ -196,6 +214,7 @@ class TcpProxy:
             except OSError:
                 return
             self.accepted += 1
+            self.accepted_at.append(time.monotonic())
             mode = self.mode
             if mode is Mode.REFUSE:
                 _close(client, rst=True)
@@ -214,6 +233,9 @@ class TcpProxy:
             with self._lock:
                 self._pairs.add(pair)
             pair.start()
+
+    def _client_closed(self) -> None:
+        self.client_closed_at.append(time.monotonic())
 
     def _forget(self, pair: _Pair) -> None:
         with self._lock:
