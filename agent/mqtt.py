@@ -128,6 +128,7 @@ class MqttLink:
             reconnect_on_failure=False,
         )
         self.client.max_inflight_messages_set(settings.max_inflight)
+        self.client.connect_timeout = settings.connect_timeout_s  # TCP connect and TLS handshake (paho: 5 s)
         self.client.max_queued_messages_set(0)
         self.client.tls_set_context(_tls_context(settings.tls))
         if settings.will:
