@@ -216,7 +216,7 @@ class MqttLink:
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise classify_connect_error(exc, self.s.host, self.s.port) from exc
         sock = self.client.socket()
-        if sock is not None:  # paho leaves Nagle on: a small PUBLISH would wait ~40 ms for the peer's delayed ACK
+        if isinstance(sock, socket.socket):  # paho leaves Nagle on: a small PUBLISH would wait ~40 ms for the peer's delayed ACK
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         deadline = time.monotonic() + self.s.connect_timeout_s
@@ -224,8 +224,8 @@ class MqttLink:
             if time.monotonic() > deadline:
                 self.close()
                 raise LinkTimeout(f"no CONNACK from {self.s.host}:{self.s.port} within {self.s.connect_timeout_s:g}s")
-            rc = self.client.loop(timeout=0.2)
-            if rc != paho.MQTT_ERR_SUCCESS and not self._connack.is_set():
+            loop_rc = self.client.loop(timeout=0.2)
+            if loop_rc != paho.MQTT_ERR_SUCCESS and not self._connack.is_set():
                 self.close()
                 raise self._closed_during_login()
         rc = self._connack_rc
