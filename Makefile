@@ -40,6 +40,7 @@ test: setup lint
 
 lint: setup
 	$(BIN)/ruff check agent drivers backend bench openwrt tests
+	$(BIN)/mypy --strict agent drivers backend bench openwrt
 
 bench: setup
 	$(BIN)/python -m bench.run

@@ -45,6 +45,7 @@ from agent.clock import Clock, ClockQuality
 from agent.commands import (
     CLOCK_SKEW_S,
     ID_RE,
+    MAX_COMMAND_BYTES,
     MAX_LIFETIME_S,
     Command,
     check_expiry,
@@ -65,6 +66,7 @@ log = logging.getLogger(__name__)
 
 COMMANDS_DIR = "commands"
 PENDING_DIR = "pending"  # envelopes of started commands (to re-run idempotent ones after a crash)
+INBOX_DIR = "inbox"  # messages stored before the broker gets its PUBACK, until the worker took them
 RESULTS_DIR = "results"  # signed results awaiting the broker's PUBACK
 DEPROVISION_MARK = "deprovision"
 IDEMPOTENT = frozenset({"ping", "sync_time", "set_config", "read_now", "resend", "diagnostics"})
@@ -215,12 +217,14 @@ class CommandExecutor:
         base = self.state / COMMANDS_DIR
         self.pending_dir = base / PENDING_DIR
         self.pending_dir.mkdir(parents=True, exist_ok=True)
+        self.inbox_dir = base / INBOX_DIR
+        self.inbox_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = ResultOutbox(base / RESULTS_DIR)
         self.deprovision_mark = base / DEPROVISION_MARK
         self.ring = LogRing()
         logging.getLogger().addHandler(self.ring)
         self._renewed_at_start = renewed
-        self._queue: queue.Queue[tuple[bytes, float]] = queue.Queue(maxsize=QUEUE_MAX)
+        self._queue: queue.Queue[tuple[bytes, float, Path | None]] = queue.Queue(maxsize=QUEUE_MAX)
         self._stop = threading.Event()
         self._renewal: _Renewal | None = None
         self._wipe = False
@@ -247,10 +251,26 @@ class CommandExecutor:
                 pending.delivery = delivery
                 pending.event.set()
                 return
+        stored = self._store_incoming(payload)
         try:
-            self._queue.put_nowait((payload, time.monotonic()))
+            self._queue.put_nowait((payload, time.monotonic(), stored))
         except queue.Full:
-            log.error("command queue full: a message of %d bytes was dropped unread", len(payload))
+            log.error("command queue full: a message of %d bytes waits in the inbox for the next start", len(payload))
+
+    def _store_incoming(self, payload: bytes) -> Path | None:
+        """Make the message durable before its PUBACK goes out (the caller returns only after this).
+
+        Messages too big to be a command are refused anyway and not worth a flash write.
+        """
+        if len(payload) > MAX_COMMAND_BYTES:
+            return None
+        path = self.inbox_dir / f"{time.time_ns():020d}.cose"
+        try:
+            atomic_write(path, payload)
+        except GlucoagentError as exc:
+            log.error("command could not be stored before its acknowledgement: %s", exc)
+            return None
+        return path
 
     def stop(self) -> None:
         self._stop.set()
@@ -263,12 +283,14 @@ class CommandExecutor:
             log.exception("command recovery failed; serving new commands anyway")
         while not self._stop.is_set():
             try:
-                payload, received = self._queue.get(timeout=0.2)
+                payload, received, stored = self._queue.get(timeout=0.2)
             except queue.Empty:
-                payload = b""
+                payload, stored = b"", None
             try:
                 if payload:
                     self.handle(payload, received)
+                    if stored is not None:  # journaled (or refused) now: the inbox copy has done its job
+                        stored.unlink(missing_ok=True)
                 self.outbox.flush(self.host.uplink)
                 self._prune()
             except Exception:  # the worker must outlive any bug in one command
@@ -398,6 +420,10 @@ class CommandExecutor:
         for orphan in self.pending_dir.glob("*.cose"):  # written just before a crash, never started
             if self.journal.lookup(orphan.stem) is None:
                 orphan.unlink(missing_ok=True)
+        for stored in sorted(self.inbox_dir.glob("*.cose")):  # acknowledged to the broker, never handled
+            log.warning("handling a command received before the last stop: %s", stored.name)
+            self.handle(stored.read_bytes())  # the journal turns one already handled into a replay
+            stored.unlink(missing_ok=True)
 
     def _rerun(self, cmd_id: str, ctype: str, envelope: bytes) -> None:
         try:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -121,7 +122,7 @@ class MqttLink:
         v5 = settings.protocol == "mqttv5"
         self._v5 = v5
         self.client = paho.Client(
-            callback_api_version=paho.CallbackAPIVersion.VERSION2,
+            callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
             clean_session=None if v5 else settings.clean_start,
@@ -137,6 +138,7 @@ class MqttLink:
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_publish = self._handle_publish
         self.client.on_subscribe = self._handle_subscribe
+        self.client.manual_ack_set(True)
         self.client.on_message = self._handle_message
         self._lock = threading.Lock()
         self._connack = threading.Event()
@@ -182,11 +184,16 @@ class MqttLink:
             entry[0].set()
 
     def _handle_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
-        if self._on_message:
-            try:
+        try:
+            if self._on_message:
                 self._on_message(msg.topic, bytes(msg.payload))
-            except Exception:
-                log.exception("handler for %s failed", msg.topic)
+        except Exception:
+            log.exception("handler for %s failed", msg.topic)
+        finally:
+            # Manual acks: the broker forgets a QoS 1 message only once the handler returned, so a
+            # handler that stores the message durably first never loses it to a crash in between.
+            if msg.qos > 0:
+                self.client.ack(msg.mid, msg.qos)
 
     # --- API -----------------------------------------------------------------------------------
     @property
@@ -203,7 +210,7 @@ class MqttLink:
         self._connack_rc = None
         props = None
         if self._v5:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho ships no annotations here
             props.SessionExpiryInterval = SESSION_EXPIRY_S
         try:
             self.client.connect(

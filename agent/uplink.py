@@ -213,6 +213,9 @@ class Uplink:
             link.disconnect()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.commands and self.on_command is not None:
+            self.on_command(payload)  # stores it durably before returning: only then is it PUBACKed
+            return
         try:
             self._inbox.put_nowait((topic, payload))
         except queue.Full:
@@ -242,8 +245,6 @@ class Uplink:
                 return
             if topic == self.topics.acks:
                 self._on_ack(payload)
-            elif topic == self.topics.commands and self.on_command is not None:
-                self.on_command(payload)
             else:
                 log.warning("message on unexpected topic %s ignored", topic)
 

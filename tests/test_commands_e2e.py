@@ -293,6 +293,21 @@ def test_sigkill_mid_command_idempotent_runs_again_once_and_reports_once(box: Bo
     assert box.log.count(f"command {b['id']} (sync_time) is idempotent: running it once more") == 1
 
 
+def test_a_command_acknowledged_to_the_broker_but_not_yet_journaled_survives_a_kill(box: Box, cloud: Cloud) -> None:
+    """The PUBACK goes out only after the command is stored; one stored and then cut off by SIGKILL
+    (before the worker journaled it) is handled at the next start, once."""
+    box.kill()
+    b = body(box, "ping")
+    inbox = box.state / "commands" / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    (inbox / f"{time.time_ns():020d}.cose").write_bytes(envelope(box, b))  # exactly what submit() leaves behind
+    box.start()
+    r, _ = cloud.result(lambda r: r.id == b["id"], timeout=30)
+    assert (r.status, r.code) == ("ok", "pong")
+    assert box.log.count(f"command {b['id']} (ping) started") == 1
+    assert not list(inbox.glob("*.cose"))
+
+
 def test_sigkill_mid_reboot_is_not_repeated_and_reported_rebooted(box: Box, cloud: Cloud) -> None:
     flag = box.state.parent / "reboot.slow"
     flag.touch()
