@@ -238,26 +238,29 @@ class Uplink:
             self._fill_window()
 
     def _drain_inbox(self) -> None:
+        # Acks that arrived together are applied in one transaction per stream: fewer fsyncs, less flash wear.
+        acked: dict[str, set[int]] = {CLINICAL: set(), HEALTH: set()}
         while True:
             try:
                 topic, payload = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
             if topic == self.topics.acks:
-                self._on_ack(payload)
+                for stream, numbers in self._verified_ack(payload).items():
+                    acked[stream].update(numbers)
             else:
                 log.warning("message on unexpected topic %s ignored", topic)
+        for stream, pending in acked.items():
+            if pending:
+                self._apply_ack(stream, pending)
 
-    def _on_ack(self, payload: bytes) -> None:
+    def _verified_ack(self, payload: bytes) -> dict[str, list[int]]:
         try:
-            acks = decode_ack(payload, self.identity.command_key, self.identity.device_id)
+            return decode_ack(payload, self.identity.command_key, self.identity.device_id)
         except SignatureError as exc:
             self.counters.bad_messages += 1
             log.error("ignoring an ack that failed verification: %s", exc)
-            return
-        for stream, seqs in acks.items():
-            if seqs:
-                self._apply_ack(stream, set(seqs))
+            return {}
 
     def _apply_ack(self, stream: str, seqs: set[int]) -> None:
         try:
@@ -277,12 +280,13 @@ class Uplink:
         link = self.link
         assert link is not None
         now = time.monotonic()
+        acked: dict[str, set[int]] = {CLINICAL: set(), HEALTH: set()}
         for key, batch in list(self._inflight.items()):
             if self.cfg.mqtt.ack == "puback":
                 ok = link.acked(batch.mid)
                 if ok:
                     del self._inflight[key]
-                    self._apply_ack(batch.stream, set(batch.seqs))
+                    acked[batch.stream].update(batch.seqs)
                     continue
                 if ok is False:
                     log.error("broker refused batch mid %d; will resend", batch.mid)
@@ -297,6 +301,9 @@ class Uplink:
                 self.counters.resends += 1
                 link.forget(batch.mid)
                 del self._inflight[key]
+        for stream, seqs in acked.items():  # every PUBACK of this pass in one transaction
+            if seqs:
+                self._apply_ack(stream, seqs)
 
     def _fill_window(self) -> None:
         link = self.link

@@ -68,6 +68,7 @@ class BackendService:
         self._stop = threading.Event()
         self.link: MqttLink | None = None
         self.ready = threading.Event()
+        self._keys: dict[tuple[str, bytes], cose.PublicKey] = {}
         self.on_record: Callable[[str, telemetry.Record], None] | None = None
 
     def stop(self) -> None:
@@ -221,11 +222,17 @@ class BackendService:
         def lookup(kid: bytes | None) -> cose.PublicKey | None:
             if kid is None:
                 return None
+            cached = self._keys.get((device_id, kid))
+            if cached is not None:
+                return cached
             rows = self.db.query("SELECT cert_pem FROM device_keys WHERE kid = ? AND device_id = ?", (kid, device_id))
             if not rows:
                 return None
             key = x509.load_pem_x509_certificate(rows[0][0]).public_key()
-            return key if isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey) else None
+            if not isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
+                return None
+            self._keys[(device_id, kid)] = key  # keys are only ever added for a (device, kid): safe to keep
+            return key
 
         return lookup
 
