@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,13 +75,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_deprovision(args: argparse.Namespace) -> int:
+    from agent.command_exec import wipe_state
     from agent.identity import is_provisioned
+    from agent.snapshot import read_snapshot
+    from agent.status import SNAPSHOT_EVERY_S
     from agent.store import Store
 
     cfg = _config(args)
     state = cfg.agent.state_dir
+    if read_snapshot(cfg.run_path, max_age_s=SNAPSHOT_EVERY_S * 5) is not None:
+        raise GlucoagentError("the agent is running: stop it first (/etc/init.d/glucoagent stop)")
     if cfg.buffer_path.exists() and not args.force:
-        store = Store(cfg.buffer_path, max_records=cfg.buffer.max_records, retention_s=cfg.buffer.retention_s)
+        store = Store(cfg.buffer_path, max_records=cfg.buffer.max_records, busy_timeout_s=1.0)
         try:
             unsent = store.stats().pending_clinical
         finally:
@@ -92,17 +96,7 @@ def cmd_deprovision(args: argparse.Namespace) -> int:
     if not is_provisioned(state) and not cfg.buffer_path.exists():
         print(f"nothing to wipe in {state}")
         return 0
-    factory = state / "factory"
-    for child in state.iterdir() if state.exists() else []:
-        if child == factory:
-            continue  # the factory claim certificate stays: the box can be enrolled again
-        if child.is_dir():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-    if cfg.buffer_path.parent != state:
-        for p in cfg.buffer_path.parent.glob(cfg.buffer_path.name + "*"):
-            p.unlink()
+    wipe_state(cfg)
     print(f"deprovisioned: key, certificate and buffer wiped from {state}")
     return 0
 

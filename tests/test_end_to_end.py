@@ -104,3 +104,11 @@ def test_acks_are_signed_by_the_cloud(system: LocalSystem) -> None:
     forged = cose.sign1(ed25519.Ed25519PrivateKey.generate(), cbor2.dumps({"dev": "gd-abc", "c": [1]}))
     with pytest.raises(SignatureError):
         decode_ack(forged, key.public_key(), "gd-abc")
+
+
+def test_deprovision_refuses_while_the_agent_runs(system: LocalSystem) -> None:
+    state = system.run / "e2e-device"
+    out = system.glucoagent(state, "deprovision", "--force", config=state / "glucoagent.uci")
+    assert out.returncode == 1
+    assert out.stderr.strip() == "glucoagent: error: the agent is running: stop it first (/etc/init.d/glucoagent stop)"
+    assert (state / "device.key").exists()
