@@ -24,6 +24,7 @@ from agent.intake import Recorder
 
 log = logging.getLogger(__name__)
 HOTPLUG_DIR = "hotplug"
+PEN_SETTLE_S = 60.0  # a pen left on the reader is read again at most this often
 
 
 @dataclasses.dataclass(slots=True)
@@ -32,6 +33,7 @@ class PortState:
     present: bool = False
     last_read: float = 0.0
     failures: int = 0
+    pen_read: bool = False  # a pen was read and has not left the reader's field since
     serial_errors: int = 0
 
 
@@ -105,8 +107,11 @@ class MeterWatcher:
         if not present:
             return
         backoff = min(300.0, 5.0 * 2 ** min(state.failures, 6)) if state.failures else 0.0
-        # A pen is in the reader's field only while the patient holds it there: poll on every scan.
-        interval = self.cfg.agent.port_scan_s if state.port.protocol == "novopen" else self.cfg.agent.reread_s
+        interval = float(self.cfg.agent.reread_s)
+        if state.port.protocol == "novopen":
+            # A pen is in the reader's field only while the patient holds it there: poll on every scan,
+            # but a pen just read and still lying on the reader is not read again for a while.
+            interval = PEN_SETTLE_S if state.pen_read else self.cfg.agent.port_scan_s
         due = state.last_read + (backoff or interval)
         if state.last_read and time.monotonic() < due:
             return
@@ -119,6 +124,7 @@ class MeterWatcher:
         except GlucoagentError as exc:
             if type(exc).__name__ == "NoPen":  # the reader answered: no pen in its field, nothing wrong
                 log.debug("port %s: %s", state.port.port, exc)
+                state.pen_read = False  # taken away: the next time it is held there, read it at once
                 return
             state.failures += 1
             self.serial_errors += 1
@@ -130,6 +136,7 @@ class MeterWatcher:
             log.exception("port %s: unexpected error during the read; retrying with backoff", state.port.port)
             return
         state.failures = 0
+        state.pen_read = state.port.protocol == "novopen"
         if stored:
             self.on_stored()
 
@@ -166,5 +173,13 @@ class MeterWatcher:
         source = f"novopen:{result.identity.serial}"
         seqs = self.recorder.accept_doses(source, result.doses, complete=result.complete)
         self.recorder.store.source_seen(source, "novopen", port.port, result.complete)
-        log.info("pen %s on %s: %d doses, %d new", source, port.port, len(result.doses), len(seqs))
+        log.log(
+            logging.INFO if seqs or not result.complete else logging.DEBUG,
+            "pen %s on %s: %d doses, %d new%s",
+            source,
+            port.port,
+            len(result.doses),
+            len(seqs),
+            "" if result.complete else f" (read cut off: {result.error})",
+        )
         return len(seqs)

@@ -11,6 +11,7 @@ import abc
 import dataclasses
 import datetime as dt
 import logging
+import termios
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -20,6 +21,8 @@ from agent.errors import PortError
 from agent.models import GlucoseReading, MeterIdentity
 
 log = logging.getLogger(__name__)
+# termios.error is not an OSError: pyserial lets it through when the device vanishes mid-call.
+_PORT_ERRORS = (serial.SerialException, OSError, termios.error)
 
 
 class SerialTransport:
@@ -43,38 +46,38 @@ class SerialTransport:
                 rtscts=False,
                 dsrdtr=False,
             )
-        except (serial.SerialException, OSError, ValueError) as exc:
+        except (*_PORT_ERRORS, ValueError) as exc:
             raise PortError(f"cannot open {url}: {exc}") from exc
 
     def close(self) -> None:
         try:
             self.port.close()
-        except (serial.SerialException, OSError):
+        except _PORT_ERRORS:
             log.debug("closing %s failed", self.url, exc_info=True)
 
     def write(self, data: bytes) -> None:
         try:
             self.port.write(data)
             self.port.flush()
-        except (serial.SerialException, OSError) as exc:
+        except _PORT_ERRORS as exc:
             raise PortError(f"write to {self.url} failed: {exc}") from exc
 
     def read(self, size: int) -> bytes:
         try:
             return bytes(self.port.read(size))
-        except (serial.SerialException, OSError) as exc:
+        except _PORT_ERRORS as exc:
             raise PortError(f"read from {self.url} failed: {exc}") from exc
 
     def readline(self) -> bytes:
         try:
             return bytes(self.port.readline())
-        except (serial.SerialException, OSError) as exc:
+        except _PORT_ERRORS as exc:
             raise PortError(f"read from {self.url} failed: {exc}") from exc
 
     def flush_input(self) -> None:
         try:
             self.port.reset_input_buffer()
-        except (serial.SerialException, OSError) as exc:
+        except _PORT_ERRORS as exc:
             raise PortError(f"flush of {self.url} failed: {exc}") from exc
 
     def __enter__(self) -> SerialTransport:
