@@ -45,9 +45,13 @@ lint: setup
 bench: setup
 	$(BIN)/python -m bench.run
 
+# The soak: the full system under a fault schedule, then the SIGKILL crash loop of `make test`
+# with thousands of kills (100 per soak minute unless SOAK_KILLS says otherwise).
 SOAK_MINUTES ?= 30
+SOAK_KILLS ?= $(shell echo $$(( $(SOAK_MINUTES) * 100 )))
 soak: setup
 	$(BIN)/python -m backend.soak --minutes $(SOAK_MINUTES)
+	GLUCOAGENT_CRASH_KILLS=$(SOAK_KILLS) $(BIN)/pytest -q -p no:cacheprovider tests/test_crash.py
 
 ipk: setup
 	$(BIN)/python -m openwrt.build_ipk --out dist

@@ -3,7 +3,8 @@
 Against the real broker and backend. Afterwards the backend must hold every
 accepted reading exactly once, the clinical sequence numbers must have no gaps,
 and the buffer must pass ``PRAGMA integrity_check`` after every single kill.
-``GLUCOAGENT_CRASH_KILLS`` sets the number of kills (200 in `make test`; `make soak` uses more).
+``GLUCOAGENT_CRASH_KILLS`` sets the number of kills: 200 in `make test`; `make soak` runs this test
+again with 100 kills per soak minute (3 000 for the default 30 minutes).
 """
 
 from __future__ import annotations
