@@ -112,3 +112,25 @@ def test_deprovision_refuses_while_the_agent_runs(system: LocalSystem) -> None:
     assert out.returncode == 1
     assert out.stderr.strip() == "glucoagent: error: the agent is running: stop it first (/etc/init.d/glucoagent stop)"
     assert (state / "device.key").exists()
+
+
+def test_es256_device_key_end_to_end(system: LocalSystem) -> None:
+    """agent.key_type p256: the device signs ES256 (alg -7), the backend verifies, nothing else changes."""
+    meter = random_records("onetouch-ultra2", 8, seed=13)
+    records = system.run / "ultra2-es256.json"
+    records.write_text(dumps(meter))
+    link = system.run / "ttyES256"
+    system.start_simulator("onetouch-ultra2", link, records, "--baud", "0")
+    state = system.device_dir("es256-device")
+    token = system.token(PATIENT)
+    prov = system.glucoagent(
+        state, "provision", f"--endpoint={system.broker.endpoint}", f"--token={token}", f"--patient={PATIENT}",
+        "--key-type=p256",
+    )
+    assert prov.returncode == 0, prov.stdout + prov.stderr
+    device_id = prov.stdout.strip().rsplit(" ", 1)[-1]
+    system.start_agent(state, device_config(state / "glucoagent.uci", [(str(link), "onetouch-ultra2")]))
+    assert system.wait_for(lambda: len(system.db.records(device_id=device_id, kind="reading")) >= 8, timeout=60)
+    raws = system.db.query("SELECT cose FROM records WHERE device_id = ?", (device_id,))
+    algs = {cose.parse_sign1(raw)[1][cose.HDR_ALG] for (raw,) in raws}
+    assert algs == {cose.ALG_ES256}
