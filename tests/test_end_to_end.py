@@ -8,6 +8,7 @@ stores -> signed ack -> row leaves the buffer.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,3 +135,21 @@ def test_es256_device_key_end_to_end(system: LocalSystem) -> None:
     raws = system.db.query("SELECT cose FROM records WHERE device_id = ?", (device_id,))
     algs = {cose.parse_sign1(raw)[1][cose.HDR_ALG] for (raw,) in raws}
     assert algs == {cose.ALG_ES256}
+
+
+def test_check_passes_on_a_working_box_and_names_what_fails(system: LocalSystem, tmp_path: Path) -> None:
+    state = system.run / "e2e-device"
+    out = system.glucoagent(state, "check", config=state / "glucoagent.uci")
+    assert out.returncode == 0, out.stdout + out.stderr
+    for line in ("ok     clock:", "ok     serial port meter1:", "ok     broker reachable:", "ok     TLS handshake:",
+                 "ok     MQTT login: as gd-"):
+        assert line in out.stdout, out.stdout
+    # The same box pointed at a port where nothing listens: the broker check fails with its own code.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    bad = device_config(tmp_path / "bad.uci", [], mqtt={"endpoint": f"mqtts://localhost:{closed}"})
+    out = system.glucoagent(state, "check", config=bad)
+    assert out.returncode == 41, out.stdout + out.stderr
+    assert "FAILED broker: broker localhost:" in out.stdout and "refused the connection" in out.stdout
+    assert "Traceback" not in out.stdout + out.stderr
