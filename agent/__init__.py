@@ -1,3 +1,4 @@
 """glucoagent device agent."""
 
-__version__ = "0.1.0"
+__all__ = ["__version__"]
+__version__ = "0.1.0"  # equal to pyproject.toml (tests/test_version.py); the .ipk carries no metadata
