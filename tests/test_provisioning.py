@@ -212,10 +212,9 @@ def test_claim_certificate_from_another_pki(system: LocalSystem, tmp_path: Path)
     assert_nothing_written(state)
 
 
-@pytest.mark.skipif(FAKETIME is None, reason="needs libfaketime (Debian package faketime)")
 def test_clock_before_the_certificates(system: LocalSystem) -> None:
     """A box that booted without a clock (2001): the broker's certificate is 'not yet valid'."""
-    assert FAKETIME is not None
+    assert FAKETIME is not None, "libfaketime missing: `make setup` installs Debian's faketime"
     state = system.device_dir("clock")
     out = provision(system, state, system.token(PATIENT), prefix=(FAKETIME, "2001-01-01 00:00:00"))
     assert_failed(

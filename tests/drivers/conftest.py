@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-import os
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -19,34 +19,23 @@ from drivers.simulators.faults import NO_FAULTS, Faults
 from drivers.simulators.pty_link import PtyLink
 from drivers.simulators.run import make_simulator
 
-REPO = Path(__file__).resolve().parents[2]
-VECTORS = Path(os.environ.get("GLUCOAGENT_VECTORS") or REPO.parent / "shared" / "vectors")
 
-
-def vector_path(*parts: str) -> Path:
-    path = VECTORS.joinpath(*parts)
-    if not VECTORS.is_dir():
-        pytest.skip("conformance vectors absent")
-    return path
-
-
-def vector_json(*parts: str) -> Any:
-    return json.loads(vector_path(*parts).read_text())
-
-
+@dataclasses.dataclass(frozen=True)
 class Vectors:
-    """Conformance vectors; every use skips the test when the directory is absent."""
+    """Conformance vectors under the root the session's ``vectors_dir`` fixture found (or skipped on)."""
+
+    root: Path
 
     def path(self, *parts: str) -> Path:
-        return vector_path(*parts)
+        return self.root.joinpath(*parts)
 
     def json(self, *parts: str) -> Any:
-        return vector_json(*parts)
+        return json.loads(self.path(*parts).read_text())
 
 
 @pytest.fixture
-def vectors() -> Vectors:
-    return Vectors()
+def vectors(vectors_dir: Path) -> Vectors:
+    return Vectors(vectors_dir)
 
 
 @pytest.fixture

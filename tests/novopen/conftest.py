@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,16 +17,9 @@ from drivers.simulators.pty_link import PtyLink
 REPO = Path(__file__).resolve().parents[2]
 
 
-def vectors_dir() -> Path:
-    return Path(os.environ.get("GLUCOAGENT_VECTORS", REPO.parent / "shared" / "vectors"))
-
-
 @pytest.fixture(scope="session")
-def novopen_vectors() -> Path:
-    root = vectors_dir()
-    if not root.is_dir():
-        pytest.skip("conformance vectors absent")
-    return root / "novopen"
+def novopen_vectors(vectors_dir: Path) -> Path:
+    return vectors_dir / "novopen"
 
 
 @pytest.fixture(scope="session")
