@@ -6,10 +6,11 @@ shape, target device, expiry, replay. The journal (in the buffer database)
 records a command as *started* before it runs and *done* with its result after,
 so a redelivered or crash-interrupted command is never run twice.
 
-Expiry when the clock cannot be trusted: the box keeps a *cloud time floor*,
-the highest ``iat`` of any verified command (persisted). While the wall clock is
-before 2025 (unset), a command is expired when ``exp`` is below that floor;
-otherwise when ``exp`` is below the wall clock.
+Expiry: the box keeps a *cloud time floor*, the highest ``iat`` of any verified
+command (persisted). A command is expired when ``exp`` is below that floor, always;
+and, when the wall clock is plausible (2025 or later), also when ``exp`` is below
+the wall clock. A box that believes it is 1970 is therefore judged by cloud time
+alone, and a box with a plausible but stale clock cannot be fooled by a late replay.
 """
 
 from __future__ import annotations
@@ -149,14 +150,19 @@ def decode_command(data: bytes, command_key: cose.PublicKey, device_id: str) -> 
 
 
 def check_expiry(cmd: Command, *, wall: float, clock_trusted: bool, cloud_floor: float) -> None:
-    """The expiry rule (module docstring). Raises CommandRejected('expired')."""
+    """The expiry rule (module docstring). Raises CommandRejected('expired').
+
+    The cloud time floor applies whatever the clock says: a box whose clock is plausible but
+    stale must not accept a command the cloud's own newer commands prove expired (journal
+    entries are pruned after the longest lifetime, so this is what stops a late replay).
+    """
+    if cmd.expires_at < cloud_floor:
+        raise CommandRejected("expired", "command expired (judged by the newest cloud time seen)")
     if clock_trusted:
         if cmd.expires_at < wall:
             raise CommandRejected("expired", f"command expired {wall - cmd.expires_at:.0f}s ago")
         if cmd.issued_at > wall + CLOCK_SKEW_S:
             raise CommandRejected("not_yet_valid", "command issued in the future by this box's clock")
-    elif cmd.expires_at < cloud_floor:
-        raise CommandRejected("expired", "command expired (judged by the newest cloud time seen; box clock unset)")
 
 
 def encode_result(

@@ -136,6 +136,15 @@ def test_expiry_with_an_unset_clock_uses_the_newest_cloud_time_seen() -> None:
     assert info.value.code == "expired"
 
 
+def test_the_cloud_floor_applies_even_to_a_plausible_but_stale_clock() -> None:
+    """A replay of a command whose journal entry was pruned, on a box whose clock is 20 days behind."""
+    day = 86_400
+    old = cmd(NOW - 40 * day, NOW - 10 * day)
+    with pytest.raises(CommandRejected) as info:
+        check_expiry(old, wall=NOW - 20 * day, clock_trusted=True, cloud_floor=NOW)
+    assert info.value.code == "expired"
+
+
 def test_results_round_trip() -> None:
     raw = encode_result("cmd-00000001", DEV, "ok", "pong", "fine", {"n": 1, "b": b"\x00"})
     assert cbor2.loads(raw) == {"id": "cmd-00000001", "dev": DEV, "status": "ok", "code": "pong", "message": "fine",
