@@ -167,6 +167,7 @@ class ResultOutbox:
         self._next = int(names[-1].split("-", 1)[0]) + 1 if names else 1
         self._link: object = None
         self._inflight: dict[str, int] = {}
+        self._work = True  # files may be left from before a restart; cleared once the folder is empty
 
     def put(self, cmd_id: str, payload: bytes) -> None:
         if not cmd_id and len(list(self.folder.glob("*-.cose"))) >= MAX_UNKNOWN_RESULTS:
@@ -174,13 +175,15 @@ class ResultOutbox:
             return
         atomic_write(self.folder / f"{self._next:012d}-{cmd_id}.cose", payload, mode=0o600)
         self._next += 1
+        self._work = True
 
     def __len__(self) -> int:
         return len(list(self.folder.glob("*.cose")))
 
     def flush(self, uplink: Uplink) -> None:
+        """Uplink thread, every loop pass: cheap when there is nothing to send."""
         link = uplink.link
-        if link is None or not link.connected:
+        if not self._work or link is None or not link.connected:
             return
         if link is not self._link:  # a new connection: nothing published on the old one counts
             self._link, self._inflight = link, {}
@@ -199,6 +202,7 @@ class ResultOutbox:
                 del self._inflight[path.name]
             elif ok is False:
                 del self._inflight[path.name]  # refused by the broker: publish again
+        self._work = bool(self._inflight) or any(self.folder.glob("*.cose"))
 
 
 @dataclasses.dataclass(slots=True)
@@ -220,6 +224,8 @@ class CommandExecutor:
         self.inbox_dir = base / INBOX_DIR
         self.inbox_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = ResultOutbox(base / RESULTS_DIR)
+        # Only the uplink thread touches the MQTT client: it flushes the outbox on every loop pass.
+        host.uplink.add_tick(lambda: self.outbox.flush(host.uplink))
         self.deprovision_mark = base / DEPROVISION_MARK
         self.ring = LogRing()
         logging.getLogger().addHandler(self.ring)
@@ -291,7 +297,6 @@ class CommandExecutor:
                     self.handle(payload, received)
                     if stored is not None:  # journaled (or refused) now: the inbox copy has done its job
                         stored.unlink(missing_ok=True)
-                self.outbox.flush(self.host.uplink)
                 self._prune()
             except Exception:  # the worker must outlive any bug in one command
                 log.exception("command worker: unexpected error")
@@ -321,6 +326,7 @@ class CommandExecutor:
                     "command %s (%s) replayed: not executed again, its stored result is sent again", cmd.id, cmd.type
                 )
                 self.outbox.put(cmd.id, result)
+                self.host.uplink.wake()
             else:
                 log.warning("command %s (%s) arrived again while it runs: ignored", cmd.id, cmd.type)
             return
@@ -358,6 +364,7 @@ class CommandExecutor:
     def _finish(self, cmd_id: str, ctype: str, outcome: Outcome) -> None:
         result = self._sign(cmd_id, outcome)
         self.outbox.put(cmd_id, result)
+        self.host.uplink.wake()
         self.journal.finish(cmd_id, result)
         (self.pending_dir / f"{cmd_id}.cose").unlink(missing_ok=True)
         level = logging.INFO if outcome.status == "ok" else logging.WARNING
@@ -369,6 +376,7 @@ class CommandExecutor:
 
     def _report(self, cmd_id: str, outcome: Outcome) -> None:
         self.outbox.put(cmd_id, self._sign(cmd_id, outcome))
+        self.host.uplink.wake()
 
     def _refuse(self, payload: bytes, exc: CommandRejected, cmd_id: str | None = None) -> None:
         digest = hashlib.sha256(payload).hexdigest()[:16]
@@ -548,8 +556,8 @@ class CommandExecutor:
 
     def _finish_deprovision(self) -> None:
         deadline = time.monotonic() + DELIVER_BEFORE_WIPE_S  # let the result leave before the key is gone
+        self.host.uplink.wake()
         while len(self.outbox) and time.monotonic() < deadline:
-            self.outbox.flush(self.host.uplink)
             time.sleep(0.05)
         self._wipe = True
         self._stop.set()
@@ -596,8 +604,8 @@ class CommandExecutor:
     def _await_delivery(self, pending: _Renewal) -> renewal.Delivery:
         """Publish the CSR (via the outbox) and wait for the certificate delivery ``submit`` routes here."""
         deadline = time.monotonic() + RENEW_TIMEOUT_S
+        self.host.uplink.wake()
         while not pending.event.wait(0.1):
-            self.outbox.flush(self.host.uplink)
             if time.monotonic() > deadline or self._stop.is_set():
                 raise renewal.RenewalError("renewal_timeout", f"no certificate within {RENEW_TIMEOUT_S:.0f}s")
         if pending.delivery is None:

@@ -133,6 +133,11 @@ class Uplink:
             will=Will(self.topics.status, STATUS_OFFLINE, retain=True),
         )
         self.link: MqttLink | None = None
+        self._ticks: list[Callable[[], None]] = []
+
+    def add_tick(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on the uplink thread at every loop pass (paho's client is not thread-safe)."""
+        self._ticks.append(work)
 
     # --- lifecycle --------------------------------------------------------------------------
     def stop(self) -> None:
@@ -236,6 +241,8 @@ class Uplink:
             self._drain_inbox()
             self._reap()
             self._fill_window()
+            for work in self._ticks:
+                work()
 
     def _drain_inbox(self) -> None:
         # Acks that arrived together are applied in one transaction per stream: fewer fsyncs, less flash wear.
