@@ -264,6 +264,10 @@ class Store:
             fresh = list({(i.record_key or id(i)): i for i in fresh}.values())  # a key twice in one batch
             room = self._make_room(db, fresh, partial=partial)
             truncated = room < len(fresh)
+            # Never separate a kept record from the alerts right behind it (they would never be raised
+            # again: the record is in the ledger now); alerts may use the reserve for that.
+            while room < len(fresh) and fresh[room].record_key is None and fresh[room].priority == PRIO_ALERT:
+                room += 1
             fresh = fresh[:room]
             seqs: list[int] = []
             counters = {

@@ -235,3 +235,14 @@ def test_partial_intake_takes_what_fits_and_the_ledger_only_what_was_stored(tmp_
     assert s.known_keys("m", [str(i) for i in range(12)]) == {str(i) for i in range(10)}
     s.ack(CLINICAL, range(1, 11))  # the uplink drains the buffer...
     assert s.accept([rec(str(i)) for i in range(12)], source="m") == [11, 12]  # ...and the next read takes the rest
+
+
+def test_partial_intake_keeps_a_stored_readings_alerts_with_it(tmp_path: Path) -> None:
+    s = Store(tmp_path / "b.db", max_records=3, retention_s=0)
+    s.accept([rec("x"), rec("y")], source="m")
+    batch = [rec("a"), rec(None, PRIO_ALERT, "alert"), rec("b"), rec(None, PRIO_ALERT, "alert")]
+    with pytest.raises(BufferFull) as info:
+        s.accept(batch, source="m", partial=True)
+    assert info.value.accepted == [3, 4]  # reading a and its alert, together
+    assert [r.kind for r in s.pending(10)][:1] == ["alert"]
+    assert s.known_keys("m", ["a", "b"]) == {"a"}
