@@ -248,20 +248,24 @@ class CommandExecutor:
         }
 
     # --- threads -------------------------------------------------------------------------------
-    def submit(self, payload: bytes) -> None:
-        """Uplink thread: queue a message for the worker (a certificate delivery goes straight to its waiter)."""
+    def submit(self, payload: bytes) -> bool:
+        """Uplink thread: store and queue a message for the worker (a certificate delivery goes straight
+        to its waiter). False when it could not be stored: then it must not be acknowledged to the broker."""
         pending = self._renewal
         if pending is not None:
             delivery = renewal.is_delivery(payload, self.host.identity.command_key, self.device_id)
             if delivery is not None and delivery.renewal == pending.cmd_id:
                 pending.delivery = delivery
                 pending.event.set()
-                return
+                return True
         stored = self._store_incoming(payload)
+        if stored is None and len(payload) <= MAX_COMMAND_BYTES:
+            return False  # not durable: leave it unacknowledged, the broker redelivers after a reconnect
         try:
             self._queue.put_nowait((payload, time.monotonic(), stored))
         except queue.Full:
             log.error("command queue full: a message of %d bytes waits in the inbox for the next start", len(payload))
+        return True
 
     def _store_incoming(self, payload: bytes) -> Path | None:
         """Make the message durable before its PUBACK goes out (the caller returns only after this).

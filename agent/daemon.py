@@ -67,9 +67,9 @@ class Daemon:
         self.commands = CommandExecutor(self, renewed=renewed)
         self._stop = threading.Event()
 
-    def on_command(self, payload: bytes) -> None:
-        """Uplink thread: hand the message to the command worker (agent/command_exec.py)."""
-        self.commands.submit(payload)
+    def on_command(self, payload: bytes) -> bool:
+        """Uplink thread: hand the message to the command worker (agent/command_exec.py); False = not stored."""
+        return self.commands.submit(payload)
 
     def health_sample(self) -> dict[str, str | int | float | bool]:
         stats = self.store.stats()

@@ -116,7 +116,9 @@ def classify_connect_error(exc: BaseException, host: str, port: int) -> LinkErro
 class MqttLink:
     """One MQTT connection. Not reconnecting by itself: call ``connect()`` again after a drop."""
 
-    def __init__(self, settings: LinkSettings, on_message: Callable[[str, bytes], None] | None = None) -> None:
+    def __init__(
+        self, settings: LinkSettings, on_message: Callable[[str, bytes], bool | None] | None = None
+    ) -> None:
         self.s = settings
         self._on_message = on_message
         v5 = settings.protocol == "mqttv5"
@@ -184,16 +186,17 @@ class MqttLink:
             entry[0].set()
 
     def _handle_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        keep: bool | None = False
         try:
             if self._on_message:
-                self._on_message(msg.topic, bytes(msg.payload))
+                keep = self._on_message(msg.topic, bytes(msg.payload))
         except Exception:
-            log.exception("handler for %s failed", msg.topic)
-        finally:
-            # Manual acks: the broker forgets a QoS 1 message only once the handler returned, so a
-            # handler that stores the message durably first never loses it to a crash in between.
-            if msg.qos > 0:
-                self.client.ack(msg.mid, msg.qos)
+            log.exception("handler for %s failed; left unacknowledged for redelivery", msg.topic)
+        # Manual acks: the broker forgets a QoS 1 message only once the handler took it (returned
+        # anything but False), so a handler that stores the message durably first never loses it to a
+        # crash in between, and one that could not store it gets it again after a reconnect.
+        if msg.qos > 0 and keep is not False:
+            self.client.ack(msg.mid, msg.qos)
 
     # --- API -----------------------------------------------------------------------------------
     @property

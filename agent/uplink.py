@@ -107,7 +107,7 @@ class Uplink:
         cfg: Config,
         identity: DeviceIdentity,
         store: Store,
-        on_command: Callable[[bytes], None] | None = None,
+        on_command: Callable[[bytes], bool] | None = None,
         health_payload: Callable[[], bytes | None] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -217,15 +217,17 @@ class Uplink:
                 pass
             link.disconnect()
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes) -> bool:
+        """False leaves the message unacknowledged, so the broker redelivers it after a reconnect."""
         if topic == self.topics.commands and self.on_command is not None:
-            self.on_command(payload)  # stores it durably before returning: only then is it PUBACKed
-            return
+            return self.on_command(payload)  # stores it durably first: only then is it PUBACKed
+        self._wake.set()
         try:
             self._inbox.put_nowait((topic, payload))
         except queue.Full:
-            log.error("inbox full: dropping a message on %s (the sender will redeliver)", topic)
-        self._wake.set()
+            log.error("inbox full: a message on %s is left unacknowledged for redelivery", topic)
+            return False
+        return True
 
     # --- serving ----------------------------------------------------------------------------
     def _serve(self) -> None:
