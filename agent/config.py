@@ -274,6 +274,9 @@ def build_config(sections: list[Any], source: str) -> Config:
         raise ConfigError(f"{source}: alerts.severe_hypo_mgdl must not exceed alerts.hypo_mgdl")
     if cfg.mqtt.backoff_min_s > cfg.mqtt.backoff_cap_s:
         raise ConfigError(f"{source}: mqtt.backoff_min_s must not exceed mqtt.backoff_cap_s")
+    if cfg.mqtt.ack == "puback" and cfg.mqtt.protocol != "mqttv5":
+        # MQTT 3.1.1 PUBACKs a publish the broker's ACL dropped: taking it as delivery would lose data.
+        raise ConfigError(f"{source}: mqtt.ack 'puback' needs mqtt.protocol 'mqttv5'")
     return cfg
 
 

@@ -26,6 +26,7 @@ from agent.store import Store, open_store
 from agent.uplink import Uplink
 
 log = logging.getLogger(__name__)
+PURGE_EVERY_S = 3600.0  # delivered records past buffer.retention_s go at most this late
 _START = time.monotonic()
 
 
@@ -95,6 +96,16 @@ class Daemon:
     def stop(self, *_: Any) -> None:
         self._stop.set()
 
+    def purge_delivered(self) -> None:
+        """Delivered records are kept buffer.retention_s for `resend`, then deleted."""
+        try:
+            purged = self.store.purge_acked()
+        except GlucoagentError as exc:
+            log.warning("could not purge delivered records: %s", exc)
+            return
+        if purged:
+            log.info("purged %d delivered records older than %d s", purged, self.cfg.buffer.retention_s)
+
     def publish_snapshot(self) -> None:
         """State for `glucoagent status`, which cannot open the exclusively locked buffer."""
         try:
@@ -120,7 +131,11 @@ class Daemon:
         log.info("glucoagent running as %s (pid %d)", self.identity.device_id, os.getpid())
         next_health = time.monotonic() + min(5.0, self.cfg.agent.health_interval_s)
         next_snapshot = 0.0
+        next_purge = 0.0
         while not self._stop.wait(0.5):
+            if time.monotonic() >= next_purge:
+                next_purge = time.monotonic() + PURGE_EVERY_S
+                self.purge_delivered()
             if time.monotonic() >= next_snapshot:
                 next_snapshot = time.monotonic() + SNAPSHOT_EVERY_S
                 self.publish_snapshot()

@@ -62,7 +62,10 @@ def load_or_create_key(state_dir: Path, key_type: str) -> PrivateKey:
 
 
 def load_key(path: Path) -> PrivateKey:
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: the device key is unreadable ({exc}); deprovision and enrol again") from exc
     if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
         raise ConfigError(f"{path}: unsupported key type {type(key).__name__}")
     return key

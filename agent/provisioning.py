@@ -161,6 +161,7 @@ def provision(
                 if code in TOKEN_CODES:
                     raise TokenRejected(f"enrolment token refused ({code}): {message}")
                 raise ProvisioningError(f"enrolment refused ({code}): {message}")
+            check_reply(reply)
             s.detail = f"device id {reply['device_id']}"
     finally:
         link.disconnect()
@@ -177,6 +178,17 @@ def provision(
     with progress.step("connect with the device certificate and confirm"):
         confirm(state_dir, protocol=protocol)
     return str(reply["device_id"])
+
+
+def check_reply(reply: dict[str, Any]) -> None:
+    """An accepting reply must carry every part, with the right types, before anything is written."""
+    if not isinstance(reply.get("device_id"), str) or not topics.DEVICE_ID_RE.match(reply["device_id"]):
+        raise ProvisioningError("the provisioning service's reply has no valid device id")
+    for name in ("cert", "ca", "command_key"):
+        if not isinstance(reply.get(name), bytes) or b"-----BEGIN" not in reply[name]:
+            raise ProvisioningError(f"the provisioning service's reply has no valid {name}")
+    if not isinstance(reply.get("config", {}), dict):
+        raise ProvisioningError("the provisioning service's reply has an invalid initial config")
 
 
 def confirm(state_dir: Path, *, protocol: str = "mqttv5", timeout_s: float = 10.0) -> None:

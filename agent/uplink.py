@@ -189,11 +189,14 @@ class Uplink:
         link = MqttLink(self.settings, on_message=self._on_message)
         self.link = link
         link.connect()
-        codes = link.subscribe([self.topics.acks, self.topics.commands])
-        if any(c >= 0x80 for c in codes):
-            link.close()
-            raise LinkError(f"broker refused our subscriptions (codes {codes})")
-        mid = link.publish(self.topics.status, STATUS_ONLINE, retain=True)
+        try:
+            codes = link.subscribe([self.topics.acks, self.topics.commands])
+            if any(c >= 0x80 for c in codes):
+                raise LinkError(f"broker refused our subscriptions (codes {codes})")
+            mid = link.publish(self.topics.status, STATUS_ONLINE, retain=True)
+        except GlucoagentError:
+            link.close()  # never leave a half-set-up connection (and its socket) behind
+            raise
         self.counters.reconnects += 1
         self.counters.connected_since = time.time()
         log.info(

@@ -28,6 +28,7 @@ from support import fill_buffer
 from agent.errors import (
     BrokerUnreachable,
     ClockNotSet,
+    ConfigError,
     DnsError,
     GlucoagentError,
     LinkTimeout,
@@ -301,3 +302,12 @@ def test_deprovision_without_unsent_readings_needs_no_force(system: LocalSystem)
     assert out.returncode == 0, out.stderr
     assert not is_provisioned(state)
     assert os.listdir(state) == ["factory"]
+
+
+def test_unreadable_device_key_is_a_clear_error(system: LocalSystem) -> None:
+    """A key file damaged on flash: one line naming the file and what to do, no traceback."""
+    state = system.device_dir("garbled-key")
+    (state / "device.key").write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot base64 at all\n")
+    out = provision(system, state, system.token(PATIENT))
+    assert_failed(out, ConfigError, r"device\.key: the device key is unreadable .*deprovision and enrol again", 2)
+    assert_nothing_written(state)
