@@ -69,7 +69,9 @@ PENDING_DIR = "pending"  # envelopes of started commands (to re-run idempotent o
 INBOX_DIR = "inbox"  # messages stored before the broker gets its PUBACK, until the worker took them
 RESULTS_DIR = "results"  # signed results awaiting the broker's PUBACK
 DEPROVISION_MARK = "deprovision"
-IDEMPOTENT = frozenset({"ping", "sync_time", "set_config", "read_now", "resend", "diagnostics"})
+# Run once more after a crash cut them off. Not sync_time: after a crash (maybe a reboot) the box cannot
+# know how long ago the cloud's time was taken, and setting a stale time marked "synced" is worse.
+IDEMPOTENT = frozenset({"ping", "set_config", "read_now", "resend", "diagnostics"})
 PRE_VERIFICATION = frozenset({"oversize", "bad_signature"})  # nothing in the message can be believed
 QUEUE_MAX = 64
 MAX_UNKNOWN_RESULTS = 50  # refusals of unauthenticated messages kept waiting for the link

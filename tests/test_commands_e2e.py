@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -274,7 +275,9 @@ def test_a_command_sent_while_the_box_is_offline_runs_once_on_return(box: Box) -
     assert box.log.count(f"command {r['id']} (ping) started") == 1
 
 
-def test_sigkill_mid_command_idempotent_runs_again_once_and_reports_once(box: Box, cloud: Cloud) -> None:
+def test_sigkill_mid_sync_time_is_not_run_again_with_a_stale_time(box: Box, cloud: Cloud) -> None:
+    """After a crash the box cannot tell how old the cloud's time is: the command is reported
+    interrupted (the cloud sends a fresh one) rather than setting a stale clock marked synced."""
     flag = box.state.parent / "settime.slow"
     flag.touch()
     before = len(box.calls("settime"))
@@ -288,9 +291,25 @@ def test_sigkill_mid_command_idempotent_runs_again_once_and_reports_once(box: Bo
         r, _ = cloud.result(lambda r: r.id == b["id"], timeout=30)
     finally:
         flag.unlink(missing_ok=True)
-    assert (r.status, r.code) == ("ok", "time_set")
-    assert [c.split()[0] for c in box.calls("settime")[before:]] == ["start", "start", "end"]  # cut off, run once more
-    assert box.log.count(f"command {b['id']} (sync_time) is idempotent: running it once more") == 1
+    assert (r.status, r.code) == ("failed", "interrupted")
+    assert [c.split()[0] for c in box.calls("settime")[before:]] == ["start"]  # cut off, never run again
+
+
+def test_an_idempotent_command_cut_off_by_a_crash_runs_once_more_and_reports_once(box: Box, cloud: Cloud) -> None:
+    """The journal says started, the envelope is kept: what a SIGKILL mid-command leaves behind."""
+    box.kill()
+    b = body(box, "ping")
+    (box.state / "commands" / "pending" / f"{b['id']}.cose").write_bytes(envelope(box, b))
+    con = sqlite3.connect(box.state / "buffer.db")
+    with con:
+        con.execute(
+            "INSERT INTO commands (id, type, received_at, state) VALUES (?, 'ping', ?, 'started')", (b["id"], time.time())
+        )
+    con.close()
+    box.start()
+    r, _ = cloud.result(lambda r: r.id == b["id"], timeout=30)
+    assert (r.status, r.code) == ("ok", "pong")
+    assert box.log.count(f"command {b['id']} (ping) is idempotent: running it once more") == 1
 
 
 def test_a_command_acknowledged_to_the_broker_but_not_yet_journaled_survives_a_kill(box: Box, cloud: Cloud) -> None:
