@@ -55,7 +55,7 @@ from agent.commands import (
 from agent.config import SCHEMA, SETTABLE_KEYS, Config, build_config
 from agent.errors import CommandRejected, ConfigError, GlucoagentError, LinkError, SignatureError, StoreError
 from agent.fsutil import atomic_write
-from agent.identity import DeviceIdentity
+from agent.identity import KEY_FILE, DeviceIdentity, load_key
 from agent.intake import Recorder, Signer
 from agent.meters import MeterWatcher
 from agent.store import CLINICAL, CommandJournal, Store
@@ -225,6 +225,8 @@ class CommandExecutor:
         self.pending_dir.mkdir(parents=True, exist_ok=True)
         self.inbox_dir = base / INBOX_DIR
         self.inbox_dir.mkdir(parents=True, exist_ok=True)
+        # Taken before any thread runs: a message arriving during recovery is handled once, by the worker.
+        self._leftover = sorted(self.inbox_dir.glob("*.cose"))
         self.outbox = ResultOutbox(base / RESULTS_DIR)
         # Only the uplink thread touches the MQTT client: it flushes the outbox on every loop pass.
         host.uplink.add_tick(lambda: self.outbox.flush(host.uplink))
@@ -425,19 +427,30 @@ class CommandExecutor:
             log.warning("command %s (%s) was cut off by a stop or crash", cmd_id, ctype)
             if ctype == "reboot":
                 self._finish(cmd_id, ctype, Outcome("ok", "rebooted", "the box restarted"))
-            elif ctype == "renew_certificate" and self._renewed_at_start:
+            elif ctype == "renew_certificate" and (self._renewed_at_start or self._key_changed_since(cmd_id)):
                 self._finish(cmd_id, ctype, Outcome("ok", "renewed", "new key and certificate in place"))
             elif ctype in IDEMPOTENT and envelope.exists():
                 self._rerun(cmd_id, ctype, envelope.read_bytes())
             else:
                 self._finish(cmd_id, ctype, Outcome("failed", "interrupted", "the agent stopped while it ran"))
+        for kid_file in self.pending_dir.glob("*.kid"):  # renewal bookkeeping: only needed above
+            kid_file.unlink(missing_ok=True)
         for orphan in self.pending_dir.glob("*.cose"):  # written just before a crash, never started
             if self.journal.lookup(orphan.stem) is None:
                 orphan.unlink(missing_ok=True)
-        for stored in sorted(self.inbox_dir.glob("*.cose")):  # acknowledged to the broker, never handled
+        for stored in self._leftover:  # acknowledged to the broker before the last stop, never handled
             log.warning("handling a command received before the last stop: %s", stored.name)
             self.handle(stored.read_bytes())  # the journal turns one already handled into a replay
             stored.unlink(missing_ok=True)
+
+    def _key_changed_since(self, cmd_id: str) -> bool:
+        """True when the live device key is not the one recorded when renewal ``cmd_id`` started."""
+        try:
+            before = (self.pending_dir / f"{cmd_id}.kid").read_text().strip()
+            live = cose.key_id(load_key(self.state / KEY_FILE).public_key()).hex()
+        except (OSError, GlucoagentError):
+            return False
+        return before != live
 
     def _rerun(self, cmd_id: str, ctype: str, envelope: bytes) -> None:
         try:
@@ -583,6 +596,8 @@ class CommandExecutor:
 
     def _renew_certificate(self, cmd: Command, _received: float) -> Outcome:
         h = self.host
+        # The key in use before: after a crash, a different live key proves the swap happened.
+        atomic_write(self.pending_dir / f"{cmd.id}.kid", h.identity.kid.hex().encode())
         key, csr = renewal.stage_key(self.state, h.cfg.agent.key_type)
         pending = _Renewal(cmd.id)
         self._renewal = pending

@@ -312,6 +312,24 @@ def test_an_idempotent_command_cut_off_by_a_crash_runs_once_more_and_reports_onc
     assert box.log.count(f"command {b['id']} (ping) is idempotent: running it once more") == 1
 
 
+def test_a_renewal_whose_swap_finished_before_a_crash_is_reported_renewed(box: Box, cloud: Cloud) -> None:
+    """Crash after the new key was swapped in but before the journal said done: the live key differs
+    from the one recorded at the start, so the renewal is reported done, not failed."""
+    box.kill()
+    b = body(box, "renew_certificate")
+    (box.state / "commands" / "pending" / f"{b['id']}.kid").write_text("00" * 16)  # "the key before" != live key
+    con = sqlite3.connect(box.state / "buffer.db")
+    with con:
+        con.execute(
+            "INSERT INTO commands (id, type, received_at, state) VALUES (?, 'renew_certificate', ?, 'started')",
+            (b["id"], time.time()),
+        )
+    con.close()
+    box.start()
+    r, _ = cloud.result(lambda r: r.id == b["id"], timeout=30)
+    assert (r.status, r.code) == ("ok", "renewed")
+
+
 def test_a_command_acknowledged_to_the_broker_but_not_yet_journaled_survives_a_kill(box: Box, cloud: Cloud) -> None:
     """The PUBACK goes out only after the command is stored; one stored and then cut off by SIGKILL
     (before the worker journaled it) is handled at the next start, once."""
