@@ -27,11 +27,15 @@ def write_snapshot(run_dir: Path, state: dict[str, Any]) -> None:
 
 def read_snapshot(run_dir: Path, max_age_s: float) -> dict[str, Any] | None:
     """The daemon's snapshot if it is fresh and its writer is alive, else None."""
+    path = run_dir / SNAPSHOT
     try:
-        data = json.loads((run_dir / SNAPSHOT).read_text())
+        data = json.loads(path.read_text())
+        # Age by the file's mtime, stamped by the kernel: comparable with our own clock even when the
+        # writer's idea of the time differs (it is what a clock jump between two writes looks like).
+        age = time.time() - path.stat().st_mtime
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or time.time() - float(data.get("written_at", 0)) > max_age_s:
+    if not isinstance(data, dict) or abs(age) > max_age_s:
         return None
     with contextlib.suppress(OSError, TypeError, ValueError):
         os.kill(int(data["pid"]), 0)

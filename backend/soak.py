@@ -21,7 +21,7 @@ through:
   under it. libfaketime 0.9.10 (Debian) cannot run Python 3.11 here (with
   ``FAKETIME_DONT_FAKE_MONOTONIC=1`` ``time.sleep`` fails with EINVAL; with a faked
   monotonic clock ``threading`` waits hang, as ``sem_clockwait`` is not intercepted),
-  so a small LD_PRELOAD shim (``CLOCK_SHIM`` below, built with ``cc`` into the run
+  so a small LD_PRELOAD shim (backend/clockshim.py, built with ``cc`` into the run
   directory) shifts CLOCK_REALTIME, ``gettimeofday`` and ``time`` by the seconds in a
   file it re-reads every 0.2 s, and leaves monotonic clocks alone, as a real clock
   step does. Without a C compiler the clock jumps are skipped, and the report says so.
@@ -55,14 +55,11 @@ from decimal import Decimal
 from pathlib import Path
 
 from agent.models import GlucoseReading
+from backend.clockshim import build_clock_shim
+from backend.faultproxy import TcpProxy
 from backend.harness import GLUCOAGENT, LocalSystem, device_config, spawn, stop_process
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
-
-try:
-    from tests.support.tcp_proxy import TcpProxy
-except ImportError as _exc:  # pragma: no cover - only outside a checkout
-    raise SystemExit(f"soak: needs tests/support/tcp_proxy.py (run from the repository root): {_exc}") from None
 
 log = logging.getLogger("soak")
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,72 +82,7 @@ FAULT_KINDS = (
 )
 CLOCK_JUMPS_S = (3600, 2 * 86400, -120, -3600, 30 * 86400, 6 * 3600)
 
-CLOCK_SHIM = r"""
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <stdatomic.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/time.h>
-#include <time.h>
 
-/* Wall-clock offset for one process tree: seconds in $SOAK_CLOCK_OFFSET_FILE, re-read every 0.2 s.
-   Only CLOCK_REALTIME (and gettimeofday/time) move; monotonic clocks do not, as after a real step. */
-typedef int (*cg_t)(clockid_t, struct timespec *);
-static cg_t real_cg;
-static _Atomic long long offset_ns;
-static _Atomic long long read_at_ns = -1;
-
-static cg_t real(void) {
-    if (!real_cg) real_cg = (cg_t)dlsym(RTLD_NEXT, "clock_gettime");
-    return real_cg;
-}
-
-static long long offset(void) {
-    const char *path = getenv("SOAK_CLOCK_OFFSET_FILE");
-    if (!path) return 0;
-    struct timespec m;
-    real()(CLOCK_MONOTONIC, &m);
-    long long now = m.tv_sec * 1000000000LL + m.tv_nsec;
-    long long last = atomic_load(&read_at_ns);
-    if (last < 0 || now - last > 200000000LL) {
-        atomic_store(&read_at_ns, now);
-        FILE *f = fopen(path, "re");
-        if (f) {
-            double s;
-            if (fscanf(f, "%lf", &s) == 1) atomic_store(&offset_ns, (long long)(s * 1e9));
-            fclose(f);
-        }
-    }
-    return atomic_load(&offset_ns);
-}
-
-int clock_gettime(clockid_t clk, struct timespec *ts) {
-    int rc = real()(clk, ts);
-    if (rc == 0 && (clk == CLOCK_REALTIME || clk == CLOCK_REALTIME_COARSE || clk == CLOCK_TAI)) {
-        long long t = ts->tv_sec * 1000000000LL + ts->tv_nsec + offset();
-        ts->tv_sec = t / 1000000000LL;
-        ts->tv_nsec = t % 1000000000LL;
-    }
-    return rc;
-}
-
-int gettimeofday(struct timeval *restrict tv, void *restrict tz) {
-    (void)tz;
-    struct timespec ts;
-    int rc = clock_gettime(CLOCK_REALTIME, &ts);
-    tv->tv_sec = ts.tv_sec;
-    tv->tv_usec = ts.tv_nsec / 1000;
-    return rc;
-}
-
-time_t time(time_t *out) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    if (out) *out = ts.tv_sec;
-    return ts.tv_sec;
-}
-"""
 
 
 def rss_kib(pid: int) -> int | None:
@@ -262,23 +194,10 @@ class Soak:
 
     # --- setup -----------------------------------------------------------------------------------
     def build_shim(self) -> None:
-        cc = shutil.which("cc") or shutil.which("gcc")
-        if not cc:
-            self.notes.append("clock jumps skipped: no C compiler to build the wall-clock shim")
-            return
-        src = self.run / "clockshim.c"
-        src.write_text(CLOCK_SHIM)
-        out = self.run / "clockshim.so"
-        proc = subprocess.run(
-            [cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(src), "-ldl"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
-            self.notes.append(f"clock jumps skipped: the shim did not build: {proc.stderr.strip()[:300]}")
-            return
-        self.shim = out
+        try:
+            self.shim = build_clock_shim(self.run)
+        except RuntimeError as exc:
+            self.notes.append(f"clock jumps skipped: {exc}")
 
     def mount_state(self, state: Path) -> None:
         state.mkdir(parents=True, exist_ok=True)

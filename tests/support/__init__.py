@@ -1,6 +1,7 @@
 """Test support code: a fault-injecting TCP proxy and helpers shared by the link and provisioning tests."""
 
+from backend.faultproxy import TcpProxy  # shared with `make soak`
+
 from .buffer import fill_buffer
-from .tcp_proxy import TcpProxy
 
 __all__ = ["TcpProxy", "fill_buffer"]

@@ -1,0 +1,74 @@
+"""The box's clock jumps (no battery clock; a bad NTP step): the agent logs why it cannot connect,
+keeps taking readings (marked with the clock's quality), and loses or doubles nothing once the
+clock is right again. The wall clock is shifted for the agent's process only, by a small
+LD_PRELOAD shim (the one `make soak` uses) that moves CLOCK_REALTIME and leaves monotonic time alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from backend.clockshim import build_clock_shim
+from backend.harness import LocalSystem, device_config
+from drivers.readings_json import dumps
+from drivers.simulators.records import random_records
+
+YEARS_25 = 25 * 365 * 86_400
+
+
+def test_clock_jumping_back_to_2001_and_forward_again_loses_nothing(tmp_path: Path) -> None:
+    everything = random_records("onetouch-ultra2", 20, seed=41)  # newest first
+    records = tmp_path / "meter.json"
+    offset = tmp_path / "clock-offset"
+    offset.write_text("0")
+    env = {**os.environ, "LD_PRELOAD": str(build_clock_shim(tmp_path)), "SOAK_CLOCK_OFFSET_FILE": str(offset)}
+    with LocalSystem(tmp_path / "sys") as system:
+        link = tmp_path / "ttyCLOCK"
+        records.write_text(dumps(everything[10:]))  # the meter holds the 10 oldest at first
+        sim = system.start_simulator("onetouch-ultra2", link, records, "--baud", "0")
+        state = system.device_dir()
+        assert system.provision(state).returncode == 0
+        config = device_config(
+            state / "glucoagent.uci",
+            [(str(link), "onetouch-ultra2")],
+            agent={"reread_s": "10", "port_scan_s": "0.3"},
+            mqtt={"backoff_min_s": "0.2", "backoff_cap_s": "2"},
+        )
+        system.start_agent(state, config, env=env)
+        readings = lambda: system.db.records(kind="reading")  # noqa: E731
+        assert system.wait_for(lambda: len(readings()) >= 10, timeout=60)
+
+        # The clock falls back 25 years; the link is re-established under it (broker restart).
+        offset.write_text(str(-YEARS_25))
+        time.sleep(0.5)  # the shim re-reads its file every 0.2 s: the jump is in force before the reconnect
+        system.broker.restart()
+        log = state / "agent.log"
+        assert system.wait_for(lambda: "not yet valid by this box's clock" in log.read_text(), timeout=30), (
+            log.read_text()[-3000:]
+        )
+        # New readings are still taken while the box cannot upload.
+        records.write_text(dumps(everything))
+        os.killpg(sim.pid, 15)
+        sim.wait()
+        system.procs.remove(sim)
+        system.start_simulator("onetouch-ultra2", link, records, "--baud", "0")
+        def buffered() -> int:
+            out = system.glucoagent(state, "status", "--json", config=config)
+            return int(json.loads(out.stdout)["buffer_depth"]) if out.returncode == 0 else -1
+
+        assert system.wait_for(lambda: buffered() >= 10, timeout=40), log.read_text()[-3000:]
+        assert len(readings()) == 10  # held on the box while the clock is wrong
+
+        offset.write_text("0")  # NTP sets it right
+        assert system.wait_for(lambda: len(readings()) >= 20, timeout=60), log.read_text()[-3000:]
+        stored = readings()
+        keys = [(r.fields["glu:meter_time"], r.fields["glu:mgdl"]) for r in stored]
+        assert sorted(keys) == sorted((m.meter_time.isoformat(), m.value_mgdl) for m in everything)
+        assert len(keys) == len(set(keys))
+        # Readings taken while the clock was wrong say so, and carry a wall time of 2001.
+        late = [r for r in stored if r.clock == "unset"]
+        assert len(late) == 10 and all(r.wall < 1_000_000_000 + 10 * 365 * 86_400 for r in late)
+        seqs = sorted(r.seq for r in system.db.records() if r.stream == "c")
+        assert seqs == list(range(1, len(seqs) + 1))
