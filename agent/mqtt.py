@@ -38,7 +38,7 @@ from agent.errors import (
 
 log = logging.getLogger(__name__)
 SESSION_EXPIRY_S = 7 * 86_400  # the broker keeps our subscriptions and queued commands this long
-PINGRESP_WAIT = 0.4  # x keepalive: how long an unanswered PINGREQ may wait before the link counts as dead
+PINGRESP_WAIT = 0.3  # x keepalive: how long an unanswered PINGREQ may wait before the link counts as dead
 _X509_CERT_NOT_YET_VALID = 9
 _X509_CERT_HAS_EXPIRED = 10
 
@@ -273,8 +273,9 @@ class MqttLink:
     def _ping_overdue(self) -> bool:
         # paho only gives up after ~2x keepalive; we want a dead link noticed within 1.5x.
         # paho sends PINGREQ at most one keepalive after the last packet in, and both checks run
-        # once per loop() call (<= 0.2 s apart in the uplink), so waiting 0.4 x keepalive for the
-        # PINGRESP keeps the worst case at 1.4 x keepalive + 0.4 s: under 1.5x for keepalive >= 5.
+        # once per loop() call (<= 0.2 s apart in the uplink), so waiting 0.3 x keepalive for the
+        # PINGRESP keeps the worst case at 1.3 x keepalive + 0.4 s: under 1.5x for keepalive >= 5,
+        # with room for a loaded CPU (9 s for a PINGRESP at the default 30 s is ample on cellular).
         # paho exposes no public "ping outstanding since" so read its private timestamp.
         ping_t = getattr(self.client, "_ping_t", 0)
         return bool(ping_t) and time.monotonic() - ping_t > PINGRESP_WAIT * self.s.keepalive
