@@ -67,10 +67,11 @@ def serve(
     fault plan unplugs the cable. The symlink is removed on return.
     """
     stop = stop_event or threading.Event()
-    cls = simulator_class(protocol)  # fail before creating the link
+    simulator_class(protocol)  # fail before creating the link
     with PtyLink(link) as pty, _stop_on_signals(stop):
-        sim = cls(pty, records, faults, baud=baud, serial=serial, clock_skew_s=clock_skew_s, stop_event=stop)
-        sim.serve()
+        make_simulator(
+            protocol, pty, records, faults, baud=baud, serial=serial, clock_skew_s=clock_skew_s, stop_event=stop
+        ).serve()
 
 
 @contextlib.contextmanager
