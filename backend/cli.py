@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
+import os
 import signal
 import sys
 import threading
@@ -48,6 +50,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     home.ensure()
     service = home.service(args.host, args.port)
     stop = threading.Event()
+    if args.retention_days is not None:
+        from backend.service import RetentionSweeper
+
+        sweeper = RetentionSweeper(service.db, args.retention_days, args.retention_interval)
+        threading.Thread(target=sweeper.run, args=(stop,), name="retention", daemon=True).start()
 
     def on_signal(*_: object) -> None:
         service.stop()
@@ -109,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="localhost")
     p.add_argument("--port", type=int, default=8883)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--retention-days",
+        type=_positive,
+        default=None,
+        help="delete readings, doses, alerts and results stored more than N days ago (default: keep)",
+    )
+    p.add_argument("--retention-interval", type=_positive, default=3600.0, help="seconds between retention sweeps")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="run the whole system on this machine and show readings arriving verified")
@@ -123,10 +137,39 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_command_parser(sub, home_default)
+
+    p = sub.add_parser("erase", help="delete every reading, dose, alert and binding of a patient (audited)")
+    p.add_argument("--home", type=Path, default=home_default)
+    p.add_argument("--patient", required=True)
+    p.add_argument("--operator", default=None, help="who asks for the erasure (default: the login name)")
+    p.set_defaults(func=cmd_erase)
     return parser
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    from backend.home import BackendHome
+
+    home = BackendHome(args.home)
+    home.ensure()
+    db = home.db()
+    try:
+        deleted = db.erase_patient(args.patient, operator=args.operator or getpass.getuser(), salt=home.audit_salt)
+    finally:
+        db.close()
+    detail = ", ".join(f"{n} {t}" for t, n in sorted(deleted.items())) or "nothing stored"
+    print(f"erased: {sum(deleted.values())} rows ({detail}); audit record kept without the patient reference")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    os.umask(0o077)  # every file the cloud writes (database, WAL, keys, salt) is the owner's only
     return dispatch(build_parser().parse_args(argv), "glucoagent-backend")
 
 

@@ -1,11 +1,20 @@
-"""The reference cloud's own SQLite: devices, keys, enrolment tokens, received records."""
+"""The reference cloud's own SQLite: devices, keys, enrolment tokens, received records.
+
+Patient binding over time (docs/provisioning.md): ``bindings`` holds who a device
+identity is bound to, from when to when; every stored record carries the binding
+in force when it was stored, and that column is never rewritten. Deletion
+(docs/security.md "Deletion"): ``erase_patient`` and ``purge_before``, with
+``secure_delete`` so freed pages are zeroed and a WAL truncation after erasure.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import hashlib
+import hmac
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -26,6 +35,21 @@ SCHEMA = (
         device_id TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL,
         received_at REAL NOT NULL, wall REAL NOT NULL, clock TEXT NOT NULL, fields TEXT NOT NULL,
         cose BLOB NOT NULL, PRIMARY KEY (device_id, stream, seq))""",
+    # A device identity's patient over time. A device key is bound once: a new patient needs a
+    # deprovisioned box (new key, new device id), so an open binding is never re-pointed.
+    """CREATE TABLE IF NOT EXISTS bindings (
+        id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, patient_ref TEXT NOT NULL,
+        valid_from REAL NOT NULL, valid_to REAL)""",
+    """CREATE INDEX IF NOT EXISTS bindings_device ON bindings (device_id, valid_to)""",
+    # Validly signed records the cloud cannot store as data (a field out of range): kept whole,
+    # so acknowledging them loses nothing, and counted.
+    """CREATE TABLE IF NOT EXISTS quarantine (
+        digest TEXT PRIMARY KEY, device_id TEXT NOT NULL, binding_id INTEGER, stream TEXT NOT NULL,
+        received_at REAL NOT NULL, reason TEXT NOT NULL, cose BLOB NOT NULL)""",
+    # Erasure audit: who, when, how many rows; the patient only as a keyed hash (never the reference).
+    """CREATE TABLE IF NOT EXISTS erasures (
+        id INTEGER PRIMARY KEY, at REAL NOT NULL, operator TEXT NOT NULL, patient_hmac TEXT NOT NULL,
+        devices INTEGER NOT NULL, rows INTEGER NOT NULL, detail TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)""",
     # Commands sent and their results (backend/commands.py): a row is 'sent', maybe 'pending' (a
     # renewal's CSR), then final ('ok' / 'failed' / 'refused'), and a final result is never replaced.
@@ -36,6 +60,16 @@ SCHEMA = (
 )
 # The first results table held raw payloads keyed by a digest; an old database keeps it aside.
 _OLD_RESULTS = "ALTER TABLE results RENAME TO results_raw_v1"
+# Databases from before bindings: every device gets the binding it was provisioned with, and its
+# records that binding (the first attribution of those rows, not a rewrite of one).
+_MIGRATE_BINDINGS = (
+    "INSERT INTO bindings (device_id, patient_ref, valid_from) SELECT device_id, patient_ref, created_at "
+    "FROM devices WHERE device_id NOT IN (SELECT device_id FROM bindings)",
+    "UPDATE records SET binding_id = (SELECT id FROM bindings b WHERE b.device_id = records.device_id "
+    "AND b.valid_to IS NULL) WHERE binding_id IS NULL",
+)
+DB_FILE_MODE = 0o600
+INT64_MAX = 2**63 - 1
 
 
 def token_hash(token: str) -> str:
@@ -54,12 +88,28 @@ class StoredRecord:
     fields: dict[str, Any]
 
 
+def restrict_db_files(path: Path) -> None:
+    """The database and its WAL/SHM: owner only (they hold patient references and readings)."""
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(p, DB_FILE_MODE)
+
+
+def patient_hmac(salt: bytes, patient_ref: str) -> str:
+    return hmac.new(salt, patient_ref.encode(), hashlib.sha256).hexdigest()
+
+
 class BackendDb:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Created 0600 before SQLite opens it: SQLite gives the WAL and SHM the database file's mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, DB_FILE_MODE))
+        restrict_db_files(path)
+        self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
+        self._db.execute("PRAGMA secure_delete = ON")  # deleted rows are zeroed in their pages, not just unlinked
         self._lock = threading.RLock()
         with self.tx() as db:
             columns = {row[1] for row in db.execute("PRAGMA table_info(results)")}
@@ -67,6 +117,11 @@ class BackendDb:
                 db.execute(_OLD_RESULTS)
             for stmt in SCHEMA:
                 db.execute(stmt)
+            if "binding_id" not in {row[1] for row in db.execute("PRAGMA table_info(records)")}:
+                db.execute("ALTER TABLE records ADD COLUMN binding_id INTEGER")
+            for stmt in _MIGRATE_BINDINGS:
+                db.execute(stmt)
+        restrict_db_files(path)
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -125,3 +180,99 @@ class BackendDb:
     def patient_of(self, device_id: str) -> str | None:
         rows = self.query("SELECT patient_ref FROM devices WHERE device_id = ?", (device_id,))
         return rows[0][0] if rows else None
+
+    # bindings -----------------------------------------------------------------------------
+    @staticmethod
+    def open_binding(db: sqlite3.Connection, device_id: str) -> tuple[int, str] | None:
+        """(binding id, patient reference) in force for a device now; None when it has none."""
+        row = db.execute(
+            "SELECT id, patient_ref FROM bindings WHERE device_id = ? AND valid_to IS NULL "
+            "ORDER BY valid_from DESC, id DESC LIMIT 1",
+            (device_id,),
+        ).fetchone()
+        return (int(row[0]), str(row[1])) if row else None
+
+    def patient_of_record(self, device_id: str, stream: str, seq: int) -> str | None:
+        """The patient a stored record is attributed to: its binding's, fixed when it was stored."""
+        rows = self.query(
+            "SELECT b.patient_ref FROM records r JOIN bindings b ON b.id = r.binding_id "
+            "WHERE r.device_id = ? AND r.stream = ? AND r.seq = ?",
+            (device_id, stream, seq),
+        )
+        return rows[0][0] if rows else None
+
+    # deletion -----------------------------------------------------------------------------
+    def tables(self) -> list[str]:
+        return [r[0] for r in self.query("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+
+    def erase_patient(self, patient_ref: str, *, operator: str, salt: bytes) -> dict[str, int]:
+        """Delete every row of a patient in every table; leave an audit row without the reference.
+
+        A patient's rows are those naming the reference (devices, tokens, bindings) and those of
+        any device ever bound to it (records, quarantine, results, keys): a device identity is
+        bound to one patient only, so nothing of another patient goes with it.
+        """
+        deleted: dict[str, int] = {}
+        with self.tx() as db:
+            devices = sorted(
+                {r[0] for r in db.execute("SELECT device_id FROM bindings WHERE patient_ref = ?", (patient_ref,))}
+                | {r[0] for r in db.execute("SELECT device_id FROM devices WHERE patient_ref = ?", (patient_ref,))}
+                | {
+                    r[0]
+                    for r in db.execute(
+                        "SELECT device_id FROM tokens WHERE patient_ref = ? AND device_id IS NOT NULL", (patient_ref,)
+                    )
+                }
+            )
+            marks = ",".join("?" * len(devices))
+            for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+                if table == "erasures":
+                    continue
+                columns = {row[1] for row in db.execute(f'PRAGMA table_info("{table}")')}
+                where, params = [], []
+                if "patient_ref" in columns:
+                    where.append("patient_ref = ?")
+                    params.append(patient_ref)
+                if "device_id" in columns and devices:
+                    where.append(f"device_id IN ({marks})")
+                    params.extend(devices)
+                if where:
+                    n = db.execute(f'DELETE FROM "{table}" WHERE {" OR ".join(where)}', params).rowcount  # noqa: S608
+                    if n:
+                        deleted[table] = n
+            db.execute(
+                "INSERT INTO erasures (at, operator, patient_hmac, devices, rows, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    time.time(),
+                    operator,
+                    patient_hmac(salt, patient_ref),
+                    len(devices),
+                    sum(deleted.values()),
+                    json.dumps(deleted, sort_keys=True),
+                ),
+            )
+        self.checkpoint()
+        return deleted
+
+    def purge_before(self, cutoff: float) -> dict[str, int]:
+        """Retention: delete received data stored before ``cutoff`` (the cloud's clock, not the box's)."""
+        deleted: dict[str, int] = {}
+        with self.tx() as db:
+            for table, column in (("records", "received_at"), ("quarantine", "received_at"), ("results", "received_at")):
+                n = db.execute(f"DELETE FROM {table} WHERE {column} < ?", (cutoff,)).rowcount  # noqa: S608
+                if n:
+                    deleted[table] = n
+            if deleted:
+                db.execute(
+                    "INSERT INTO counters (name, value) VALUES ('retention_deleted', ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                    (sum(deleted.values()),),
+                )
+        if deleted:
+            self.checkpoint()
+        return deleted
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it: deleted rows' old page images leave the WAL."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ from backend.pki import FleetPki
 from backend.service import BackendKeys, BackendService, link_settings
 
 COMMAND_KEY = "command.key"
+AUDIT_SALT = "audit.salt"
+HOME_MODE = 0o700  # patient references, token hashes and readings: owner only
 INITIAL_CONFIG: dict[str, Any] = {"mqtt.keepalive": 30}
 
 
@@ -25,9 +29,18 @@ class BackendHome:
         self.root = root
 
     def ensure(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=HOME_MODE, parents=True, exist_ok=True)
+        os.chmod(self.root, HOME_MODE)  # a home made before, or under a wide umask, is narrowed too
         _ = self.pki
         _ = self.command_key
+
+    @functools.cached_property
+    def audit_salt(self) -> bytes:
+        """Key of the erasure audit's patient hash; kept apart from the rows it protects (0600)."""
+        path = self.root / AUDIT_SALT
+        if not path.exists():
+            atomic_write(path, secrets.token_bytes(32))
+        return path.read_bytes()
 
     @functools.cached_property
     def pki(self) -> FleetPki:

@@ -10,8 +10,10 @@ transaction, and only then acknowledged with a signed ack.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import math
 import queue
 import secrets
 import threading
@@ -27,11 +29,18 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from agent import cose, telemetry, topics
 from agent.errors import GlucoagentError, LinkError, SignatureError
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles
-from backend.db import BackendDb, token_hash
+from backend.db import INT64_MAX, BackendDb, token_hash
+from backend.pki import PkiError
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 1000
 CERT_DAYS = 365
+# Bytes per message the service decodes: the agent's own cap (mqtt.max_payload, AWS IoT Core's limit).
+# Anything larger is counted and dropped before it is parsed.
+MAX_PAYLOAD = 131_072
+# Refusal codes a box maps to its own exit codes (agent/provisioning.py).
+BOUND_TO_OTHER_PATIENT = "bound_to_other_patient"
+UNSUPPORTED_KEY = "unsupported_key"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -70,6 +79,7 @@ class BackendService:
         self.ready = threading.Event()
         self._keys: dict[tuple[str, bytes], cose.PublicKey] = {}
         self.on_record: Callable[[str, telemetry.Record], None] | None = None
+        self.max_payload = MAX_PAYLOAD
 
     def stop(self) -> None:
         self._stop.set()
@@ -123,6 +133,10 @@ class BackendService:
 
     # --- dispatch -----------------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes) -> None:
+        if len(payload) > self.max_payload:  # before any decoding: a huge message costs only its count
+            self.db.bump("oversize_messages")
+            log.warning("message on %s refused unparsed: %d bytes > limit %d", topic, len(payload), self.max_payload)
+            return
         parts = topic.split("/")
         if topic.startswith(f"{topics.PREFIX}/prov/") and parts[-1] == "request":
             self.publish(topics.provision_response(parts[-2]), cbor2.dumps(self.provision(parts[-2], payload)))
@@ -163,25 +177,40 @@ class BackendService:
             public_key = csr.public_key()
         except ValueError as exc:
             return refuse("bad_csr", f"unreadable CSR: {exc}")
-        if not isinstance(public_key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
-            return refuse("bad_csr", "device key must be Ed25519 or EC P-256")
+        if not (
+            isinstance(public_key, ed25519.Ed25519PublicKey)
+            or (isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ec.SECP256R1))
+        ):
+            kind = getattr(getattr(public_key, "curve", None), "name", None) or type(public_key).__name__
+            return refuse(UNSUPPORTED_KEY, f"device key {kind} is not supported: use Ed25519 or EC P-256")
         device_id = device_id_for(public_key)
         hw_serial = str(hw.get("serial", "")) if isinstance(hw, dict) else ""
         now = time.time()
         kid = cose.key_id(public_key)
+        cert_pem = b""
         with self.db.tx() as db:
-            refusal = self._check_token(db, token, patient, device_id, now)
+            refusal = self._check_binding(db, device_id, patient) or self._check_token(db, token, patient, device_id, now)
             if refusal is None:
-                cert_pem = self.keys.sign_csr(csr_pem, device_id)
+                try:
+                    cert_pem = self.keys.sign_csr(csr_pem, device_id)
+                except PkiError as exc:  # answered like any refusal: the box must not wait for a timeout
+                    refusal = ("bad_csr", str(exc))
+            if refusal is None:
                 db.execute(
                     "UPDATE tokens SET used_at = coalesce(used_at, ?), device_id = ? WHERE token_hash = ?",
                     (now, device_id, token_hash(token)),
                 )
+                # A device's patient is never re-pointed here: _check_binding refused a different one.
                 db.execute(
                     "INSERT INTO devices (device_id, patient_ref, hardware_serial, created_at) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(device_id) DO UPDATE SET patient_ref = excluded.patient_ref",
+                    "ON CONFLICT(device_id) DO NOTHING",
                     (device_id, patient, hw_serial, now),
                 )
+                if BackendDb.open_binding(db, device_id) is None:
+                    db.execute(
+                        "INSERT INTO bindings (device_id, patient_ref, valid_from) VALUES (?, ?, ?)",
+                        (device_id, patient, now),
+                    )
                 db.execute(
                     "INSERT INTO device_keys (kid, device_id, cert_pem, added_at) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT(kid) DO UPDATE SET cert_pem = excluded.cert_pem",
@@ -199,6 +228,18 @@ class BackendService:
             "command_key": self.keys.command_pub_pem,
             "config": self.initial_config,
         }
+
+    @staticmethod
+    def _check_binding(db: Any, device_id: str, patient: str) -> tuple[str, str] | None:
+        """A device bound to one patient is never enrolled for another (its buffered readings are P1's)."""
+        bound = BackendDb.open_binding(db, device_id)
+        if bound is not None and bound[1] != patient:
+            return (
+                BOUND_TO_OTHER_PATIENT,
+                f"device {device_id} is bound to another patient; deprovision the box first "
+                "(its unsent readings delivered or discarded), then enrol it again",
+            )
+        return None
 
     @staticmethod
     def _check_token(db: Any, token: str, patient: str, device_id: str, now: float) -> tuple[str, str] | None:
@@ -259,7 +300,7 @@ class BackendService:
                     raise SignatureError(f"record names device {rec.device_id}, published by {device_id}")
                 if (rec.kind is telemetry.Kind.HEALTH) != (leaf == topics.HEALTH):
                     raise SignatureError(f"{rec.kind} record on the {leaf} topic")
-            except GlucoagentError as exc:
+            except (GlucoagentError, ValueError, TypeError, OverflowError) as exc:  # one record, not the batch
                 self.db.bump("rejected_records")
                 log.warning("%s: record rejected: %s", device_id, exc)
                 continue
@@ -268,22 +309,29 @@ class BackendService:
         fresh: list[telemetry.Record] = []
         now = time.time()
         with self.db.tx() as db:
+            binding = BackendDb.open_binding(db, device_id)
+            if binding is None:  # erased, or never provisioned here: nothing to attribute the data to
+                db.execute(
+                    "INSERT INTO counters (name, value) VALUES ('unbound_records', ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                    (len(good),),
+                )
+                log.warning("%s: %d record(s) refused: the device has no patient binding", device_id, len(good))
+                return {}
             for rec, raw in good:
                 stream = "h" if rec.kind is telemetry.Kind.HEALTH else "c"
+                row, problem = storable(rec)
+                if problem is not None:
+                    self._quarantine(db, device_id, binding[0], stream, now, problem, raw)
+                    log.warning("%s: record rejected alone: %s", device_id, problem)
+                    # Acknowledged: the cloud holds the signed bytes, so the box may let the row go.
+                    acks[stream if 0 < rec.seq <= INT64_MAX else "x"].append(rec.seq)
+                    continue
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO records (device_id, stream, seq, kind, received_at, wall, clock, fields, cose) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        device_id,
-                        stream,
-                        rec.seq,
-                        rec.kind.value,
-                        now,
-                        rec.wall,
-                        rec.clock,
-                        json.dumps(_jsonable(rec.fields), sort_keys=True),
-                        raw,
-                    ),
+                    "INSERT OR IGNORE INTO records "
+                    "(device_id, stream, seq, kind, received_at, wall, clock, fields, cose, binding_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (device_id, stream, rec.seq, rec.kind.value, now, rec.wall, rec.clock, row, raw, binding[0]),
                 )
                 if cur.rowcount:
                     fresh.append(rec)
@@ -297,6 +345,18 @@ class BackendService:
             for rec in fresh:
                 self.on_record(device_id, rec)
         return {k: v for k, v in acks.items() if v}
+
+    @staticmethod
+    def _quarantine(db: Any, device_id: str, binding_id: int, stream: str, now: float, reason: str, raw: bytes) -> None:
+        db.execute(
+            "INSERT OR IGNORE INTO quarantine (digest, device_id, binding_id, stream, received_at, reason, cose) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (hashlib.sha256(raw).hexdigest(), device_id, binding_id, stream, now, reason, raw),
+        )
+        db.execute(
+            "INSERT INTO counters (name, value) VALUES ('rejected_records', 1) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + 1"
+        )
 
     def on_status(self, device_id: str, payload: bytes) -> None:
         status = payload.decode("utf-8", "replace")[:32]
@@ -325,6 +385,24 @@ class BackendService:
         )
 
 
+def storable(rec: telemetry.Record) -> tuple[str, str | None]:
+    """(fields as JSON, None) when every field fits its column; ("", why) when one does not.
+
+    Checked before any SQL: SQLite raises OverflowError for an integer beyond 64 bits, and that
+    would roll back the whole batch, so one bad record would block every good one with it.
+    """
+    if not 0 < rec.seq <= INT64_MAX:
+        return "", f"seq {rec.seq} out of range 1..2**63-1"
+    for name, value in (("wall", rec.wall), ("mono", rec.monotonic)):
+        if not math.isfinite(value):
+            return "", f"{name} is not a finite number"
+    try:
+        fields = json.dumps(_jsonable(rec.fields), sort_keys=True, allow_nan=False)
+    except (ValueError, OverflowError, TypeError, RecursionError) as exc:
+        return "", f"a field is out of range: {exc}"
+    return fields, None
+
+
 def _jsonable(value: Any) -> Any:
     from decimal import Decimal
 
@@ -349,3 +427,33 @@ def new_token() -> str:
 
 def link_settings(host: str, port: int, tls: TlsFiles) -> LinkSettings:
     return LinkSettings(host=host, port=port, client_id=f"backend-{secrets.token_hex(4)}", tls=tls, clean_start=True)
+
+
+class RetentionSweeper:
+    """Enforces the cloud's retention period from the running service: a sweep at start, then every interval.
+
+    Age is judged by ``received_at``, the cloud's own clock: a box's clock may be wrong by years.
+    """
+
+    def __init__(self, db: BackendDb, days: float, interval_s: float, clock: Callable[[], float] = time.time) -> None:
+        if days <= 0 or interval_s <= 0:
+            raise ValueError("retention days and interval must be positive")
+        self.db = db
+        self.days = days
+        self.interval_s = interval_s
+        self.clock = clock
+
+    def sweep(self) -> dict[str, int]:
+        deleted = self.db.purge_before(self.clock() - self.days * 86_400)
+        if deleted:
+            log.info("retention %gd: deleted %s", self.days, ", ".join(f"{n} {t}" for t, n in sorted(deleted.items())))
+        return deleted
+
+    def run(self, stop: threading.Event) -> None:
+        while True:
+            try:
+                self.sweep()
+            except Exception:  # a failed sweep is retried at the next interval, never ends the service
+                log.exception("retention sweep failed")
+            if stop.wait(self.interval_s):
+                return
