@@ -10,6 +10,9 @@ reconnect with the device certificate and confirm by publishing ``online``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
+import json
 import platform
 import secrets
 import threading
@@ -23,6 +26,7 @@ import cbor2
 from agent import __version__, topics
 from agent.config import Endpoint
 from agent.errors import GlucoagentError, LinkTimeout, ProvisioningError, TokenRejected
+from agent.fsutil import atomic_write
 from agent.identity import (
     build_csr,
     ensure_state_dir,
@@ -37,6 +41,47 @@ from agent.uplink import STATUS_ONLINE
 
 FACTORY_DIR = "factory"
 TOKEN_CODES = {"token_unknown", "token_used", "token_expired"}
+# The patient this box is enrolled for, as a salted hash: enough to refuse enrolling it for someone
+# else before any network, without the patient reference sitting on the box in clear.
+BINDING_FILE = "binding.json"
+
+
+class BoundToOtherPatient(ProvisioningError):
+    """The box (its key, its buffered readings) belongs to another patient: deprovision it first."""
+
+    exit_code = 53
+
+
+class KeyTypeRefused(ProvisioningError):
+    """The cloud does not accept this device key type (only Ed25519 and EC P-256)."""
+
+    exit_code = 54
+
+
+def _patient_digest(salt: bytes, patient: str) -> str:
+    return hmac.new(salt, patient.encode(), hashlib.sha256).hexdigest()
+
+
+def binding_for(patient: str) -> bytes:
+    salt = secrets.token_bytes(16)
+    return json.dumps({"salt": salt.hex(), "patient_hmac": _patient_digest(salt, patient)}).encode()
+
+
+def check_local_binding(state_dir: Path, patient: str) -> None:
+    """Refuse, before any network, to enrol a box already enrolled for another patient."""
+    try:
+        meta = json.loads((state_dir / BINDING_FILE).read_text())
+        salt, digest = bytes.fromhex(meta["salt"]), str(meta["patient_hmac"])
+    except FileNotFoundError:
+        return  # enrolled by an older agent: the cloud checks the binding itself
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ProvisioningError(f"{state_dir / BINDING_FILE} is unreadable ({exc}); deprovision the box first") from exc
+    if not hmac.compare_digest(_patient_digest(salt, patient), digest):
+        device = load_identity(state_dir).device_id
+        raise BoundToOtherPatient(
+            f"this box ({device}) is enrolled for another patient; its readings stay theirs: "
+            "run `glucoagent deprovision` first (it refuses while readings are unsent; --force discards them)"
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -107,6 +152,7 @@ def provision(
                     f"factory file missing: {path} (was the box flashed with its claim certificate?)"
                 )
         if is_provisioned(state_dir):
+            check_local_binding(state_dir, patient)
             s.detail = "already provisioned: credentials kept, enrolment re-confirmed"
     with progress.step(f"device key ({key_type}, created on this box, never leaves it)"):
         key = load_or_create_key(state_dir, key_type)
@@ -160,12 +206,18 @@ def provision(
                 code, message = str(reply.get("code", "error")), str(reply.get("message", "refused"))
                 if code in TOKEN_CODES:
                     raise TokenRejected(f"enrolment token refused ({code}): {message}")
+                if code == "bound_to_other_patient":
+                    raise BoundToOtherPatient(f"enrolment refused ({code}): {message}")
+                if code == "unsupported_key":
+                    raise KeyTypeRefused(f"enrolment refused ({code}): {message}")
                 raise ProvisioningError(f"enrolment refused ({code}): {message}")
             check_reply(reply)
             s.detail = f"device id {reply['device_id']}"
     finally:
         link.disconnect()
     with progress.step("save certificate, fleet CA and command key (atomic, mode 0600)"):
+        if not (state_dir / BINDING_FILE).exists():  # before device.json: a complete set always has it
+            atomic_write(state_dir / BINDING_FILE, binding_for(patient))
         save_credentials(
             state_dir,
             device_id=str(reply["device_id"]),

@@ -305,7 +305,7 @@ class BackendService:
                 log.warning("%s: record rejected: %s", device_id, exc)
                 continue
             good.append((rec, item))
-        acks: dict[str, list[int]] = {"c": [], "h": []}
+        acks: dict[str, list[int]] = {"c": [], "h": [], "x": []}
         fresh: list[telemetry.Record] = []
         now = time.time()
         with self.db.tx() as db:
