@@ -237,7 +237,7 @@ class BackendDb:
                     where.append(f"device_id IN ({marks})")
                     params.extend(devices)
                 if where:
-                    n = db.execute(f'DELETE FROM "{table}" WHERE {" OR ".join(where)}', params).rowcount  # noqa: S608
+                    n = db.execute(f'DELETE FROM "{table}" WHERE {" OR ".join(where)}', params).rowcount  # noqa: S608 - names from sqlite_master
                     if n:
                         deleted[table] = n
             db.execute(
@@ -258,8 +258,12 @@ class BackendDb:
         """Retention: delete received data stored before ``cutoff`` (the cloud's clock, not the box's)."""
         deleted: dict[str, int] = {}
         with self.tx() as db:
-            for table, column in (("records", "received_at"), ("quarantine", "received_at"), ("results", "received_at")):
-                n = db.execute(f"DELETE FROM {table} WHERE {column} < ?", (cutoff,)).rowcount  # noqa: S608
+            for table, column in (
+                ("records", "received_at"),
+                ("quarantine", "received_at"),
+                ("results", "received_at"),
+            ):
+                n = db.execute(f"DELETE FROM {table} WHERE {column} < ?", (cutoff,)).rowcount  # noqa: S608 - fixed names
                 if n:
                     deleted[table] = n
             if deleted:

@@ -189,7 +189,8 @@ class BackendService:
         kid = cose.key_id(public_key)
         cert_pem = b""
         with self.db.tx() as db:
-            refusal = self._check_binding(db, device_id, patient) or self._check_token(db, token, patient, device_id, now)
+            refusal = self._check_binding(db, device_id, patient)
+            refusal = refusal or self._check_token(db, token, patient, device_id, now)
             if refusal is None:
                 try:
                     cert_pem = self.keys.sign_csr(csr_pem, device_id)

@@ -41,7 +41,7 @@ from backend.pki import RogueCa
 
 PATIENT = "patient-prov-4410"
 STEPS = 6
-SECRET_FILES = ("device.key", "device.crt", "ca.crt", "command.pub", "device.json")
+SECRET_FILES = ("device.key", "device.crt", "ca.crt", "command.pub", "device.json", "binding.json")
 FAKETIME = shutil.which("faketime")
 # A token in the backend's alphabet that was never issued.
 UNKNOWN_TOKEN = "ABCDEFGHJKLMNPQR"

@@ -44,8 +44,15 @@ def device_probe(system: LocalSystem, state: Path) -> MqttProbe:
     return probe
 
 
-def upload(system: LocalSystem, state: Path, items: list[bytes], *, leaf: str = topics.TELEMETRY,
-           payload: bytes | None = None, timeout: float = 15) -> dict[str, Any]:
+def upload(
+    system: LocalSystem,
+    state: Path,
+    items: list[bytes],
+    *,
+    leaf: str = topics.TELEMETRY,
+    payload: bytes | None = None,
+    timeout: float = 15,
+) -> dict[str, Any]:
     """Publish a batch as the box and return the backend's verified ack body (TimeoutError: no ack)."""
     ident = load_identity(state)
     dev = topics.DeviceTopics(ident.device_id)

@@ -107,7 +107,7 @@ def every_value(db_path: Path) -> list[tuple[str, object]]:
     try:
         out: list[tuple[str, object]] = []
         for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
-            for row in con.execute(f'SELECT * FROM "{table}"'):  # noqa: S608 - names from sqlite_master
+            for row in con.execute(f'SELECT * FROM "{table}"'):
                 out += [(table, v) for v in row]
         return out
     finally:
@@ -126,16 +126,25 @@ def test_erase_removes_every_row_of_a_patient_and_keeps_an_audit_without_the_ref
     kept = system.device_dir("kept-box")
     kept_id = device_id_of(system.provision(kept, KEPT))
     for state in (gone, kept):
-        batch = [signed(state, 1), signed(state, 2, telemetry.Kind.DOSE), signed(state, 3, telemetry.Kind.ALERT),
-                 signed(state, 4, wall=float("inf"))]  # the last one quarantined
+        batch = [
+            signed(state, 1),
+            signed(state, 2, telemetry.Kind.DOSE),
+            signed(state, 3, telemetry.Kind.ALERT),
+            signed(state, 4, wall=float("inf")),
+        ]  # the last one quarantined
         assert upload(system, state, batch)["c"] == [1, 2, 3, 4]
         assert upload(system, state, [signed(state, 1, telemetry.Kind.HEALTH)], leaf="health")["h"] == [1]
     system.token(ERASED)  # an unused token of the patient too
     db_path = system.home.root / "backend.db"
     assert any(mentions(v, gone_id) for _, v in every_value(db_path))
 
-    out = subprocess.run([BACKEND, "erase", "--home", str(system.home.root), "--patient", ERASED,
-                          "--operator", "dpo@clinic"], capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [BACKEND, "erase", "--home", str(system.home.root), "--patient", ERASED, "--operator", "dpo@clinic"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.startswith("erased: "), out.stdout
@@ -185,8 +194,15 @@ def test_the_running_service_enforces_the_retention_period(tmp_path: Path) -> No
     finally:
         stop_process(proc)
     # Three days on by the cloud's clock: the sweep deletes them.
-    proc = serve(home, tmp_path / "later.log", "--retention-days", "2", "--retention-interval", "0.2",
-                 prefix=(FAKETIME, "-f", "+3d"))
+    proc = serve(
+        home,
+        tmp_path / "later.log",
+        "--retention-days",
+        "2",
+        "--retention-interval",
+        "0.2",
+        prefix=(FAKETIME, "-f", "+3d"),
+    )
     try:
         assert wait_for(lambda: stored() == 0, 30), (tmp_path / "later.log").read_text()
     finally:
@@ -206,8 +222,13 @@ def test_deprovision_leaves_no_key_or_reading_readable(system: LocalSystem, tmp_
     tmp_path.joinpath("buffer-link").hardlink_to(state / "buffer.db")
     held = os.open(state / "device.key", os.O_RDONLY)
     try:
-        out = subprocess.run([GLUCOAGENT, "--state-dir", str(state), "deprovision", "--force"],
-                             capture_output=True, text=True, timeout=60, check=False)
+        out = subprocess.run(
+            [GLUCOAGENT, "--state-dir", str(state), "deprovision", "--force"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         assert os.pread(held, len(key_pem), 0) == bytes(len(key_pem))
     finally:

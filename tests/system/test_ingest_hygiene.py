@@ -126,8 +126,17 @@ def test_a_box_with_a_p384_key_gets_a_clear_refusal(system: LocalSystem) -> None
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     (state / "device.key").chmod(0o600)
-    argv = [GLUCOAGENT, "--state-dir", str(state), "provision", "--endpoint", system.broker.endpoint,
-            f"--token={system.token(PATIENT)}", f"--patient={PATIENT}", "--timeout=15"]
+    argv = [
+        GLUCOAGENT,
+        "--state-dir",
+        str(state),
+        "provision",
+        "--endpoint",
+        system.broker.endpoint,
+        f"--token={system.token(PATIENT)}",
+        f"--patient={PATIENT}",
+        "--timeout=15",
+    ]
 
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 

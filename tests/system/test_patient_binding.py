@@ -27,8 +27,17 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSystem]:
 
 
 def provision(state: Path, endpoint: str, token: str, patient: str) -> subprocess.CompletedProcess[str]:
-    argv = [GLUCOAGENT, "--state-dir", str(state), "provision", "--endpoint", endpoint,
-            f"--token={token}", f"--patient={patient}", "--timeout=15"]
+    argv = [
+        GLUCOAGENT,
+        "--state-dir",
+        str(state),
+        "provision",
+        "--endpoint",
+        endpoint,
+        f"--token={token}",
+        f"--patient={patient}",
+        "--timeout=15",
+    ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -96,9 +105,9 @@ def test_the_backend_refuses_a_box_that_asks_anyway(system: LocalSystem) -> None
     assert out.returncode == 53, out.stdout + out.stderr
     assert "bound_to_other_patient" in one_error_line(out)
     assert system.db.patient_of(device_id) == P1
-    assert system.db.query(
-        "SELECT patient_ref, valid_to FROM bindings WHERE device_id = ?", (device_id,)
-    ) == [(P1, None)]
+    assert system.db.query("SELECT patient_ref, valid_to FROM bindings WHERE device_id = ?", (device_id,)) == [
+        (P1, None)
+    ]
     assert not token_used(system, token2)
     assert system.db.patient_of_record(device_id, "c", 1) == P1
     # A reading uploaded after the refused attempt is still P1's.
@@ -108,8 +117,9 @@ def test_the_backend_refuses_a_box_that_asks_anyway(system: LocalSystem) -> None
 
 def test_after_deprovision_the_box_enrols_for_another_patient_and_old_readings_stay(system: LocalSystem) -> None:
     state, old_id = enrolled_with_a_reading(system, "box-moved")
-    out = subprocess.run([GLUCOAGENT, "--state-dir", str(state), "deprovision"],
-                         capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [GLUCOAGENT, "--state-dir", str(state), "deprovision"], capture_output=True, text=True, timeout=60, check=False
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert sorted(p.name for p in state.iterdir()) == ["factory"]
 
