@@ -119,8 +119,8 @@ class BackendDb:
                 db.execute(stmt)
             if "binding_id" not in {row[1] for row in db.execute("PRAGMA table_info(records)")}:
                 db.execute("ALTER TABLE records ADD COLUMN binding_id INTEGER")
-            for stmt in _MIGRATE_BINDINGS:
-                db.execute(stmt)
+                for stmt in _MIGRATE_BINDINGS:  # once, when the column arrives: no scan at every start
+                    db.execute(stmt)
         restrict_db_files(path)
 
     @contextlib.contextmanager
