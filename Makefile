@@ -6,9 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # mosquitto: the real broker; qemu-user-static + archive keyring: the emulated MIPS device;
 # faketime: a box whose clock is wrong, for real. cmake … zlib1g-dev: build OpenWrt's own uci, opkg, apk
-# and jshn from ../shared/openwrt-tools; busybox: the ash that runs the init script through rc.common.
+# and jshn from ../shared/openwrt-tools; busybox: the ash that runs the init script through rc.common;
+# fakeroot: `make apk` as a non-root user still gives root-owned files.
 DEBS := mosquitto mosquitto-clients qemu-user-static debian-archive-keyring faketime \
-	cmake build-essential pkg-config libjson-c-dev libssl-dev libcurl4-openssl-dev meson ninja-build libzstd-dev zlib1g-dev busybox
+	cmake build-essential pkg-config libjson-c-dev libssl-dev libcurl4-openssl-dev meson ninja-build libzstd-dev zlib1g-dev busybox fakeroot
 VECTORS ?= ../shared/vectors
 OPENWRT_TOOLS ?= ../shared/openwrt-tools
 
@@ -65,6 +66,11 @@ openwrt-tools: setup
 
 ipk: setup
 	$(BIN)/python -m openwrt.build_ipk --out dist
+
+# The apk-tools v3 package for OpenWrt 25.12+, from the same description, by the real `apk mkpkg`
+# (built from $(OPENWRT_TOOLS), or APK=/path/to/an/apk3 such as an SDK's staging_dir/host/bin/apk).
+apk: setup
+	$(BIN)/python -m openwrt.build_apk --out dist $(if $(APK),--apk $(APK),--tools-src $(OPENWRT_TOOLS))
 
 sbom: ipk
 	$(BIN)/python -m openwrt.sbom --ipk dist/glucoagent_$$($(BIN)/python -c 'from openwrt.build_ipk import package_version as v; print(v())')_all.ipk --out dist/glucoagent.cdx.json
