@@ -9,6 +9,7 @@ project), built with cmake / meson, and installed into
         lib/                                libubox, libuci, libblobmsg_json
         share/jshn.sh                       what procd.sh sources
         share/openwrt-files/                the real rc.common, functions.sh, service.sh, procd.sh
+        share/procd/service/instance.c      procd's source, to read: what an instance may contain
 
 The directory name is a hash of the source tarballs, OpenWrt's files and this builder's recipe, so a new
 source or recipe gives a new directory and an existing complete one is used as is (``.complete`` marks it).
@@ -39,10 +40,12 @@ __all__ = ["RECIPE", "OpenWrtFiles", "Tools", "ToolsError", "build", "cache_dir"
 log = logging.getLogger("openwrt.hosttools")
 
 #: Bump when the build steps below change, so the cache key changes with them.
-RECIPE = "3"
+RECIPE = "4"
 
 #: tarball name prefix -> directory the tarball extracts to
-TARBALLS = ("libubox", "uci", "opkg-lede", "apk-tools")
+TARBALLS = ("libubox", "uci", "opkg-lede", "apk-tools", "procd")
+#: procd is not built (it wants to be PID 1): these sources are kept to read what procd accepts.
+PROCD_SOURCES = ("service/instance.c", "service/service.c")
 OPENWRT_FILES = (
     "etc/rc.common",
     "lib/functions.sh",
@@ -60,6 +63,7 @@ PRODUCTS = (
     "lib/libubox.so",
     "lib/libuci.so",
     *(f"share/openwrt-files/{f}" for f in OPENWRT_FILES),
+    *(f"share/procd/{f}" for f in PROCD_SOURCES),
 )
 C_FLAGS = "-Wno-error"  # newer compilers warn where these sources were written
 
@@ -91,6 +95,7 @@ class Tools:
     jshn: Path
     jshn_sh: Path
     openwrt_files: OpenWrtFiles
+    procd_src: Path  # share/procd: service/instance.c, service/service.c (read, not built)
     env: dict[str, str]
 
 
@@ -118,6 +123,7 @@ def load(root: Path) -> Tools:
             procd_sh=files / "lib/functions/procd.sh",
             jshn_sh=files / "usr/share/libubox/jshn.sh",
         ),
+        procd_src=root / "share" / "procd",
         env=env,
     )
 
@@ -219,6 +225,10 @@ def _build_into(src: Path, prefix: Path, work: Path) -> None:
     shutil.copy2(apk_build / "src" / "apk", bin_dir / "apk")
     shutil.copy2(bin_dir / "opkg-cl", bin_dir / "opkg")
     share = prefix / "share"
+    for rel in PROCD_SOURCES:
+        dest = share / "procd" / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(trees["procd"] / rel, dest)
     shutil.copy2(src / "openwrt-files" / "usr/share/libubox/jshn.sh", share / "jshn.sh")
     for rel in OPENWRT_FILES:
         dest = share / "openwrt-files" / rel
