@@ -72,8 +72,12 @@ ipk: setup
 apk: setup
 	$(BIN)/python -m openwrt.build_apk --out dist $(if $(APK),--apk $(APK),--tools-src $(OPENWRT_TOOLS))
 
-sbom: ipk
-	$(BIN)/python -m openwrt.sbom --ipk dist/glucoagent_$$($(BIN)/python -c 'from openwrt.build_ipk import package_version as v; print(v())')_all.ipk --out dist/glucoagent.cdx.json
+# One SBOM per artefact, each read from the built package (the .apk through the real apk).
+sbom: ipk apk
+	@v=$$($(BIN)/python -c 'from openwrt.package import package_version as v; print(v())'); \
+	  $(BIN)/python -m openwrt.sbom --ipk dist/glucoagent_$${v}_all.ipk --out dist/glucoagent.cdx.json && \
+	  $(BIN)/python -m openwrt.sbom --apk dist/glucoagent-$${v%-*}-r$${v##*-}.apk \
+	    $(if $(APK),--apk-tool $(APK),--tools-src $(OPENWRT_TOOLS)) --out dist/glucoagent.apk.cdx.json
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .hypothesis .ruff_cache runs

@@ -48,6 +48,7 @@ __all__ = [
     "apk_meta_entries",
     "apk_name",
     "build_apk",
+    "find_apk_tool",
     "main",
     "mkpkg_args",
     "post_install",
@@ -152,7 +153,8 @@ def mkpkg_args(pkg: Package, files_dir: Path, scripts_dir: Path, output: Path) -
     return args
 
 
-def _apk_tool(apk: Path | None, tools_src: Path) -> Path:
+def find_apk_tool(apk: Path | None, tools_src: Path) -> Path:
+    """``apk`` if given, else the apk built (once) from ``tools_src`` into the tools cache."""
     if apk is not None:
         if not os.access(apk, os.X_OK):
             raise BuildError(f"{apk}: not an executable apk")
@@ -201,7 +203,7 @@ def write_apk(pkg: Package, out_dir: Path, apk: Path) -> Path:
 
 def build_apk(out_dir: Path, repo: Path = REPO, apk: Path | None = None, tools_src: Path = DEFAULT_TOOLS_SRC) -> Path:
     """Describe the package from ``repo``, write the .apk into ``out_dir``, return its path."""
-    return write_apk(describe(repo), out_dir, _apk_tool(apk, tools_src))
+    return write_apk(describe(repo), out_dir, find_apk_tool(apk, tools_src))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import os
-import py_compile
 import re
 import subprocess
 import sys
@@ -183,6 +183,18 @@ class Depend:
             raise BuildError(f"dependency {text!r}: expected 'name' or 'name (op version)'")
         return cls(m["name"], m["op"] or "", m["ver"] or "")
 
+    @classmethod
+    def parse_apk(cls, text: str) -> Depend:
+        """From the apk spelling ``name`` or ``name>=3.11``."""
+        m = re.match(r"^([a-z0-9][a-z0-9.+-]*?)(?:(>=|<=|=|<|>)(\S+))?$", text)
+        if not m:
+            raise BuildError(f"apk dependency {text!r}: expected 'name' or 'name<op><version>'")
+        return cls(m[1], m[2] or "", m[3] or "")
+
+    @property
+    def constraint(self) -> str:
+        return f"{self.op} {self.version}" if self.op else ""
+
     @property
     def ipk(self) -> str:
         return f"{self.name} ({self.op} {self.version})" if self.op else self.name
@@ -257,33 +269,58 @@ def source_date_epoch(repo: Path = REPO) -> int:
         raise BuildError("set SOURCE_DATE_EPOCH (no git history to take the time from)") from exc
 
 
-def _compile(source: bytes, device_path: PurePosixPath) -> bytes:
-    """Bytecode for ``source`` as Python 3.11 loads it from __pycache__, without checking the source mtime."""
+#: Run in a fresh interpreter: marshal's output depends on the compiling process's state (reference
+#: counts decide FLAG_REF; the hash seed orders frozenset constants), so compiling in the build process
+#: made a .pyc differ with whatever the process had imported before (found by building twice in one run).
+_COMPILER = """
+import json, py_compile, sys
+for src, cfile, dfile in json.load(sys.stdin):
+    try:
+        py_compile.compile(src, cfile=cfile, dfile=dfile, doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    except py_compile.PyCompileError as exc:
+        print(dfile + ": does not compile: " + exc.msg, file=sys.stderr)
+        sys.exit(1)
+"""
+
+
+def _compile_all(sources: Sequence[tuple[bytes, PurePosixPath]]) -> list[bytes]:
+    """Bytecode for each (source, device path) as Python 3.11 loads it from __pycache__, unchecked-hash.
+
+    One fresh ``python -I`` with PYTHONHASHSEED=0 compiles them all, in order, so the bytes depend on
+    the sources alone, not on the state of the process that builds the package.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        src, pyc = Path(tmp) / "m.py", Path(tmp) / "m.pyc"
-        src.write_bytes(source)
-        try:
-            py_compile.compile(
-                str(src),
-                cfile=str(pyc),
-                dfile=str(device_path),
-                doraise=True,
-                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
-            )
-        except py_compile.PyCompileError as exc:
-            raise BuildError(f"{device_path}: does not compile: {exc.msg}") from None
-        return pyc.read_bytes()
+        jobs = []
+        for i, (data, device_path) in enumerate(sources):
+            src = Path(tmp) / f"{i}.py"
+            src.write_bytes(data)
+            jobs.append((str(src), str(Path(tmp) / f"{i}.pyc"), str(device_path)))
+        env = {"PYTHONHASHSEED": "0", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        res = subprocess.run(
+            [sys.executable, "-I", "-c", _COMPILER],
+            input=json.dumps(jobs),
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if res.returncode != 0:
+            raise BuildError(res.stderr.strip() or f"the bytecode compiler exited {res.returncode}")
+        return [Path(cfile).read_bytes() for _, cfile, _ in jobs]
 
 
 def _python_files(dest: PurePosixPath, files: Iterable[tuple[str, bytes]]) -> list[Entry]:
     """Entries for sources (relative path, bytes) under ``dest``, each .py with its __pycache__ .pyc."""
     out: list[Entry] = []
+    to_compile: list[tuple[bytes, PurePosixPath]] = []
     for rel, data in files:
         path = dest / rel
         out.append(Entry(str(path), data, FILE_MODE))
         if rel.endswith(".py"):
-            pyc = path.parent / "__pycache__" / f"{path.stem}.{PYC_TAG}.pyc"
-            out.append(Entry(str(pyc), _compile(data, path), FILE_MODE))
+            to_compile.append((data, path))
+    for (_, path), pyc in zip(to_compile, _compile_all(to_compile), strict=True):
+        out.append(Entry(str(path.parent / "__pycache__" / f"{path.stem}.{PYC_TAG}.pyc"), pyc, FILE_MODE))
     return out
 
 

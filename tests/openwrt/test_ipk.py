@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import importlib.util
 import io
+import json
 import marshal
 import os
 import re
@@ -370,3 +371,19 @@ def test_sdk_makefile_agrees_with_the_host_build(tmp_path: Path) -> None:
     files = {"/" + p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
     assert files == {e.path for e in B.data_entries() if e.data is not None}
     assert (staged / "usr/bin/glucoagent").stat().st_mode & 0o777 == 0o755
+
+
+def test_bytecode_does_not_depend_on_the_building_process() -> None:
+    """A build inside this test process (hundreds of modules imported) equals one in a fresh interpreter.
+
+    marshal's output depends on the compiling process's reference counts and hash seed; compiling in the
+    build process once made the same source give different .pyc bytes after other imports.
+    """
+    here = {e.path: hashlib.sha256(e.data).hexdigest() for e in B.data_entries() if e.path.endswith(".pyc") and e.data}
+    code = (
+        "import hashlib, json; from openwrt.package import data_entries; "
+        "print(json.dumps({e.path: hashlib.sha256(e.data).hexdigest() for e in data_entries() "
+        "if e.path.endswith('.pyc') and e.data}))"
+    )
+    fresh = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert json.loads(fresh.stdout) == here
