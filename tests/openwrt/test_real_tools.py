@@ -355,3 +355,37 @@ def test_ipk_and_apk_install_the_same_tree(
     meta = {f"/lib/apk/packages/{PKG}.{s}" for s in ("list", "conffiles", "conffiles_static")}
     assert set(apk_tree) - set(ipk_tree) == meta
     assert {k: v for k, v in apk_tree.items() if k not in meta} == ipk_tree
+
+
+def test_apk_from_a_signed_feed(
+    openwrt_tools: hosttools.Tools, pkg: Package, apks: tuple[Path, Path], dep_apks: list[Path], tmp_path: Path
+) -> None:
+    """A feed as docs/openwrt.md describes it: packages.adb signed with our key; the box trusts only its keys."""
+    feed, keys, other = tmp_path / "feed", tmp_path / "keys", tmp_path / "other-keys"
+    for d in (feed, keys, other):
+        d.mkdir()
+    for p in [*dep_apks, apks[0]]:
+        shutil.copy2(p, feed / p.name)
+    priv = tmp_path / "feed-key.pem"
+    _run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(priv)], openwrt_tools.env)
+    _run(["openssl", "ec", "-in", str(priv), "-pubout", "-out", str(keys / "glucoagent.pem")], openwrt_tools.env)
+    apk = str(openwrt_tools.apk)
+    index = feed / "packages.adb"
+    members = sorted(str(p) for p in feed.glob("*.apk"))
+    _run(
+        [apk, "mkndx", "--allow-untrusted", "--sign-key", str(priv), "--output", str(index), *members],
+        openwrt_tools.env,
+    )
+
+    def add(keys_dir: Path, root: Path) -> subprocess.CompletedProcess[str]:
+        root.mkdir()
+        cmd = [apk, "--root", str(root), "--initdb", "--keys-dir", str(keys_dir), "--repository", str(index)]
+        cmd += ["--no-network", "--force-no-chroot", "--no-scripts", "--no-logfile", "add", PKG]
+        return _run(cmd, openwrt_tools.env, check=False)
+
+    trusted = add(keys, tmp_path / "trusted")
+    assert trusted.returncode == 0, trusted.stderr
+    assert f"Installing {PKG} ({pkg.apk_version})" in trusted.stdout
+    untrusted = add(other, tmp_path / "untrusted")  # no --allow-untrusted, key not installed: refused
+    assert untrusted.returncode != 0
+    assert f"{PKG} (no such package)" in untrusted.stderr + untrusted.stdout
