@@ -22,6 +22,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -389,3 +390,21 @@ def test_apk_from_a_signed_feed(
     untrusted = add(other, tmp_path / "untrusted")  # no --allow-untrusted, key not installed: refused
     assert untrusted.returncode != 0
     assert f"{PKG} (no such package)" in untrusted.stderr + untrusted.stdout
+
+
+def test_apk_built_by_a_non_root_user_is_the_same(openwrt_tools: hosttools.Tools, tmp_path: Path) -> None:
+    """As uid 65534 (a user namespace) the build goes through fakeroot and still says root:root: same bytes."""
+    repo = Path(A.__file__).resolve().parents[1]
+    env = {**openwrt_tools.env, "SOURCE_DATE_EPOCH": str(describe().epoch)}
+    cmd = [sys.executable, "-m", "openwrt.build_apk", "--apk", str(openwrt_tools.apk)]
+    as_user = ["unshare", "--user", "--map-user=65534", "--map-group=65534"]
+    probe = subprocess.run([*as_user, "id", "-u"], capture_output=True, text=True, check=True, timeout=TIMEOUT)
+    assert probe.stdout.strip() == "65534"
+    for who, prefix in (("root", []), ("user", as_user)):
+        res = subprocess.run(
+            [*prefix, *cmd, "--out", str(tmp_path / who)], cwd=repo, env=env, capture_output=True, text=True
+        )
+        assert res.returncode == 0, res.stderr
+    (mine,) = (tmp_path / "root").iterdir()
+    (theirs,) = (tmp_path / "user").iterdir()
+    assert mine.read_bytes() == theirs.read_bytes()
