@@ -8,8 +8,7 @@ STAMP := $(VENV)/.installed
 # faketime: a box whose clock is wrong, for real. cmake … zlib1g-dev: build OpenWrt's own uci, opkg, apk
 # and jshn from ../shared/openwrt-tools; busybox: the ash that runs the init script through rc.common;
 # fakeroot: `make apk` as a non-root user still gives root-owned files; openssl: the signed-feed test's key.
-DEBS := mosquitto mosquitto-clients qemu-user-static debian-archive-keyring faketime \
-	cmake build-essential pkg-config libjson-c-dev libssl-dev libcurl4-openssl-dev meson ninja-build libzstd-dev zlib1g-dev busybox fakeroot openssl
+DEBS := mosquitto mosquitto-clients qemu-user-static debian-archive-keyring faketime cmake build-essential pkg-config libjson-c-dev libssl-dev libcurl4-openssl-dev meson ninja-build libzstd-dev zlib1g-dev busybox fakeroot openssl
 VECTORS ?= ../shared/vectors
 OPENWRT_TOOLS ?= ../shared/openwrt-tools
 
