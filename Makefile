@@ -5,11 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # mosquitto: the real broker; qemu-user-static + archive keyring: the emulated MIPS device;
-# faketime: a box whose clock is wrong, for real.
-DEBS := mosquitto mosquitto-clients qemu-user-static debian-archive-keyring faketime
+# faketime: a box whose clock is wrong, for real. cmake … zlib1g-dev: build OpenWrt's own uci, opkg, apk
+# and jshn from ../shared/openwrt-tools; busybox: the ash that runs the init script through rc.common;
+# fakeroot: `make apk` as a non-root user still gives root-owned files; openssl: the signed-feed test's key.
+DEBS := mosquitto mosquitto-clients qemu-user-static debian-archive-keyring faketime cmake build-essential pkg-config libjson-c-dev libssl-dev libcurl4-openssl-dev meson ninja-build libzstd-dev zlib1g-dev busybox fakeroot openssl
 VECTORS ?= ../shared/vectors
+OPENWRT_TOOLS ?= ../shared/openwrt-tools
 
-.PHONY: setup debs demo test lint bench soak ipk sbom clean
+.PHONY: setup debs demo test lint bench soak ipk apk sbom openwrt-tools clean
 
 setup: debs $(STAMP)
 
@@ -36,6 +39,9 @@ demo: setup
 test: setup lint
 	@if [ -d "$(VECTORS)" ]; then export GLUCOAGENT_VECTORS="$$(cd $(VECTORS) && pwd)"; \
 	  else echo "conformance suite did not run: $(VECTORS) is absent"; fi; \
+	  if [ -d "$(OPENWRT_TOOLS)" ]; then GLUCOAGENT_OPENWRT_TOOLS="$$($(BIN)/python -m openwrt.hosttools --src $(OPENWRT_TOOLS))" || exit 1; \
+	    export GLUCOAGENT_OPENWRT_TOOLS; \
+	  else echo "OpenWrt tools suite did not run: $(OPENWRT_TOOLS) is absent"; fi; \
 	  $(BIN)/pytest -q -p no:cacheprovider tests
 
 lint: setup
@@ -53,11 +59,24 @@ soak: setup
 	$(BIN)/python -m backend.soak --minutes $(SOAK_MINUTES)
 	GLUCOAGENT_CRASH_KILLS=$(SOAK_KILLS) $(BIN)/pytest -q -p no:cacheprovider tests/test_crash.py
 
+# OpenWrt's own uci, opkg, apk, jshn, built once into ~/.cache/glucoagent (GLUCOAGENT_TOOLS_CACHE).
+openwrt-tools: setup
+	$(BIN)/python -m openwrt.hosttools --src $(OPENWRT_TOOLS)
+
 ipk: setup
 	$(BIN)/python -m openwrt.build_ipk --out dist
 
-sbom: ipk
-	$(BIN)/python -m openwrt.sbom --ipk dist/glucoagent_$$($(BIN)/python -c 'from openwrt.build_ipk import package_version as v; print(v())')_all.ipk --out dist/glucoagent.cdx.json
+# The apk-tools v3 package for OpenWrt 25.12+, from the same description, by the real `apk mkpkg`
+# (built from $(OPENWRT_TOOLS), or APK=/path/to/an/apk3 such as an SDK's staging_dir/host/bin/apk).
+apk: setup
+	$(BIN)/python -m openwrt.build_apk --out dist $(if $(APK),--apk $(APK),--tools-src $(OPENWRT_TOOLS))
+
+# One SBOM per artefact, each read from the built package (the .apk through the real apk).
+sbom: ipk apk
+	@v=$$($(BIN)/python -c 'from openwrt.package import package_version as v; print(v())'); \
+	  $(BIN)/python -m openwrt.sbom --ipk dist/glucoagent_$${v}_all.ipk --out dist/glucoagent.cdx.json && \
+	  $(BIN)/python -m openwrt.sbom --apk dist/glucoagent-$${v%-*}-r$${v##*-}.apk \
+	    $(if $(APK),--apk-tool $(APK),--tools-src $(OPENWRT_TOOLS)) --out dist/glucoagent.apk.cdx.json
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .hypothesis .ruff_cache runs

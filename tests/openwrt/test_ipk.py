@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import importlib.util
 import io
+import json
 import marshal
 import os
 import re
@@ -354,11 +355,14 @@ def test_sdk_makefile_agrees_with_the_host_build(tmp_path: Path) -> None:
     version, release = B.package_version().split("-")
     assert re.search(rf"^PKG_VERSION:={re.escape(version)}$", mk, re.M)
     assert re.search(rf"^PKG_RELEASE:={release}$", mk, re.M)
-    depends_block = re.search(r"DEPENDS:=(.*?)\nendef", mk, re.S)
+    depends_block = re.search(r"^\s*DEPENDS:=((?:.*\\\n)*.*)$", mk, re.M)  # with its continuation lines
     assert depends_block
     sdk = {d.lstrip("+") for d in depends_block[1].replace("\\", " ").split()}
     host = {d.split(" ")[0] for d in B.DEPENDS} - {"libc"}  # the SDK adds libc itself
     assert sdk == host
+    extra = re.search(r"^\s*EXTRA_DEPENDS:=(\S+) \((\S+)\)$", mk, re.M)  # e.g. python3-light (>=3.11)
+    constrained = {d.split(" ")[0]: d.split(" ", 1)[1].strip("()").replace(" ", "") for d in B.DEPENDS if "(" in d}
+    assert extra and {extra[1]: extra[2]} == constrained
     conffiles = re.search(r"define Package/glucoagent/conffiles\n(.*?)endef", mk, re.S)
     assert conffiles and conffiles[1].split() == list(B.CONFFILES)
     postinst = (REPO / "openwrt" / "files" / "glucoagent.postinst-pkg").read_text()
@@ -370,3 +374,39 @@ def test_sdk_makefile_agrees_with_the_host_build(tmp_path: Path) -> None:
     files = {"/" + p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
     assert files == {e.path for e in B.data_entries() if e.data is not None}
     assert (staged / "usr/bin/glucoagent").stat().st_mode & 0o777 == 0o755
+
+
+def test_bytecode_does_not_depend_on_the_building_process() -> None:
+    """A build inside this test process (hundreds of modules imported) equals one in a fresh interpreter.
+
+    marshal's output depends on the compiling process's reference counts and hash seed; compiling in the
+    build process once made the same source give different .pyc bytes after other imports.
+    """
+    here = {e.path: hashlib.sha256(e.data).hexdigest() for e in B.data_entries() if e.path.endswith(".pyc") and e.data}
+    code = (
+        "import hashlib, json; from openwrt.package import data_entries; "
+        "print(json.dumps({e.path: hashlib.sha256(e.data).hexdigest() for e in data_entries() "
+        "if e.path.endswith('.pyc') and e.data}))"
+    )
+    fresh = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert json.loads(fresh.stdout) == here
+
+
+def test_sdk_build_compile_recipe_runs_from_anywhere(tmp_path: Path) -> None:
+    """The Build/Compile recipe of openwrt/Makefile, run as the SDK would (from its own directory)."""
+    mk = (REPO / "openwrt" / "Makefile").read_text()
+    block = re.search(r"define Build/Compile\n(.*?)\nendef", mk, re.S)
+    assert block
+    recipe = block[1].replace("\\\n", " ")
+    values = {
+        "PKG_BUILD_DIR": str(tmp_path / "build"),
+        "GLUCOAGENT_SRC": str(REPO),
+        "GLUCOAGENT_PYTHON": sys.executable,
+        "SOURCE_DATE_EPOCH": "1700000000",
+    }
+    for line in recipe.splitlines():
+        cmd = re.sub(r"\$\((\w+)\)", lambda m: values[m[1]], line.strip())
+        subprocess.run(["bash", "-ec", cmd], cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    staged = tmp_path / "build" / "stage"
+    files = {"/" + p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+    assert files == {e.path for e in B.data_entries() if e.data is not None}

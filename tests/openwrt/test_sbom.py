@@ -14,7 +14,10 @@ from typing import Any
 import pytest
 
 from openwrt import build_ipk as B
+from openwrt import hosttools
 from openwrt import sbom as S
+from openwrt.build_apk import build_apk
+from openwrt.package import describe
 
 
 @pytest.fixture(scope="module")
@@ -76,4 +79,30 @@ def test_sbom_is_deterministic(ipk: Path, tmp_path: Path) -> None:
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     assert S.main(["--ipk", str(ipk), "--out", str(a)]) == 0
     assert S.main(["--ipk", str(ipk), "--out", str(b)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_apk_sbom_describes_the_same_software(
+    openwrt_tools: hosttools.Tools, doc: dict[str, Any], tmp_path: Path
+) -> None:
+    """The .apk's SBOM, read through the real apk: same vendored files and hashes, same dependencies."""
+    apk = build_apk(tmp_path / "dist", apk=openwrt_tools.apk)
+    apk_doc = S.sbom(S.read_apk(apk, openwrt_tools.apk))
+    main = apk_doc["metadata"]["component"]
+    assert (main["name"], main["version"]) == ("glucoagent", describe().apk_version)
+    assert main["hashes"] == [{"alg": "SHA-256", "content": hashlib.sha256(apk.read_bytes()).hexdigest()}]
+    assert apk_doc["metadata"]["timestamp"] == doc["metadata"]["timestamp"]  # both from SOURCE_DATE_EPOCH
+    assert apk_doc["serialNumber"] != doc["serialNumber"]
+    by_name = {c["name"]: c for c in apk_doc["components"]}
+    for comp in doc["components"]:
+        if comp["purl"].startswith("pkg:pypi/"):
+            assert by_name[comp["name"]] == comp  # every vendored file, byte for byte the same hashes
+        else:
+            props = {p["name"]: p["value"] for p in by_name[comp["name"]]["properties"]}
+            ipk_props = {p["name"]: p["value"] for p in comp["properties"]}
+            assert props.get("glucoagent:version-constraint") == ipk_props.get("glucoagent:version-constraint")
+    assert set(by_name) == {c["name"] for c in doc["components"]}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for out in (a, b):
+        assert S.main(["--apk", str(apk), "--apk-tool", str(openwrt_tools.apk), "--out", str(out)]) == 0
     assert a.read_bytes() == b.read_bytes()
