@@ -359,9 +359,17 @@ class CrlKeeper:
             log.warning("no broker runs in %s: it loads the current CRL when it starts", self.run_dir)
 
     def run(self, stop: threading.Event) -> None:
+        first = True
         while not stop.is_set():
             try:
                 self.check()
+                if first:
+                    log.info(
+                        "CRL keeper: checking every %.1fs, CRL valid until %s",
+                        self.interval_s,
+                        self.pki.crl_next_update().isoformat(),
+                    )
+                    first = False
             except Exception:  # keep refreshing: a lapse here would lock the fleet out in days
                 log.exception("CRL refresh failed; retrying in %.0fs", self.interval_s)
             stop.wait(self.interval_s)
