@@ -288,7 +288,10 @@ def reload_broker(run_dir: Path, pki: FleetPki, timeout_s: float = START_TIMEOUT
     reloads within the same loop pass, so a TLS handshake started after that line meets the
     new CRL. Works from any process that may signal the broker (its owner, or root).
     """
-    _sync_crl(run_dir, pki, _broker_account())
+    try:
+        _sync_crl(run_dir, pki, _broker_account())
+    except OSError as exc:
+        raise BrokerError(f"cannot hand the CRL to the broker in {run_dir}: {exc.strerror or exc}") from exc
     pid = _broker_pid(run_dir)
     if pid is None:
         return False
@@ -301,7 +304,10 @@ def reload_broker(run_dir: Path, pki: FleetPki, timeout_s: float = START_TIMEOUT
             return 0
 
     seen = reloads()
-    os.kill(pid, signal.SIGHUP)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        raise BrokerError(f"cannot signal the broker (pid {pid}) to reload: {exc.strerror or exc}") from exc
     deadline = time.monotonic() + timeout_s
     while reloads() <= seen:
         if time.monotonic() > deadline:
