@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -78,11 +80,7 @@ def running(tmp_path: Path) -> Iterator[tuple[BackendHome, Broker, Clocks]]:
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(serve, env=service_env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while "CRL keeper: checking every" not in (tmp_path / "serve.log").read_text(errors="replace"):
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            assert time.monotonic() < deadline, "the service did not start its CRL keeper"
-            time.sleep(0.1)
+        _wait_for_text(tmp_path / "serve.log", "CRL keeper: checking every", proc)
         yield home, broker, clocks
     finally:
         proc.terminate()
@@ -91,7 +89,7 @@ def running(tmp_path: Path) -> Iterator[tuple[BackendHome, Broker, Clocks]]:
         broker.stop()
 
 
-def _logs_in_within(probe_factory: ProbeFactory, creds: Any, broker: Broker, dev_id: str, timeout_s: float) -> bool:
+def _logs_in_within(probe_factory: ProbeFactory, creds: Any, broker: Any, dev_id: str, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         probe = probe_factory(creds, client_id=dev_id, broker=broker)
@@ -122,3 +120,58 @@ def test_device_still_logs_in_31_and_400_days_after_init(
         next_update = _broker_crl(broker).next_update_utc
         assert next_update > init + dt.timedelta(days=days + 25), (days, next_update)
     assert "CRL re-issued" in (home.root.parent / "serve.log").read_text()
+
+
+def test_broker_and_service_started_400_days_after_init(tmp_path: Path, mqtt_probe: ProbeFactory) -> None:
+    """A home left stopped for 400 days: `broker` and `serve` start with a CRL long past its nextUpdate."""
+    home = BackendHome(tmp_path / "home")
+    home.ensure()
+    init = dt.datetime.now(dt.UTC)
+    dev_id = f"gd-{uuid.uuid4().hex[:12]}"
+    creds = home.pki.issue_client_cert(dev_id, not_after=init + dt.timedelta(days=800))
+    # Both processes (and mosquitto, started by `broker` as a child, maybe after dropping root) read
+    # the clock offset through a path relative to their working directory, the broker's run dir.
+    home.broker_dir.mkdir(parents=True)
+    (home.broker_dir / "clock-offset").write_text(f"{400 * DAY}\n")
+    (home.broker_dir / "clock-offset").chmod(0o644)
+    env = {**os.environ, "LD_PRELOAD": str(build_clock_shim(tmp_path)), "SOAK_CLOCK_OFFSET_FILE": "clock-offset"}
+    cli = [sys.executable, "-m", "backend.cli"]
+    port = _free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[Any] = []
+    try:
+        for args in (["broker"], ["serve", "--crl-check-interval", "0.5"]):
+            log = (tmp_path / f"{args[0]}.log").open("wb")
+            logs.append(log)
+            cmd = [*cli, *args, "--home", str(home.root), "--port", str(port)]
+            procs.append(subprocess.Popen(cmd, env=env, cwd=home.broker_dir, stdout=log, stderr=subprocess.STDOUT))
+            if args[0] == "broker":
+                _wait_for_text(tmp_path / "broker.log", "mosquitto listening", procs[-1])
+
+        where = SimpleNamespace(host="127.0.0.1", port=port)  # the probe needs only these; `broker` owns mosquitto
+        assert _logs_in_within(mqtt_probe, creds, where, dev_id, 60)
+        assert _broker_crl_at(home).next_update_utc > init + dt.timedelta(days=400)
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(10)
+        for log in logs:
+            log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_text(path: Path, text: str, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in path.read_text(errors="replace"):
+        assert proc.poll() is None, path.read_text(errors="replace")
+        assert time.monotonic() < deadline, f"{text!r} not in {path} within {timeout_s}s"
+        time.sleep(0.1)
+
+
+def _broker_crl_at(home: BackendHome) -> x509.CertificateRevocationList:
+    return x509.load_pem_x509_crl((home.broker_dir / "tls" / "crl.pem").read_bytes())
