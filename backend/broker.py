@@ -528,10 +528,6 @@ class Broker:
             raise BrokerError(f"the broker in {self.run_dir} did not take the reload signal")
         self._wait_ready()
 
-    def disconnect(self, identity: str) -> None:
-        """Close every connection of ``identity`` (certificate CN) now; see ``disconnect_identity``."""
-        disconnect_identity(self.pki.backend, self.host, self.port, identity)
-
     def __enter__(self) -> Broker:
         self.start()
         return self
