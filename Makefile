@@ -8,13 +8,22 @@ STAMP := $(VENV)/.installed
 # faketime: a box whose clock is wrong, for real. cmake … zlib1g-dev: build OpenWrt's own uci, opkg, apk
 # and jshn from ../shared/openwrt-tools; busybox: the ash that runs the init script through rc.common;
 # fakeroot: `make apk` as a non-root user still gives root-owned files; openssl: the signed-feed test's key.
-DEBS := mosquitto mosquitto-clients qemu-user-static debian-archive-keyring faketime cmake build-essential pkg-config libjson-c-dev libssl-dev libcurl4-openssl-dev meson ninja-build libzstd-dev zlib1g-dev busybox fakeroot openssl
+# mosquitto-dev libmosquitto-dev gcc libc6-dev: the broker's client-id binding plugin
+# (backend/mosquitto/glucoagent_auth.c), built by `make setup`.
+DEBS := mosquitto mosquitto-clients qemu-user-static debian-archive-keyring faketime cmake build-essential pkg-config libjson-c-dev libssl-dev libcurl4-openssl-dev meson ninja-build libzstd-dev zlib1g-dev busybox fakeroot openssl mosquitto-dev libmosquitto-dev gcc libc6-dev
 VECTORS ?= ../shared/vectors
 OPENWRT_TOOLS ?= ../shared/openwrt-tools
+# mosquitto loads this plugin (backend/broker.py): it binds each client id to its certificate's CN.
+AUTH_PLUGIN := build/glucoagent_auth.so
 
 .PHONY: setup debs demo test lint bench soak ipk apk sbom openwrt-tools clean
 
-setup: debs $(STAMP)
+setup: debs $(STAMP) $(AUTH_PLUGIN)
+
+$(AUTH_PLUGIN): backend/mosquitto/glucoagent_auth.c | debs
+	@mkdir -p build
+	@command -v cc >/dev/null || { echo "setup: no C compiler (cc) to build $@: apt-get install gcc" >&2; exit 1; }
+	cc -shared -fPIC -O2 -Wall -Wextra -Werror -o $@ $< -lcrypto
 
 # Debian packages the tests and the demo run for real (broker, clients).
 debs:
