@@ -26,6 +26,7 @@ import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -205,7 +206,9 @@ class Broker:
         port: int | None = None,
         autosave_interval_s: int = 1,
         verbose: bool = False,
+        extra_conf: Sequence[str] = (),
     ) -> None:
+        self.extra_conf = tuple(extra_conf)  # lines appended to mosquitto.conf (e.g. max_packet_size)
         self.pki = pki
         self.run_dir = run_dir
         self._fixed_port = port is not None
@@ -339,6 +342,7 @@ class Broker:
                 autosave_interval_s=self.autosave_interval_s,
                 verbose=self.verbose,
             )
+            + "".join(f"{line}\n" for line in self.extra_conf)
         )
 
     def _spawn(self) -> None:

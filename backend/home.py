@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,8 @@ class BackendHome:
     def db(self) -> BackendDb:
         return BackendDb(self.root / "backend.db")
 
-    def broker(self, port: int | None = None) -> Broker:
-        return Broker(self.pki, self.root / "broker", port=port)
+    def broker(self, port: int | None = None, extra_conf: Sequence[str] = ()) -> Broker:
+        return Broker(self.pki, self.root / "broker", port=port, extra_conf=extra_conf)
 
     def backend_tls(self) -> TlsFiles:
         creds = self.pki.backend
