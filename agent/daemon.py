@@ -63,7 +63,9 @@ class Daemon:
         self.recorder = Recorder(self.store, self.signer, cfg.alerts)
         if set_aside:
             self.recorder.raise_condition("store_corrupt", f"buffer file was corrupt; kept aside as {set_aside}")
-        self.uplink = Uplink(cfg, self.identity, self.store, on_command=self.on_command)
+        self.uplink = Uplink(
+            cfg, self.identity, self.store, on_command=self.on_command, raise_condition=self.recorder.raise_condition
+        )
         self.watcher = MeterWatcher(cfg, self.recorder, self.clock, on_stored=self.uplink.wake)
         self.commands = CommandExecutor(self, renewed=renewed)
         self._stop = threading.Event()
@@ -87,6 +89,7 @@ class Daemon:
             "acked": up.acked,
             "reconnects": up.reconnects,
             "connect_failures": up.connect_failures,
+            "too_large_records": up.too_large,
             "serial_errors": self.watcher.serial_errors,
             "free_storage_bytes": free,
             "rss_kib": memory_rss_kib(),

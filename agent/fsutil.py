@@ -15,9 +15,9 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     The temp file is created with ``mode`` from the start, so a secret is never
     readable by others, not even for an instant.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)

@@ -14,7 +14,7 @@ from agent import cose, telemetry
 from agent.clock import Clock
 from agent.config import AlertsSection
 from agent.errors import BufferFull, StorageUnavailable
-from agent.models import GlucoseReading, InsulinDose, RangeFlag
+from agent.models import GlucoseReading, InsulinDose, RangeFlag, Unit
 from agent.store import PRIO_ALERT, PRIO_HEALTH, PRIO_RECORD, Intake, Store
 
 log = logging.getLogger(__name__)
@@ -45,14 +45,26 @@ def glucose_alerts(r: GlucoseReading, limits: AlertsSection) -> list[tuple[str, 
     """Alert codes a reading raises. Control-solution results never raise patient alerts."""
     if r.control_solution:
         return []
-    value, when = r.value_mgdl, r.meter_time.isoformat()
+    value, when, shown = r.value_mgdl, r.meter_time.isoformat(), _shown(r)
     if r.range_flag is RangeFlag.LOW or value < limits.severe_hypo_mgdl:
-        return [("hypo_severe", f"glucose {value} mg/dL below {limits.severe_hypo_mgdl} at {when}")]
+        return [("hypo_severe", f"glucose {shown} below {limits.severe_hypo_mgdl} at {when}")]
     if value < limits.hypo_mgdl:
-        return [("hypo", f"glucose {value} mg/dL below {limits.hypo_mgdl} at {when}")]
+        return [("hypo", f"glucose {shown} below {limits.hypo_mgdl} at {when}")]
     if r.range_flag is RangeFlag.HIGH or value > limits.hyper_mgdl:
-        return [("hyper", f"glucose {value} mg/dL above {limits.hyper_mgdl} at {when}")]
+        return [("hyper", f"glucose {shown} above {limits.hyper_mgdl} at {when}")]
     return []
+
+
+def _shown(r: GlucoseReading) -> str:
+    """The value as an alert message states it. A HIGH/LOW result's value_mgdl is only the meter's limit,
+    so it must not read as a measurement."""
+    if r.range_flag is RangeFlag.LOW:
+        return f"{r.native_value}, below the meter's range ({r.value_mgdl} mg/dL),"
+    if r.range_flag is RangeFlag.HIGH:
+        return f"{r.native_value}, above the meter's range ({r.value_mgdl} mg/dL),"
+    if r.native_unit is Unit.MMOLL:
+        return f"{r.value_mgdl} mg/dL ({r.native_value} mmol/L)"
+    return f"{r.value_mgdl} mg/dL"
 
 
 class Recorder:

@@ -74,6 +74,33 @@ class LinkSettings:
 Message = tuple[str, bytes]
 
 
+class PacketTooLarge(LinkError):
+    """A PUBLISH bigger than the broker's Maximum Packet Size: refused here, because mosquitto would
+    disconnect us for it and paho (2.x ignores the CONNACK property) would send it again after the
+    reconnect, for ever."""
+
+
+def _varint_len(n: int) -> int:
+    """Bytes of an MQTT Variable Byte Integer (the Remaining Length)."""
+    return 1 if n < 128 else 2 if n < 16_384 else 3 if n < 2_097_152 else 4
+
+
+def publish_packet_size(topic: str, payload_len: int, *, qos: int = 1, v5: bool = True) -> int:
+    """Bytes of a PUBLISH as Maximum Packet Size counts them (MQTT 5 §3.1.2.11.4: the whole packet):
+    fixed header, topic, packet identifier (QoS > 0), the properties length (v5; we send no
+    properties), payload."""
+    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + (1 if v5 else 0) + payload_len
+    return 1 + _varint_len(remaining) + remaining
+
+
+def max_publish_payload(max_packet: int, topic: str, *, qos: int = 1, v5: bool = True) -> int:
+    """The largest payload whose PUBLISH on ``topic`` is at most ``max_packet`` bytes (-1: none fits)."""
+    best = max_packet - publish_packet_size(topic, 0, qos=qos, v5=v5)  # the Remaining Length only grows
+    while best >= 0 and publish_packet_size(topic, best, qos=qos, v5=v5) > max_packet:
+        best -= 1  # at most 3 times
+    return max(best, -1)
+
+
 def _tls_context(files: TlsFiles) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.ca))  # fleet CA pinned, no system CAs
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -150,13 +177,16 @@ class MqttLink:
         self._acks: dict[int, threading.Event] = {}
         self._ack_reason: dict[int, int] = {}
         self._subacks: dict[int, tuple[threading.Event, list[int]]] = {}
+        self._max_packet: int | None = None
         self.disconnect_reason: str | None = None
 
     # --- paho callbacks (network thread) --------------------------------------------------------
     def _handle_connect(
-        self, _c: paho.Client, _u: object, flags: paho.ConnectFlags, rc: ReasonCode, _p: object
+        self, _c: paho.Client, _u: object, flags: paho.ConnectFlags, rc: ReasonCode, props: object
     ) -> None:
         self._connack_rc = rc
+        limit = getattr(props, "MaximumPacketSize", None)  # absent = no limit but the protocol's (v3.1.1: never sent)
+        self._max_packet = limit if isinstance(limit, int) and limit > 0 else None
         self._session_present = bool(flags.session_present)
         self._connected = not rc.is_failure
         self._connack.set()
@@ -206,6 +236,17 @@ class MqttLink:
     @property
     def session_present(self) -> bool:
         return self._session_present
+
+    @property
+    def max_packet_size(self) -> int | None:
+        """The Maximum Packet Size the broker declared in its CONNACK (None: it declared none)."""
+        return self._max_packet
+
+    def max_payload(self, topic: str, qos: int = 1) -> int | None:
+        """The largest payload the broker takes on ``topic`` (None: no declared limit)."""
+        if self._max_packet is None:
+            return None
+        return max_publish_payload(self._max_packet, topic, qos=qos, v5=self._v5)
 
     def connect(self) -> None:
         """Open TCP+TLS, send CONNECT, wait for CONNACK. Raises a LinkError subclass."""
@@ -284,6 +325,12 @@ class MqttLink:
         """Queue a publish; returns the mid to ``wait_ack`` on. Raises LinkError when not sent."""
         if not self._connected:
             raise LinkError("not connected")
+        if self._max_packet is not None:
+            size = publish_packet_size(topic, len(payload), qos=qos, v5=self._v5)
+            if size > self._max_packet:
+                raise PacketTooLarge(
+                    f"a {size}-byte message to {topic} exceeds the broker's maximum packet size ({self._max_packet})"
+                )
         event = threading.Event()
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:

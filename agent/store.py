@@ -489,10 +489,13 @@ def open_store(path: Path, *, max_records: int, retention_s: float) -> tuple[Sto
     except StoreCorrupt as exc:
         reason = str(exc)
     aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    try:
+        os.replace(path, aside)
+        for suffix in ("-journal", "-wal", "-shm"):
+            side = path.with_name(path.name + suffix)
+            if side.exists():
+                os.replace(side, aside.with_name(aside.name + suffix))
+    except OSError as exc:  # e.g. a read-only file system: the storage error, not a stray OSError
+        raise StorageUnavailable(f"buffer {path} is corrupt ({reason}) and cannot be set aside: {exc}") from exc
     log.error("buffer %s is corrupt (%s); kept aside as %s, starting a fresh buffer", path, reason, aside)
-    os.replace(path, aside)
-    for suffix in ("-journal", "-wal", "-shm"):
-        side = path.with_name(path.name + suffix)
-        if side.exists():
-            os.replace(side, aside.with_name(aside.name + suffix))
     return Store(path, max_records=max_records, retention_s=retention_s), str(aside)

@@ -36,8 +36,8 @@ from agent.topics import DeviceTopics
 log = logging.getLogger(__name__)
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
-_BATCH_OVERHEAD = 16  # CBOR array header and per-item length prefixes, generously
 _IDLE_WAIT_S = 0.2  # longest wait on the socket when there is nothing to do
+TOO_LARGE = "record_too_large"  # condition (and alert) while a record is too large for any message
 
 
 @dataclasses.dataclass(slots=True)
@@ -59,11 +59,22 @@ class Counters:
     bad_messages: int = 0
     connected_since: float | None = None
     last_upload: float | None = None
+    too_large: int = 0  # records kept in the buffer because no message may carry them (now)
 
 
 def encode_batch(rows: list[OutboxRow]) -> bytes:
     """Upload payload: a CBOR array of COSE_Sign1 byte strings (each record signed on its own)."""
     return cbor2.dumps([r.cose for r in rows])
+
+
+def _cbor_head(n: int) -> int:
+    """Bytes of a CBOR head (major type + length) for a length of ``n``."""
+    return 1 if n < 24 else 2 if n < 256 else 3 if n < 65_536 else 5 if n < 2**32 else 9
+
+
+def batch_size(cose_lengths: list[int]) -> int:
+    """Exactly ``len(encode_batch(rows))`` for rows of these COSE sizes."""
+    return _cbor_head(len(cose_lengths)) + sum(_cbor_head(n) + n for n in cose_lengths)
 
 
 def decode_ack(data: bytes, command_key: cose.PublicKey, device_id: str) -> dict[str, list[int]]:
@@ -109,6 +120,7 @@ class Uplink:
         store: Store,
         on_command: Callable[[bytes], bool] | None = None,
         health_payload: Callable[[], bytes | None] | None = None,
+        raise_condition: Callable[[str, str], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.identity = identity
@@ -134,6 +146,9 @@ class Uplink:
         )
         self.link: MqttLink | None = None
         self._ticks: list[Callable[[], None]] = []
+        self.raise_condition = raise_condition
+        self._too_large: set[int] = set()  # row ids, judged by the current connection's limit
+        self._too_large_reported = TOO_LARGE in self._conditions()
 
     def add_tick(self, work: Callable[[], None]) -> None:
         """Run ``work`` on the uplink thread at every loop pass (paho's client is not thread-safe)."""
@@ -199,6 +214,7 @@ class Uplink:
             raise
         self.counters.reconnects += 1
         self.counters.connected_since = time.time()
+        self._too_large.clear()  # the limit is this broker's: judge every record again
         log.info(
             "uplink: connected to %s:%d as %s (session present: %s, status mid %d)",
             self.settings.host,
@@ -317,33 +333,78 @@ class Uplink:
             if seqs:
                 self._apply_ack(stream, seqs)
 
+    def payload_limit(self, topic: str) -> int:
+        """Bytes one upload message may carry on ``topic``: ``mqtt.max_payload`` or what the broker's
+        Maximum Packet Size (CONNACK) leaves for the payload, whichever is smaller."""
+        limit = self.cfg.mqtt.max_payload
+        broker = self.link.max_payload(topic) if self.link is not None else None
+        return limit if broker is None else min(limit, broker)
+
     def _fill_window(self) -> None:
         link = self.link
         assert link is not None
         while len(self._inflight) < self.cfg.mqtt.inflight:
-            exclude = {i for b in self._inflight.values() for i in b.ids}
+            exclude = {i for b in self._inflight.values() for i in b.ids} | self._too_large
             try:
                 rows = self.store.pending(self.cfg.mqtt.batch_records, exclude)
             except StoreError as exc:
                 log.error("cannot read the buffer: %s", exc)
                 return
             if not rows:
+                self._check_too_large()
                 return
             stream = rows[0].stream
-            batch: list[OutboxRow] = []
-            size = _BATCH_OVERHEAD
-            for row in rows:
-                if row.stream != stream:
-                    break
-                if batch and size + len(row.cose) + 4 > self.cfg.mqtt.max_payload:
-                    break
-                batch.append(row)
-                size += len(row.cose) + 4
             topic = self.topics.telemetry if stream == CLINICAL else self.topics.health
+            limit = self.payload_limit(topic)
+            if batch_size([len(rows[0].cose)]) > limit:
+                self._set_aside(rows[0], limit)
+                continue
+            batch: list[OutboxRow] = []
+            items = 0  # bytes of the array's items so far
+            for row in rows:
+                item = _cbor_head(len(row.cose)) + len(row.cose)
+                if row.stream != stream or _cbor_head(len(batch) + 1) + items + item > limit:
+                    break  # a row too large even alone comes first next time and is set aside then
+                batch.append(row)
+                items += item
             mid = link.publish(topic, encode_batch(batch))
             self._inflight[mid] = _Batch(mid, stream, {r.id for r in batch}, {r.seq for r in batch}, time.monotonic())
             self.counters.uploaded += len(batch)
             self.counters.last_upload = time.time()
+
+    def _set_aside(self, row: OutboxRow, limit: int) -> None:
+        """A record no message may carry under this broker's limit stays in the buffer (never dropped: it is
+        sent once the limit allows, e.g. after the broker's max_packet_size or mqtt.max_payload is raised)
+        and the others go on. Logged, counted in health and status, raised once as a condition/alert."""
+        self._too_large.add(row.id)
+        self.counters.too_large = len(self._too_large)
+        message = (
+            f"record {row.stream}/{row.seq} ({row.kind}, {len(row.cose)} bytes) is larger than a message may be "
+            f"({limit} bytes: mqtt.max_payload or the broker's maximum packet size); kept in the buffer, not sent"
+        )
+        log.error("uplink: %s", message)
+        if not self._too_large_reported and self.raise_condition is not None:
+            self.raise_condition(TOO_LARGE, message)
+            self._too_large_reported = True
+
+    def _check_too_large(self) -> None:
+        """Everything else is sent: if nothing was too large on this connection, the condition is over."""
+        self.counters.too_large = len(self._too_large)
+        if self._too_large or not self._too_large_reported:
+            return
+        try:
+            self.store.clear_condition(TOO_LARGE)
+        except StoreError as exc:
+            log.error("could not clear condition %s: %s", TOO_LARGE, exc)
+            return
+        self._too_large_reported = False
+        log.info("uplink: no record is too large for a message any more")
+
+    def _conditions(self) -> dict[str, tuple[float, str]]:
+        try:
+            return self.store.conditions()
+        except StoreError:
+            return {}
 
     def publish_result(self, payload: bytes) -> None:
         if self.link is not None and self.link.connected:

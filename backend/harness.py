@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from agent import telemetry
@@ -48,12 +48,12 @@ def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subp
 class LocalSystem:
     """Broker + backend service (in this process) under one run directory."""
 
-    def __init__(self, run: Path, *, broker_port: int | None = None) -> None:
+    def __init__(self, run: Path, *, broker_port: int | None = None, broker_conf: Sequence[str] = ()) -> None:
         self.run = run
         run.mkdir(parents=True, exist_ok=True)
         self.home = BackendHome(run / "backend")
         self.home.ensure()
-        self.broker: Broker = self.home.broker(port=broker_port)
+        self.broker: Broker = self.home.broker(port=broker_port, extra_conf=broker_conf)
         self.db: BackendDb = self.home.db()
         self.service: BackendService | None = None
         self._thread: threading.Thread | None = None

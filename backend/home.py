@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,8 @@ class BackendHome:
     def broker_dir(self) -> Path:
         return self.root / "broker"
 
-    def broker(self, port: int | None = None) -> Broker:
-        return Broker(self.pki, self.broker_dir, port=port)
+    def broker(self, port: int | None = None, extra_conf: Sequence[str] = ()) -> Broker:
+        return Broker(self.pki, self.broker_dir, port=port, extra_conf=extra_conf)
 
     def backend_tls(self) -> TlsFiles:
         creds = self.pki.backend

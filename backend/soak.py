@@ -11,7 +11,7 @@ through:
   three times in a row, so some kills land during start-up, a meter read or an upload);
 * ``broker_kill`` (SIGKILL, started again seconds later) and ``broker_restart`` (SIGTERM);
 * ``net_cut_rst`` / ``net_cut_fin``, ``net_black_hole``, ``net_refuse`` and ``net_flap``
-  through tests/support/tcp_proxy.py between the agent and the broker;
+  through backend/faultproxy.py between the agent and the broker;
 * ``disk_full``: the agent's state directory is a small tmpfs this script mounts; a
   ballast file fills it, then goes away (half the time the agent is SIGKILLed and
   restarted while the disk is full);

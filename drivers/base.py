@@ -8,6 +8,7 @@ bytes; only ``Device`` touches the port.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -79,6 +80,38 @@ class SerialTransport:
             self.port.reset_input_buffer()
         except _PORT_ERRORS as exc:
             raise PortError(f"flush of {self.url} failed: {exc}") from exc
+
+    def waiting(self) -> int:
+        """Bytes received and not yet read."""
+        try:
+            return int(self.port.in_waiting)
+        except _PORT_ERRORS as exc:
+            raise PortError(f"read from {self.url} failed: {exc}") from exc
+
+    @contextlib.contextmanager
+    def read_timeout(self, seconds: float) -> Iterator[None]:
+        """Another read timeout for the body; the port's own is restored after.
+
+        Setting a timeout reconfigures the port, which fails once the device is gone. A failure
+        while restoring must not replace the error that ended the body (the driver's own, e.g.
+        the read that found the port vanished), so it is only logged then."""
+        normal = self.port.timeout
+        try:
+            self.port.timeout = seconds
+        except _PORT_ERRORS as exc:
+            raise PortError(f"cannot set the timeout of {self.url}: {exc}") from exc
+        try:
+            yield
+        except BaseException:
+            try:
+                self.port.timeout = normal
+            except _PORT_ERRORS:
+                log.debug("restoring the timeout of %s failed", self.url, exc_info=True)
+            raise
+        try:
+            self.port.timeout = normal
+        except _PORT_ERRORS as exc:
+            raise PortError(f"cannot restore the timeout of {self.url}: {exc}") from exc
 
     def __enter__(self) -> SerialTransport:
         return self

@@ -1,6 +1,6 @@
 """``glucoagent simulate`` and ``glucoagent decode`` (wired into agent/cli.py via ``add_parsers``).
 
-Until then: ``python -m drivers.cli_commands simulate onetouch-ultra2 --link /tmp/ttyMETER``.
+Also runnable alone: ``python -m drivers.cli_commands simulate onetouch-ultra2 --link /tmp/ttyMETER``.
 """
 
 from __future__ import annotations

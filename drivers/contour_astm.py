@@ -1,15 +1,24 @@
 """Bayer/Ascensia Contour family: ASTM E1381 link + E1394 records (reference section B).
 
 Supported features:
-    - data transfer: EOT nudge, ENQ -> ACK, then one E1394 record per frame (H, P, R..., L), EOT;
+    - data transfer: EOT nudge, ENQ -> ACK, then E1394 records H, P, R..., L, EOT; whole frames the
+      meter sends before its ENQ (a Contour USB answers the EOT with its header frame first) are
+      skipped while waiting for the ENQ;
     - frames: numbers 1..7 then 0 (wrap), ETB or ETX on any frame, mod-256 checksum; a bad frame is
       NAKed and its retransmission accepted, at most ``MAX_RETRIES`` times per frame; a repeated
       frame (same number as the previous one: our ACK was lost) is ACKed and dropped;
+    - records across frames (E1381): an intermediate frame ends in ETB without the record's CR,
+      at any byte; frame texts are joined and split into records at CR (as python-astm's codec
+      does), so one record may span frames and one frame may carry several records;
+    - delimiters as the H record declares them (``H`` + field, repeat, component, escape; Bayer
+      sends ``|\\^&``); escape sequences are not decoded (Contour meters send none);
     - identity (product code -> model, serial, firmware) and meter clock from the header record;
     - results in both R layouts (9-field Contour USB/Next, 12-field serial CONTOUR), mg/dL and
       mmol/L (the unit in each R record is authoritative), ``>``/``<`` markers with the measuring
       range from header ``V=LLHHH`` (default 10-600 mg/dL), control solution (``C`` marker, or
-      ``E`` status on the old layout), meal markers B/A/F; all markers kept raw in ``comment``;
+      ``E`` status on the old layout), meal markers B/A/F; markers are split on ``/`` and on the
+      declared repeat delimiter (the old layout repeats abnormal flags, e.g. ``>\\T``); all kept raw
+      in ``comment``;
     - remote-command clock replies (``D|YYMMDD|``, ``D|HHMM|``) are decoded by the codec.
 
 Never sent: ``W|`` (write) commands. Expected device path: /dev/ttyUSB0 (FTDI cable), 9600 8N1.
@@ -21,6 +30,7 @@ import dataclasses
 import datetime as dt
 import logging
 import re
+from collections import deque
 from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
 
@@ -46,6 +56,10 @@ CRLF = CR + LF
 FRAME_MODULO = 8
 FIRST_FRAME = 1
 MAX_RETRIES = 6  # E1381: the sender gives up after six NAKs of one frame
+MAX_FRAME_TEXT = 240  # E1381: text characters in one frame (longer records are split, intermediate frames ETB)
+MAX_RECORD = 8192  # a Contour record is < 300 characters: a longer join is a broken stream, not a record
+NOISE_BEFORE_ENQ = 64  # bytes outside frames tolerated while waiting for the meter's ENQ
+MAX_FRAMES_BEFORE_ENQ = 8  # whole frames skipped while waiting for it
 
 # --- E1394 delimiters and content -----------------------------------------------------------------------
 FIELD = "|"
@@ -81,7 +95,7 @@ MODELS: dict[str, str] = {
     "Bayer6116": "Breeze 2",
 }
 
-_TEXT_RE = re.compile(r"^[\x20-\x7e]*$")
+_TEXT_RE = re.compile(r"^[\x20-\x7e\r]*$")  # CR separates records inside a frame
 _MARK_RE = re.compile(r"^[A-Z0-9<>]{1,3}$")
 _MGDL_RE = re.compile(r"^\d{1,4}$")
 _MMOLL_RE = re.compile(r"^\d{1,2}(\.\d{1,2})?$")
@@ -94,8 +108,54 @@ class ProtocolError(InvalidResponse):
 @dataclasses.dataclass(frozen=True, slots=True)
 class Frame:
     number: int
-    text: str  # one E1394 record, without the trailing CR
+    text: str  # record text (CR between records), without the CR before ETB/ETX
     final: bool  # ETX (end of message) rather than ETB
+    ends_record: bool = True  # False: an intermediate frame; its last record continues in the next frame
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Delimiters:
+    """E1394 delimiters, declared by the H record right after its ``H``."""
+
+    field: str = "|"
+    repeat: str = "\\"
+    component: str = "^"
+    escape: str = "&"
+
+    @classmethod
+    def declared(cls, header_text: str) -> Delimiters:
+        chars = header_text[1:5]
+        if header_text[:1] != "H" or len(chars) != 4:
+            raise InvalidResponse(f"not a header record: {header_text[:60]!r}")
+        if len(set(chars)) != 4 or any(c.isalnum() or not c.isprintable() or c == " " for c in chars):
+            raise InvalidResponse(f"unusable delimiters {chars!r} in the header record")
+        return cls(*chars)
+
+
+STANDARD = Delimiters()
+
+
+class RecordJoiner:
+    """Frame texts in, whole records out (E1381 §6.3: a record may be split over frames)."""
+
+    def __init__(self) -> None:
+        self._partial = ""
+
+    @property
+    def partial(self) -> bool:
+        """A record has begun and not ended."""
+        return bool(self._partial)
+
+    def reset(self) -> None:
+        self._partial = ""
+
+    def feed(self, frame: Frame) -> list[str]:
+        joined = self._partial + frame.text + (CR.decode() if frame.ends_record else "")
+        *records, self._partial = joined.split(CR.decode())
+        if len(self._partial) > MAX_RECORD:
+            self._partial = ""
+            raise ProtocolError(f"a record longer than {MAX_RECORD} characters (intermediate frames without an end)")
+        return records
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -107,6 +167,7 @@ class Header:
     record_count: int | None
     clock: dt.datetime
     password: str = ""
+    delimiters: Delimiters = dataclasses.field(default_factory=Delimiters)
 
     @property
     def model(self) -> str:
@@ -142,21 +203,34 @@ def checksum(body: bytes) -> int:
     return sum(body) & 0xFF
 
 
-def encode_frame(number: int, text: str, *, final: bool) -> bytes:
-    body = str(number % FRAME_MODULO).encode("ascii") + text.encode("ascii") + CR + (ETX if final else ETB)
+def encode_frame(number: int, text: str, *, final: bool, ends_record: bool = True) -> bytes:
+    """One frame; ``ends_record=False`` makes an intermediate frame (ETB right after the text, no CR)."""
+    if not ends_record and final:
+        raise ValueError("the last frame of a message ends its record")
+    end = (CR if ends_record else b"") + (ETX if final else ETB)
+    body = str(number % FRAME_MODULO).encode("ascii") + text.encode("ascii") + end
     return STX + body + b"%02X" % checksum(body) + CRLF
 
 
+def split_record(text: str, size: int = MAX_FRAME_TEXT) -> list[str]:
+    """A record's text in frame-sized pieces (all but the last go out as intermediate frames)."""
+    if size < 1:
+        raise ValueError("frame text size must be positive")
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+
+
 def decode_frame(data: bytes) -> Frame:
-    """One frame ``STX FN text CR ETB|ETX C1 C2 CR LF`` (exactly, nothing around it)."""
+    """One frame ``STX FN text CR ETB|ETX C1 C2 CR LF`` (exactly, nothing around it); an intermediate
+    frame has no CR before its ETB (``ends_record`` False)."""
     if not isinstance(data, bytes | bytearray):
         raise TypeError(f"bytes expected, got {type(data).__name__}")
     data = bytes(data)
     if not data.startswith(STX) or not data.endswith(CRLF) or len(data) < 8:
         raise MissingChecksum(f"not a complete frame: {data[:40]!r}")
     terminator = data[-5:-4]
-    if terminator not in (ETB, ETX) or data[-6:-5] != CR:
-        raise MissingChecksum(f"frame without CR ETB/ETX before its checksum: {data[-8:]!r}")
+    ends_record = data[-6:-5] == CR
+    if terminator not in (ETB, ETX) or (terminator == ETX and not ends_record):
+        raise MissingChecksum(f"frame without ETB or CR ETX before its checksum: {data[-8:]!r}")
     wire_text = data[-4:-2]
     if not re.fullmatch(rb"[0-9A-F]{2}", wire_text):
         raise MissingChecksum(f"frame checksum is not two upper-case hex digits: {wire_text!r}")
@@ -167,10 +241,10 @@ def decode_frame(data: bytes) -> Frame:
     number = body[:1]
     if not number.isdigit() or int(number) >= FRAME_MODULO:
         raise InvalidResponse(f"invalid frame number {number!r}")
-    text = body[1:-2].decode("latin-1")
+    text = body[1 : -2 if ends_record else -1].decode("latin-1")
     if not _TEXT_RE.match(text):
         raise InvalidResponse(f"control or non-ASCII bytes inside frame text: {text[:40]!r}")
-    return Frame(int(number), text, terminator == ETX)
+    return Frame(int(number), text, terminator == ETX, ends_record)
 
 
 def parse_time(value: str) -> dt.datetime:
@@ -189,49 +263,57 @@ def record_type(text: str) -> str:
 
 
 def decode_header(text: str) -> Header:
-    fields = text.split(FIELD)
+    d = Delimiters.declared(text)
+    fields = text.split(d.field)
     if fields[0] != "H" or len(fields) < 13:
         raise InvalidResponse(f"not a header record: {text[:60]!r}")
-    if fields[1] != DELIMITERS:
-        raise InvalidResponse(f"unsupported delimiters {fields[1]!r} (expected {DELIMITERS!r})")
-    sender = fields[4].split(COMPONENT)
+    sender = fields[4].split(d.component)
     if len(sender) < 3 or not sender[2]:
         raise InvalidResponse(f"header without a serial number: {fields[4]!r}")
     config: list[tuple[str, str]] = []
     if "=" in fields[5]:
-        for item in fields[5].split(COMPONENT):
+        for item in fields[5].split(d.component):
             key, _, value = item.partition("=")
             config.append((key, value))
     count = int(fields[6]) if len(fields) > 6 and fields[6].isdigit() else None
     return Header(
         product=sender[0],
-        versions=tuple(sender[1].split(REPEAT)),
+        versions=tuple(sender[1].split(d.repeat)),
         serial=sender[2],
         config=tuple(config),
         record_count=count,
         clock=parse_time(fields[-1]),
         password=fields[3],
+        delimiters=d,
     )
 
 
-def decode_result(text: str) -> Result:
-    """An R record in either layout (9 fields: Contour USB/Next; 12 fields: serial CONTOUR)."""
-    fields = text.split(FIELD)
+def _marks(field: str, d: Delimiters) -> list[str]:
+    """Markers of one field: Bayer separates them with ``/``; E1394 repeats a field with the declared
+    repeat delimiter (old layout: ``>\\T``). Both count, or a HIGH flag would read as in range."""
+    return [m for m in field.replace(d.repeat, "/").split("/") if m]
+
+
+def decode_result(text: str, delimiters: Delimiters = STANDARD) -> Result:
+    """An R record in either layout (9 fields: Contour USB/Next; 12 fields: serial CONTOUR), with the
+    delimiters its transfer's H record declared."""
+    d = delimiters
+    fields = text.split(d.field)
     if fields[0] != "R" or len(fields) not in (LAYOUT_NEXT, LAYOUT_OLD):
         raise InvalidResponse(f"not a result record of a known layout: {text[:60]!r}")
     if not fields[1].isdigit():
         raise InvalidResponse(f"invalid result sequence number {fields[1]!r}")
-    unit, _, method = fields[4].partition(COMPONENT)
+    unit, _, method = fields[4].partition(d.component)
     if len(fields) == LAYOUT_NEXT:
-        markers = tuple(m for m in fields[6].split("/") if m)
+        markers = tuple(_marks(fields[6], d))
         control = MARK_CONTROL in markers
     else:
         # ref | abnormal | user mark | status: keep every non-empty mark, raw
-        markers = tuple(m for f in fields[5:9] for m in f.split("/") if m)
-        control = STATUS_CONTROL in fields[8].split("/")
+        markers = tuple(m for f in fields[5:9] for m in _marks(f, d))
+        control = STATUS_CONTROL in _marks(fields[8], d)
     return Result(
         sequence=int(fields[1]),
-        analyte=fields[2].split(COMPONENT)[-1],
+        analyte=fields[2].split(d.component)[-1],
         value=fields[3],
         unit=unit,
         method=method,
@@ -340,28 +422,42 @@ class Decoded:
 
 
 def decode_capture(data: bytes) -> Decoded:
-    """Decode a raw capture of meter -> host bytes: frames anywhere in it, repeats dropped by number."""
+    """Decode a raw capture of meter -> host bytes: frames anywhere in it, repeats dropped by number,
+    records joined across intermediate frames."""
     readings: list[GlucoseReading] = []
     rejected: list[str] = []
     header: Header | None = None
     last_number: int | None = None
+    joiner = RecordJoiner()
     for index, match in enumerate(re.finditer(rb"\x02[^\x02]*?\r\n", data), start=1):
         try:
             frame = decode_frame(match.group(0))
-            if frame.number == last_number:
-                continue  # retransmission of a frame we already have
-            last_number = frame.number
-            kind = record_type(frame.text)
-            if kind == "H":
-                header = decode_header(frame.text)
-            elif kind == "R":
-                result = decode_result(frame.text)
-                if result.analyte == ANALYTE_GLUCOSE:
-                    if header is None:
-                        raise ProtocolError("result record before any header record")
-                    readings.append(result_reading(result, header))
+        except DriverError as exc:
+            if joiner.partial:
+                joiner.reset()  # a piece of the record is missing: the rest of it cannot be trusted
+            rejected.append(f"frame {index}: {type(exc).__name__}: {exc}")
+            continue
+        if frame.number == last_number:
+            continue  # retransmission of a frame we already have
+        last_number = frame.number
+        try:
+            records = joiner.feed(frame)
         except DriverError as exc:
             rejected.append(f"frame {index}: {type(exc).__name__}: {exc}")
+            continue
+        for text in records:
+            try:
+                kind = record_type(text)
+                if kind == "H":
+                    header = decode_header(text)
+                elif kind == "R":
+                    result = decode_result(text, header.delimiters if header else STANDARD)
+                    if result.analyte == ANALYTE_GLUCOSE:
+                        if header is None:
+                            raise ProtocolError("result record before any header record")
+                        readings.append(result_reading(result, header))
+            except DriverError as exc:
+                rejected.append(f"frame {index}: {type(exc).__name__}: {exc}")
     return Decoded(tuple(readings), tuple(rejected), header.serial if header else None)
 
 
@@ -376,29 +472,38 @@ class Device(SerialTransport, MeterDriver):
         self._fresh = False  # a transfer is open and its records not read yet
         self._expected = FIRST_FRAME
         self._last: int | None = None
+        self._joiner = RecordJoiner()
+        self._records: deque[str] = deque()
 
     def _start_transfer(self) -> Header:
         self.flush_input()
-        self.write(EOT)  # nudge: the meter answers [EOT] ENQ
-        for _ in range(64):
-            byte = self.read(1)
-            if not byte:
-                raise NoResponse(f"no ENQ from a Contour meter on {self.url}")
-            if byte == ENQ:
-                break
-        else:
-            raise NoResponse(f"no ENQ from a Contour meter on {self.url} (only noise)")
+        self.write(EOT)  # nudge: the meter answers [EOT] [frames] ENQ
+        if not await_enq(self):
+            raise NoResponse(f"no ENQ from a Contour meter on {self.url}")
         self.write(ACK)
         self._expected, self._last = FIRST_FRAME, None
-        text = self._next_text()
+        self._joiner.reset()
+        self._records.clear()
+        text = self._next_record()
         if text is None or record_type(text) != "H":
             raise ProtocolError(f"transfer did not start with a header record: {text!r}")
         self._header = decode_header(text)
         self._fresh = True
         return self._header
 
-    def _next_text(self) -> str | None:
-        """The next new frame's record text (ACKed), or None at EOT. NAKs bad frames."""
+    def _next_record(self) -> str | None:
+        """The next whole record of the transfer (joined across intermediate frames), or None at EOT."""
+        while not self._records:
+            frame = self._next_frame()
+            if frame is None:
+                if self._joiner.partial:
+                    raise ProtocolError("transfer ended (EOT) inside a record split over frames")
+                return None
+            self._records.extend(self._joiner.feed(frame))
+        return self._records.popleft()
+
+    def _next_frame(self) -> Frame | None:
+        """The next new frame (ACKed), or None at EOT. NAKs bad frames."""
         retries = 0
         while True:
             byte = self.read(1)
@@ -423,7 +528,7 @@ class Device(SerialTransport, MeterDriver):
                         raise ProtocolError(f"frame {frame.number} out of sequence, expected {self._expected}")
                     self.write(ACK)
                     self._last, self._expected = frame.number, (frame.number + 1) % FRAME_MODULO
-                    return frame.text
+                    return frame
             retries += 1
             if retries > MAX_RETRIES:
                 raise ProtocolError(f"frame {self._expected} failed {retries} times: {problem}")
@@ -446,12 +551,12 @@ class Device(SerialTransport, MeterDriver):
         self._fresh = False
         results = 0
         while True:
-            text = self._next_text()
+            text = self._next_record()
             if text is None:
                 raise ProtocolError(f"transfer ended (EOT) before the terminator record, after {results} results")
             kind = record_type(text)
             if kind == "R":
-                result = decode_result(text)
+                result = decode_result(text, header.delimiters)
                 if result.analyte != ANALYTE_GLUCOSE:
                     continue
                 results += 1
@@ -460,20 +565,36 @@ class Device(SerialTransport, MeterDriver):
                 break
             elif kind == "H":
                 raise ProtocolError("a second header record inside one transfer")
-        if self._next_text() is not None:
-            log.warning("frames after the terminator record")
+        if self._records or self._next_record() is not None:
+            log.warning("records after the terminator record")
         if header.record_count is not None and header.record_count != results:
             log.info("header announced %d results, %d glucose results received", header.record_count, results)
+
+
+def await_enq(port: SerialTransport) -> bool:
+    """After our EOT nudge: True once the meter's ENQ arrives, False on silence or only noise.
+
+    Whole frames before the ENQ are skipped: a Contour USB answers the EOT with its header frame
+    (~190 bytes) and then ENQ (glucometerutils' and glucodump's Contour USB captures); it sends
+    the header again as frame 1 once we ACK. Bytes outside frames count against a small budget."""
+    noise = frames = 0
+    while noise < NOISE_BEFORE_ENQ:
+        byte = port.read(1)
+        if not byte:
+            return False
+        if byte == ENQ:
+            return True
+        if byte == STX and frames < MAX_FRAMES_BEFORE_ENQ:
+            frames += 1
+            if not port.readline().endswith(LF):  # the rest of the frame, through its CR LF
+                return False
+            continue
+        noise += 1
+    return False
 
 
 def probe_port(port: SerialTransport) -> bool:
     """True when a meter answers our EOT nudge with ENQ (we do not ACK it, so no transfer starts)."""
     port.flush_input()
     port.write(EOT)
-    for _ in range(2):  # the meter may answer EOT ENQ
-        byte = port.read(1)
-        if byte == ENQ:
-            return True
-        if not byte:
-            return False
-    return False
+    return await_enq(port)

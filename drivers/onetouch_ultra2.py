@@ -311,12 +311,8 @@ class Device(SerialTransport, MeterDriver):
     def _readline_within(self, wait: float | None) -> bytes:
         if wait is None or wait <= (self.port.timeout or 0):
             return self.readline()
-        normal = self.port.timeout
-        self.port.timeout = wait
-        try:
+        with self.read_timeout(wait):
             return self.readline()
-        finally:
-            self.port.timeout = normal
 
     def identify(self) -> MeterIdentity:
         serial = decode_serial(self._command(CMD_SERIAL, COMMAND_RETRIES))

@@ -39,6 +39,7 @@ FIELDS = {
     "acked",
     "reconnects",
     "connect_failures",
+    "too_large_records",
     "serial_errors",
     "free_storage_bytes",
     "rss_kib",

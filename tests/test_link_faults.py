@@ -1,4 +1,4 @@
-"""Bad networks between the box and the cloud, made for real with a TCP proxy (tests/support/tcp_proxy.py).
+"""Bad networks between the box and the cloud, made for real with a TCP proxy (backend/faultproxy.py).
 
 Real processes throughout: the Ultra 2 simulator on a pty, ``glucoagent run``, the
 proxy, mosquitto with mutual TLS and the reference backend. The device's

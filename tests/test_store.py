@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import BufferFull, StorageUnavailable
+from agent.fsutil import atomic_write
 from agent.store import CLINICAL, HEALTH, PRIO_ALERT, PRIO_HEALTH, PRIO_RECORD, Intake, Store, open_store
 
 
@@ -151,10 +152,11 @@ def test_garbage_file_is_kept_aside(tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def small_fs(tmp_path: Path, size: str) -> Iterator[Path]:
+def small_fs(tmp_path: Path, size: str, *, inodes: int | None = None) -> Iterator[Path]:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
+    options = f"size={size}" + (f",nr_inodes={inodes}" if inodes else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], check=True)
     try:
         yield mnt
     finally:
@@ -191,6 +193,47 @@ def test_read_only_file_system_is_a_clear_error(tmp_path: Path) -> None:
         assert [r.seq for r in s.pending(10)] == [1]
         assert s.accept([rec("b")], source="m") == [2]
         s.close()
+
+
+def test_full_disk_at_the_sequence_side_file_is_a_storage_error(tmp_path: Path) -> None:
+    """The side file ``b.db.seq`` is rewritten when a sequence number reaches its reserved bound; on a
+    full disk that write must fail as the storage error (the daemon and intake handle StoreError),
+    with nothing stored and nothing lost. Full here = no inode left, so the database and its WAL
+    keep working while the side file's temp file cannot be created."""
+    with small_fs(tmp_path, "1m", inodes=16) as mnt:
+        s = Store(mnt / "b.db")
+        assert s.accept([rec("a")], source="m") == [1]
+        s.close()
+        (mnt / "b.db.seq").write_text("2 1\n")  # the bound a box reaches every SEQ_BLOCK numbers
+        s = Store(mnt / "b.db")
+        with contextlib.suppress(OSError):
+            for i in range(100):
+                (mnt / f"ballast{i}").touch()
+        with pytest.raises(StorageUnavailable, match=r"b\.db\.seq: No space left on device"):
+            s.accept([rec("b")], source="m")
+        assert [r.seq for r in s.pending(10)] == [1] and s.known_keys("m", ["b"]) == set()
+        for ballast in mnt.glob("ballast*"):
+            ballast.unlink()
+        assert s.accept([rec("b")], source="m") == [2]  # room again: the same number, nothing skipped
+        s.close()
+
+
+def test_corrupt_buffer_on_a_read_only_file_system_is_a_storage_error(tmp_path: Path) -> None:
+    """Setting a corrupt file aside needs a rename; on a read-only file system that is the storage
+    error (the daemon retries it), not a stray OSError, and the file stays where it was."""
+    with small_fs(tmp_path, "1m") as mnt:
+        (mnt / "b.db").write_bytes(b"this is not a database" * 100)
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        with pytest.raises(StorageUnavailable, match="cannot be set aside"):
+            open_store(mnt / "b.db", max_records=10, retention_s=0)
+        assert sorted(p.name for p in mnt.iterdir()) == ["b.db"]
+
+
+def test_durable_write_into_a_missing_directory_on_a_read_only_file_system_is_a_storage_error(tmp_path: Path) -> None:
+    with small_fs(tmp_path, "1m") as mnt:
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        with pytest.raises(StorageUnavailable, match="cannot write"):
+            atomic_write(mnt / "commands" / "x", b"data")
 
 
 def test_a_second_process_is_locked_out_with_a_clear_error(store: Store) -> None:

@@ -23,9 +23,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
-import serial
-
-from agent.errors import DriverError, InvalidResponse, NoResponse, PortError
+from agent.errors import DriverError, InvalidResponse, NoResponse
 from agent.models import InsulinDose, PenIdentity
 from drivers.base import SerialTransport
 from drivers.novopen import pn532
@@ -93,10 +91,7 @@ class Device(SerialTransport):
     def _read_some(self) -> bytes:
         data = self.read(1)
         if data:
-            try:
-                waiting = self.port.in_waiting
-            except (serial.SerialException, OSError) as exc:
-                raise PortError(f"read from {self.url} failed: {exc}") from exc
+            waiting = self.waiting()
             if waiting:
                 data += self.read(waiting)
         return data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -226,3 +227,174 @@ def test_driver_never_writes(sim: Any) -> None:
     with sim(ca.PROTOCOL, random_records(ca.PROTOCOL, 5, seed=2)) as (link, simulator):
         assert read_meter(link, None, wall_clock=dt.datetime.now).complete
     assert all(not c.startswith(b"W|") for c in simulator.commands_seen)
+
+
+# --- records across frames, delimiters the header declares, frames before the ENQ (issue 15) ---------------
+OLD_HEADER = "H|\\^&||-7880|Bayer7150^1.05\\0.00^7150-SAM2193|||||||P|1|200305121635"
+
+
+def test_intermediate_frame_literal() -> None:
+    """E1381: an intermediate frame has its text then ETB, no CR (the record goes on in the next frame)."""
+    assert ca.encode_frame(2, "ab", final=False, ends_record=False) == b"\x022ab\x170C\r\n"
+    assert ca.decode_frame(b"\x022ab\x170C\r\n") == ca.Frame(2, "ab", final=False, ends_record=False)
+    assert ca.decode_frame(b"\x022ab\r\x1719\r\n") == ca.Frame(2, "ab", final=False, ends_record=True)
+    with pytest.raises(MissingChecksum):
+        ca.decode_frame(b"\x022ab\x03F8\r\n")  # a final (ETX) frame must end its record
+
+
+def test_joiner_splits_records_at_cr_across_frames() -> None:
+    joiner = ca.RecordJoiner()
+    pieces = [
+        ca.Frame(1, "R|1|^^^Glu", final=False, ends_record=False),
+        ca.Frame(2, "cose|104|mg/d", final=False, ends_record=False),
+        ca.Frame(3, "L||B||202401020300", final=False),
+    ]
+    assert joiner.feed(pieces[0]) == [] and joiner.partial
+    assert joiner.feed(pieces[1]) == []
+    assert joiner.feed(pieces[2]) == ["R|1|^^^Glucose|104|mg/dL||B||202401020300"] and not joiner.partial
+    # python-astm style: several records in one frame, CR between them
+    assert joiner.feed(ca.Frame(4, "P|1\rL|1||N", final=True)) == ["P|1", "L|1||N"]
+    with pytest.raises(ca.ProtocolError, match="longer than"):
+        for n in range(ca.MAX_RECORD // 200 + 2):
+            joiner.feed(ca.Frame(n % 8, "x" * 200, final=False, ends_record=False))
+
+
+def _split_wire(records: list[str], size: int) -> bytes:
+    """A transfer's frames with every record split into ``size``-character pieces (literal E1381)."""
+    wire, number = b"", ca.FIRST_FRAME
+    for i, text in enumerate(records):
+        pieces = ca.split_record(text, size)
+        for n, piece in enumerate(pieces):
+            last = n == len(pieces) - 1
+            wire += ca.encode_frame(number, piece, final=last and i == len(records) - 1, ends_record=last)
+            number += 1
+    return wire
+
+
+def test_capture_with_records_split_at_any_byte() -> None:
+    records = [OLD_HEADER, "P|1", "R|1|^^^Glucose|5.5|mmol/L^P|||||||200612190719", "L|1||N"]
+    for size in (1, 7, 13, 40, 240):
+        decoded = ca.decode_capture(ca.EOT + ca.ENQ + _split_wire(records, size) + ca.EOT)
+        assert decoded.rejected == () and decoded.serial == "7150-SAM2193", size
+        assert [(r.native_value, r.value_mgdl) for r in decoded.readings] == [("5.5", mmoll_to_mgdl(Decimal("5.5")))]
+
+
+def test_capture_drops_a_record_whose_piece_was_bad() -> None:
+    records = [
+        OLD_HEADER,
+        "R|1|^^^Glucose|99|mg/dL^P|||||||200612190719",
+        "R|2|^^^Glucose|120|mg/dL^P|||||||200612190720",
+    ]
+    frames = [m.group(0) for m in re.finditer(rb"\x02[^\x02]*?\r\n", _split_wire([*records, "L|1||N"], 20))]
+    bad = frames[4][:-4] + b"00\r\n"  # a piece in the middle of the first result
+    decoded = ca.decode_capture(b"".join([*frames[:4], bad, *frames[5:]]))
+    assert [r.value_mgdl for r in decoded.readings] == [120] and decoded.rejected
+
+
+def test_old_layout_repeated_abnormal_flags_with_the_declared_repeat_delimiter() -> None:
+    """``>\\T``: HIGH and T, repeated with E1394's repeat delimiter; split only on '/', HIGH read as in range."""
+    text = "R|3|^^^Glucose|600|mg/dL^P||>\\T|||||200612190719"
+    result = ca.decode_result(text)
+    assert result.markers == (">", "T")
+    reading = ca.make_reading("S", result.when, result.value, result.unit, result.markers, ca.DEFAULT_LIMITS)
+    assert (reading.range_flag, reading.value_mgdl) == (RangeFlag.HIGH, 600)
+    low = ca.decode_result("R|4|^^^Glucose|10|mg/dL^P||<\\T||E\\X|||200612190720")
+    assert low.markers == ("<", "T", "E", "X") and low.control
+
+
+def test_delimiters_come_from_the_header() -> None:
+    header_text = "H!~%$!!pw!Bayer7150%1.05~0.00%7150-DEL1!!!!!!!P!1!200305121635"
+    header = ca.decode_header(header_text)
+    assert header.delimiters == ca.Delimiters("!", "~", "%", "$")
+    assert (header.serial, header.versions, header.model) == ("7150-DEL1", ("1.05", "0.00"), "Contour")
+    result_text = "R!1!%%%Glucose!600!mg/dL%P!!>~T!!!!!200612190719"
+    assert ca.decode_result(result_text, header.delimiters).markers == (">", "T")
+    decoded = ca.decode_capture(_split_wire([header_text, result_text, "L!1!!N"], 240))
+    assert [(r.range_flag, r.value_mgdl) for r in decoded.readings] == [(RangeFlag.HIGH, 600)]
+    for bad in ("H|||^&", "H|\\^A|", "H|"):
+        with pytest.raises(InvalidResponse):
+            ca.decode_header(bad + "|x|B^1^S|||||||P|1|200305121635")
+
+
+def test_header_frame_before_the_enq_is_skipped_over_pty(vectors: Any, scripted: Any, run_in_thread: Any) -> None:
+    """glucometerutils' Contour USB capture: EOT, a whole 194-byte header frame, ENQ. The ENQ was looked for
+    only 64 bytes ahead, so the meter was given up as "no response"."""
+    lead = next(
+        bytes.fromhex(f["wire_hex"])
+        for f in vectors.json("contour-astm", "frames.json")["frames"]
+        if f["expected"].get("bytes_after_CRLF_hex") == "05"
+    )
+    assert len(lead[1:-1]) == 194 and lead[:2] == ca.EOT + ca.STX and lead[-1:] == ca.ENQ  # EOT, frame, ENQ
+    header_text = ca.decode_frame(lead[1:-1]).text
+    result = run_in_thread(read_meter, scripted.url, "contour-astm", wall_clock=dt.datetime.now, timeout=2)
+    scripted.expect(ca.EOT)
+    scripted.send(lead)
+    scripted.expect(ca.ACK)
+    for number, text in enumerate([header_text, "P|1", "R|1|^^^Glucose|133|mg/dL^P||B/X||201202052034"], start=1):
+        scripted.send(ca.encode_frame(number, text, final=False))
+        scripted.expect(ca.ACK)
+    scripted.send(ca.encode_frame(4, "L|1||N", final=True))
+    scripted.expect(ca.ACK)
+    scripted.send(ca.EOT)
+    read = result.result(timeout=10)
+    assert read.complete, read.error
+    assert read.identity.serial == "7390-2336773" and [r.value_mgdl for r in read.readings] == [133]
+
+
+def test_split_records_over_pty_literal(scripted: Any, run_in_thread: Any) -> None:
+    """Every record of the transfer in 9-character intermediate frames, ACKed frame by frame."""
+    records = [
+        "H|\\^&||pw|Bayer7410^1.0^7410-9^x|V=10600|1|||||P|1|20240102030405",
+        "P|1",
+        "R|1|^^^Glucose|104|mg/dL^P||B||202401020300",
+        "L|1||N",
+    ]
+    frames = re.findall(rb"\x02[^\x02]*?\r\n", _split_wire(records, 9))
+    assert len(frames) > 12 and all(f[-5:-4] == ca.ETB for f in frames[:-1]) and frames[-1][-5:-4] == ca.ETX
+    result = run_in_thread(read_meter, scripted.url, "contour-astm", wall_clock=dt.datetime.now, timeout=2)
+    scripted.expect(ca.EOT)
+    scripted.send(ca.ENQ)
+    scripted.expect(ca.ACK)
+    for frame in frames:
+        scripted.send(frame)
+        scripted.expect(ca.ACK)
+    scripted.send(ca.EOT)
+    read = result.result(timeout=10)
+    assert read.complete, read.error
+    assert [(r.value_mgdl, r.meal) for r in read.readings] == [(104, Meal.BEFORE)]
+
+
+def test_eot_inside_a_split_record_is_a_protocol_error(scripted: Any, run_in_thread: Any) -> None:
+    header = "H|\\^&||pw|Bayer7410^1.0^7410-9^x|V=10600|1|||||P|1|20240102030405"
+    result = run_in_thread(read_meter, scripted.url, "contour-astm", wall_clock=dt.datetime.now, timeout=2)
+    scripted.expect(ca.EOT)
+    scripted.send(ca.ENQ)
+    scripted.expect(ca.ACK)
+    scripted.send(ca.encode_frame(1, header, final=False))
+    scripted.expect(ca.ACK)
+    scripted.send(ca.encode_frame(2, "R|1|^^^Glucose|1", final=False, ends_record=False))
+    scripted.expect(ca.ACK)
+    scripted.send(ca.EOT)
+    read = result.result(timeout=10)
+    assert not read.complete and read.readings == () and "inside a record" in (read.error or "")
+
+
+@pytest.mark.parametrize("faults", [Faults(), Faults(repeat=0.2, bad_checksum=0.1, noise=0.05, seed=8)])
+def test_roundtrip_with_split_frames_and_a_leading_header(sim: Any, faults: Faults) -> None:
+    records = random_records(ca.PROTOCOL, 25, seed=21)
+    with sim(ca.PROTOCOL, records, faults) as (link, simulator):
+        simulator.frame_text_max = 17  # every record spans 2-11 frames; frame numbers wrap many times
+        simulator.lead_header = True
+        read = read_meter(link, None, wall_clock=dt.datetime.now, timeout=0.3)  # the probe skips the frame too
+    assert read.complete, read.error
+    assert read.identity.protocol == ca.PROTOCOL
+    assert [r.with_offset(None) for r in read.readings] == records
+
+
+def test_unplugged_inside_a_split_record_keeps_what_verified(sim: Any) -> None:
+    records = random_records(ca.PROTOCOL, 12, seed=22)
+    with sim(ca.PROTOCOL, records, Faults(unplug_after=5)) as (link, simulator):
+        simulator.frame_text_max = 11
+        read = read_meter(link, ca.PROTOCOL, wall_clock=dt.datetime.now, timeout=0.3)
+    assert not read.complete and read.error
+    assert [r.with_offset(None) for r in read.readings] == records[:5]
