@@ -3,5 +3,6 @@
 from backend.faultproxy import TcpProxy  # shared with `make soak`
 
 from .buffer import fill_buffer
+from .probe import MqttProbe
 
-__all__ = ["TcpProxy", "fill_buffer"]
+__all__ = ["MqttProbe", "TcpProxy", "fill_buffer"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
-from conftest import MqttProbe
+from support import MqttProbe
 
 from agent import cose, telemetry, topics
 from agent.clock import Clock, ClockQuality, Timestamp

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import cbor2
 import pytest
-from conftest import MqttProbe
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from lifecycle import device_id_of, signed, upload
+from support import MqttProbe
 
 from agent import topics
 from backend.harness import GLUCOAGENT, LocalSystem

@@ -49,7 +49,7 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSystem]:
 def test_the_computed_limit_is_the_brokers(system: LocalSystem) -> None:
     creds = system.home.pki.backend
     settings = LinkSettings(
-        host="localhost", port=system.broker.port, client_id="size-probe", tls=TlsFiles(creds.ca, creds.cert, creds.key)
+        host="localhost", port=system.broker.port, client_id="backend-size-probe", tls=TlsFiles(creds.ca, creds.cert, creds.key)
     )
     topic = "gluco/v1/test/size"
     link = MqttLink(settings)
