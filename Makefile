@@ -5,11 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # mosquitto: the real broker; qemu-user-static + archive keyring: the emulated MIPS device;
-# faketime: a box whose clock is wrong, for real.
-DEBS := mosquitto mosquitto-clients qemu-user-static debian-archive-keyring faketime
+# faketime: a box whose clock is wrong, for real. cmake … zlib1g-dev: build OpenWrt's own uci, opkg, apk
+# and jshn from ../shared/openwrt-tools; busybox: the ash that runs the init script through rc.common.
+DEBS := mosquitto mosquitto-clients qemu-user-static debian-archive-keyring faketime \
+	cmake build-essential pkg-config libjson-c-dev libssl-dev libcurl4-openssl-dev meson ninja-build libzstd-dev zlib1g-dev busybox
 VECTORS ?= ../shared/vectors
+OPENWRT_TOOLS ?= ../shared/openwrt-tools
 
-.PHONY: setup debs demo test lint bench soak ipk sbom clean
+.PHONY: setup debs demo test lint bench soak ipk apk sbom openwrt-tools clean
 
 setup: debs $(STAMP)
 
@@ -36,6 +39,9 @@ demo: setup
 test: setup lint
 	@if [ -d "$(VECTORS)" ]; then export GLUCOAGENT_VECTORS="$$(cd $(VECTORS) && pwd)"; \
 	  else echo "conformance suite did not run: $(VECTORS) is absent"; fi; \
+	  if [ -d "$(OPENWRT_TOOLS)" ]; then GLUCOAGENT_OPENWRT_TOOLS="$$($(BIN)/python -m openwrt.hosttools --src $(OPENWRT_TOOLS))" || exit 1; \
+	    export GLUCOAGENT_OPENWRT_TOOLS; \
+	  else echo "OpenWrt tools suite did not run: $(OPENWRT_TOOLS) is absent"; fi; \
 	  $(BIN)/pytest -q -p no:cacheprovider tests
 
 lint: setup
@@ -52,6 +58,10 @@ SOAK_KILLS ?= $(shell echo $$(( $(SOAK_MINUTES) * 100 )))
 soak: setup
 	$(BIN)/python -m backend.soak --minutes $(SOAK_MINUTES)
 	GLUCOAGENT_CRASH_KILLS=$(SOAK_KILLS) $(BIN)/pytest -q -p no:cacheprovider tests/test_crash.py
+
+# OpenWrt's own uci, opkg, apk, jshn, built once into ~/.cache/glucoagent (GLUCOAGENT_TOOLS_CACHE).
+openwrt-tools: setup
+	$(BIN)/python -m openwrt.hosttools --src $(OPENWRT_TOOLS)
 
 ipk: setup
 	$(BIN)/python -m openwrt.build_ipk --out dist
