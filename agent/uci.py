@@ -51,6 +51,7 @@ _CMD_PACKAGE = ("package", "p")
 _CMD_CONFIG = ("config", "c")
 _CMD_OPTION = ("option", "o")
 _CMD_LIST = ("list", "l")
+_COMMANDS = (_CMD_PACKAGE, _CMD_CONFIG, _CMD_OPTION, _CMD_LIST)
 _CSPACE = " \t\n\v\f\r"  # C isspace() in the C locale
 _STRTOK_DELIMS = " \t"  # what uci_parse_line splits command words on (not newlines)
 _COMMENT = "#"
@@ -148,6 +149,7 @@ class _Reader:
         self.src: list[int] = []
         self.filled = 0  # libuci's buf_filled: end of the data the last read put in the buffer
         self.pos = 0
+        self.subject = ""  # the command being read, for error messages: "option 'port'"
 
     # -- C primitives
     def getln(self, offset: int) -> bool:
@@ -335,6 +337,8 @@ def _parse_line(r: _Reader, pkg: _Package) -> None:
             return
         word, at = found
         verb = _Word(word, r.offset(at), r.offset(at + len(word)), r.line())
+        long = next((c[0] for c in _COMMANDS if word in c), "")
+        r.subject = long
         if word.startswith(_COMMENT):
             return
         if word in _CMD_PACKAGE:
@@ -344,6 +348,7 @@ def _parse_line(r: _Reader, pkg: _Package) -> None:
         elif word in _CMD_CONFIG:
             r.skip_command_word("config")
             stype = r.next_arg(True)
+            r.subject = f"config {stype.text!r}"
             if not _valid_type(stype.text):
                 raise _Reject("invalid character in type field")
             name = r.next_arg(False, name=True)
@@ -353,13 +358,15 @@ def _parse_line(r: _Reader, pkg: _Package) -> None:
             if pkg.current is None:
                 raise _Reject("option/list command found before the first section")
             r.skip_command_word("option")
+            r.subject = long
             key = r.next_arg(True, name=True)
+            r.subject = f"{long} {key.text!r}"
             value = r.next_arg(False)
             r.assert_eol()
             words = [verb, key, value] if value.end > value.start else [verb, key]  # '' is a word too
             _option(pkg.current, _Command(words, verb.line), word in _CMD_LIST)
         else:
-            raise _Reject("invalid command")
+            raise _Reject(f"invalid command {word!r}")
 
 
 def _config(pkg: _Package, cmd: _Command) -> None:
@@ -408,7 +415,8 @@ def _parse(text: str, source: str) -> list[_Builder]:
         try:
             _parse_line(r, pkg)
         except _Reject as exc:
-            raise ConfigError(f"{source}:{r.line()}: {exc} (uci refuses this file)") from None
+            subject = f"{r.subject}: " if r.subject else ""
+            raise ConfigError(f"{source}:{r.line()}: {subject}{exc} (uci refuses this file)") from None
 
 
 def parse_uci(text: str, *, source: str = "<string>") -> list[UciSection]:

@@ -328,8 +328,10 @@ def hand_written(draw: st.DrawFn) -> str:
     def cmd(verb_long: str, verb_short: str, *args: str) -> None:
         parts.append(draw(st.sampled_from(["", "\t", "  ", "\f"])))
         parts.append(draw(st.sampled_from([verb_long, verb_short])))
-        for a in args:
-            parts.append(draw(st.sampled_from([" ", "\t", "  ", "\v", "\f", " \r "])) + _encode_word(draw, a))
+        for n, a in enumerate(args):
+            # strtok cuts the command word at a space or tab only; the arguments may be apart by any blank
+            blanks = [" ", "\t", "  ", " \r "] + (["\v", "\f"] if n else [])
+            parts.append(draw(st.sampled_from(blanks)) + _encode_word(draw, a))
         parts.append(sep())
 
     if draw(st.booleans()):
@@ -431,6 +433,6 @@ def test_the_two_defects(openwrt_tools: hosttools.Tools, work: Path) -> None:
     """Issue 14: uci refuses a name reused with another type; a ';' stuck to a word ends the line."""
     refused = compare(openwrt_tools, work, "config a x\noption v 1\nconfig b x\n")
     assert isinstance(refused, Refused) and refused.line == 3
-    with pytest.raises(ConfigError, match=r"glucoagent:3: section of different type overwrites prior section"):
+    with pytest.raises(ConfigError, match=r"glucoagent:3: config 'b': section of different type overwrites prior section"):
         parse_uci("config a x\noption v 1\nconfig b x\n", source="/etc/config/glucoagent")
     assert compare(openwrt_tools, work, "config a x; option v 1; option w 2\n") == [("a", "x", {}, {})]
