@@ -7,7 +7,8 @@ retry 0 never gives up), each start a Python start-up and a log line. A finite r
 would instead leave a box provisioned an hour later dead until someone restarts it. So the agent
 stays up: it logs why it cannot start once, then checks every ``POLL_S`` seconds whether the
 configuration file or the credential files changed (``os.stat`` of a few files: microseconds of
-CPU, no inotify needed) and tries again only then. ``glucoagent provision`` writes the
+CPU, no inotify needed) and tries again only then; a reason already logged is not repeated.
+``glucoagent provision`` writes the
 credentials; the next check sees them and the daemon starts, nobody restarts anything.
 """
 
@@ -67,6 +68,7 @@ def wait_until_ready(
 ) -> Config | None:
     """The configuration once it loads and the box is provisioned; None when ``stop`` was set first."""
     state_dir = default_state_dir
+    said = ""  # the last reason logged: provisioning writes five files, one "not provisioned" is enough
     while not stop.is_set():
         # Taken before the attempt: a change while it runs is seen by the next comparison.
         tried = watched_paths(config_path, state_dir)
@@ -77,14 +79,18 @@ def wait_until_ready(
             check_ready(cfg)
             return cfg
         except NotProvisioned as exc:
-            log.warning("%s; waiting: the agent starts by itself once provisioned", exc)
+            if str(exc) != said:
+                log.warning("%s; waiting: the agent starts by itself once provisioned", exc)
+            said = str(exc)
         except GlucoagentError as exc:
-            log.error("cannot start: %s; waiting for the configuration or credentials to change", exc)
+            if str(exc) != said:
+                log.error("cannot start: %s; waiting for the configuration or credentials to change", exc)
+            said = str(exc)
         paths = watched_paths(config_path, state_dir)
         if paths != tried:  # the configuration moved the state directory: watch the new one from now
             before = fingerprint(paths)
         while fingerprint(paths) == before:
             if stop.wait(poll_s):
                 return None
-        log.info("configuration or credentials changed: trying again")
+        log.debug("configuration or credentials changed: trying again")
     return None
