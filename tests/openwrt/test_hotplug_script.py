@@ -99,12 +99,26 @@ def test_without_run_dir_the_script_uses_the_agents_default(openwrt_tools: hostt
     assert take_hotplug_notes(tmp_path / "state" / "run") == [("add", "/dev/ttyACM0")]
 
 
+def test_anonymous_agent_section_and_default_state_dir(openwrt_tools: hosttools.Tools, tmp_path: Path) -> None:
+    """The agent accepts ``config agent`` without a name: so does the script (``@agent[0]``); and the
+    script's fallback state directory is the agent's default."""
+    from agent.config import AgentSection, load_config
+
+    text = f"config agent\n\toption run_dir '{tmp_path / 'ram'}'\n"
+    (tmp_path / "agent.uci").write_text(text)
+    assert load_config(tmp_path / "agent.uci").run_path == tmp_path / "ram"
+    env = _box(tmp_path, openwrt_tools, text)
+    assert hotplug(env, ACTION="add", DEVNAME="ttyUSB1", SUBSYSTEM="tty").returncode == 0
+    assert take_hotplug_notes(tmp_path / "ram") == [("add", "/dev/ttyUSB1")]
+    assert f"|| echo {AgentSection().state_dir})/run" in SCRIPT.read_text()
+
+
 def test_shipped_config_puts_notices_in_var_run(openwrt_tools: hosttools.Tools, tmp_path: Path) -> None:
     from agent.config import load_config
 
     shipped = (REPO / "openwrt" / "files" / "glucoagent.config").read_text()
     env = _box(tmp_path, openwrt_tools, shipped)
-    proc = subprocess.run(["uci", "-q", "get", "glucoagent.agent.run_dir"], env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.run(["uci", "-q", "get", "glucoagent.@agent[0].run_dir"], env=env, capture_output=True, text=True, check=False)
     assert proc.stdout.strip() == "/var/run/glucoagent"
     assert load_config(REPO / "openwrt" / "files" / "glucoagent.config").run_path == Path("/var/run/glucoagent")
 
