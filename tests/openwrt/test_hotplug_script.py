@@ -162,12 +162,15 @@ def test_hotplugged_meter_is_read_through_the_shell_script(openwrt_tools: hostto
             run_dir = tmp_path / "ram"
             config = device_config(state / "glucoagent.uci", [], agent={"port_scan_s": "0.3", "run_dir": str(run_dir)})
             env = _box(tmp_path, openwrt_tools, config.read_text())
+            legacy = state / HOTPLUG_DIR  # where earlier versions left notices, on flash
+            legacy.mkdir()
+            (legacy / "add-ttyUSB0").write_text("/dev/ttyUSB0\n")
             system.start_agent(state, config)
             log = state / "agent.log"
             assert hotplug(env, ACTION="add", DEVNAME=name, SUBSYSTEM="tty").returncode == 0
             assert system.wait_for(lambda: len(system.db.records(kind="reading")) >= 8, timeout=60), log.read_text()[-3000:]
             assert f"hotplug: /dev/{name} appeared" in log.read_text()
-            assert not (state / HOTPLUG_DIR).exists()  # nothing on flash
+            assert not legacy.exists()  # nothing on flash: the old folder is cleared at start
             assert list((run_dir / HOTPLUG_DIR).iterdir()) == []  # taken
         finally:
             dev.unlink()
