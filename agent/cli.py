@@ -8,24 +8,30 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from agent import __version__
 from agent.clitools import dispatch
-from agent.config import Config, load_config, with_state_dir
+from agent.config import AgentSection, Config, load_config, with_state_dir
 from agent.errors import GlucoagentError
 
 DEFAULT_CONFIG = Path("/etc/config/glucoagent")
 log = logging.getLogger("glucoagent")
 
 
-def _config(args: argparse.Namespace) -> Config:
+def _config_path(args: argparse.Namespace) -> Path | None:
     path: Path | None = args.config
     if path is None and DEFAULT_CONFIG.exists():
         path = DEFAULT_CONFIG
-    cfg = load_config(path)
+    return path
+
+
+def _config(args: argparse.Namespace) -> Config:
+    cfg = load_config(_config_path(args))
     if args.state_dir is not None:
         cfg = with_state_dir(cfg, args.state_dir)
     return cfg
@@ -66,12 +72,30 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.daemon import Daemon
     from agent.logsetup import setup_logging
+    from agent.standby import wait_until_ready
 
-    cfg = _config(args)
-    setup_logging(args.log_level or cfg.agent.log_level, cfg.agent.log_target)
-    return Daemon(cfg).run()
+    # Unprovisioned or misconfigured: wait idle for a change instead of exiting into procd's
+    # respawn loop (agent/standby.py says why). Its errors are logged before any config is read.
+    setup_logging(args.log_level or "info")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def load() -> Config:
+        cfg = _config(args)
+        setup_logging(args.log_level or cfg.agent.log_level, cfg.agent.log_target)
+        return cfg
+
+    cfg = wait_until_ready(_config_path(args), load, stop, default_state_dir=args.state_dir or AgentSection().state_dir)
+    if cfg is None:
+        return 0
+    from agent.daemon import Daemon
+
+    daemon = Daemon(cfg)
+    if stop.is_set():  # signalled while it was being built: stop at once, cleanly
+        daemon.stop()
+    return daemon.run()
 
 
 def cmd_deprovision(args: argparse.Namespace) -> int:
@@ -104,7 +128,7 @@ def cmd_deprovision(args: argparse.Namespace) -> int:
 def cmd_hotplug(args: argparse.Namespace) -> int:
     from agent.meters import hotplug_note
 
-    hotplug_note(_config(args).agent.state_dir, args.action, args.devname)
+    hotplug_note(_config(args).run_path, args.action, args.devname)
     return 0
 
 
@@ -133,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="self-test: serial ports, broker reachable, TLS handshake, clock sane")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("run", help="run the agent daemon (procd starts this)")
+    p = sub.add_parser(
+        "run", help="run the agent daemon (procd starts this); unprovisioned or misconfigured, it waits idle for a fix"
+    )
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_run)
 
@@ -141,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="wipe even unsent readings")
     p.set_defaults(func=cmd_deprovision)
 
-    p = sub.add_parser("hotplug", help="(for the hotplug script) tell the daemon a serial device came or went")
+    p = sub.add_parser("hotplug", help="tell the daemon a serial device came or went (what the hotplug script does in shell)")
     p.add_argument("action", choices=("add", "remove"))
     p.add_argument("devname", help="device name, e.g. ttyUSB0")
     p.set_defaults(func=cmd_hotplug)

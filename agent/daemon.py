@@ -56,6 +56,8 @@ class Daemon:
     def __init__(self, cfg: Config, identity: DeviceIdentity | None = None) -> None:
         self.cfg = cfg
         renewed = renewal.complete_swap(cfg.agent.state_dir)  # a certificate swap a crash cut short
+        # Earlier versions left hotplug notices on flash; they live in run_dir (RAM) now.
+        shutil.rmtree(cfg.agent.state_dir / "hotplug", ignore_errors=True)
         self.identity = identity or load_identity(cfg.agent.state_dir)
         self.clock = Clock()
         self.store, set_aside = open_buffer(cfg)

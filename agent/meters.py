@@ -1,7 +1,7 @@
 """Watches serial ports and reads whatever meter or pen appears on them.
 
-A port is read when it appears (configured ports are polled; hotplug drops a
-note in ``<state_dir>/hotplug/``), and again every ``reread_s`` while attached.
+A port is read when it appears (configured ports are polled; the hotplug script drops a
+notice in ``<run_dir>/hotplug/``, see :func:`hotplug_note`), and again every ``reread_s`` while attached.
 Reads are handed to the Recorder, which stores only records the ledger has
 not seen. A failed or partial read is logged; what verified is kept, and the
 next read fetches the rest (the meter still holds it).
@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from agent.intake import Recorder
 
 log = logging.getLogger(__name__)
 HOTPLUG_DIR = "hotplug"
+HOTPLUG_ACTIONS = ("add", "remove")
+_HOTPLUG_NAME_RE = re.compile(r"[A-Za-z0-9_]+", re.ASCII)  # a kernel tty name: ttyUSB0, ttyACM1
 PEN_SETTLE_S = 60.0  # a pen left on the reader is read again at most this often
 
 
@@ -37,16 +40,51 @@ class PortState:
     serial_errors: int = 0
 
 
-def hotplug_note(state_dir: Path, action: str, devname: str) -> Path:
-    """Called by the hotplug script: leave a note the daemon picks up on its next scan."""
+def hotplug_note(run_dir: Path, action: str, devname: str) -> Path:
+    """Leave the notice the daemon picks up on its next scan (as the hotplug shell script does).
+
+    Format, shared with ``openwrt/files/glucoagent.hotplug``: one file per device,
+    ``<run_dir>/hotplug/<devname>`` (e.g. ``ttyUSB0``), holding the last action (``add`` or
+    ``remove``) and a newline, written to a dot-file first and renamed, so the daemon never reads
+    half a notice and a later event replaces an earlier one. ``run_dir`` is RAM (tmpfs) on the box:
+    notices are rewritten on every plug and mean nothing after a reboot.
+    """
     name = os.path.basename(devname)
-    if action not in ("add", "remove") or not name or name.startswith("."):
+    if action not in HOTPLUG_ACTIONS or not _HOTPLUG_NAME_RE.fullmatch(name):
         raise GlucoagentError(f"hotplug: bad event {action!r} {devname!r}")
-    folder = state_dir / HOTPLUG_DIR
+    folder = run_dir / HOTPLUG_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    note = folder / f"{action}-{name}"
-    note.write_text(f"/dev/{name}\n")
+    note = folder / name
+    tmp = folder / f".{name}.{os.getpid()}"
+    tmp.write_text(f"{action}\n")
+    os.replace(tmp, note)
     return note
+
+
+def take_hotplug_notes(run_dir: Path) -> list[tuple[str, str]]:
+    """(action, /dev/name) of every complete notice, oldest first; each is removed as it is read."""
+    folder = run_dir / HOTPLUG_DIR
+    try:
+        entries = [e for e in os.scandir(folder) if _HOTPLUG_NAME_RE.fullmatch(e.name)]  # skips dot temp files
+    except FileNotFoundError:
+        return []
+    events: list[tuple[float, str, str]] = []
+    for entry in entries:
+        taken = folder / f".taken-{entry.name}"
+        try:
+            # Claim it by renaming first: a notice the script renames into place after this is a new
+            # file, read on the next scan, never deleted unread.
+            os.rename(entry.path, taken)
+            mtime = taken.stat().st_mtime
+            action = taken.read_text().strip()
+            taken.unlink()
+        except OSError:
+            continue
+        if action in HOTPLUG_ACTIONS:
+            events.append((mtime, action, f"/dev/{entry.name}"))
+        else:
+            log.warning("hotplug: ignoring notice %s with action %r", entry.path, action)
+    return [(action, dev) for _, action, dev in sorted(events)]
 
 
 class MeterWatcher:
@@ -81,22 +119,14 @@ class MeterWatcher:
             self._read_now.clear()
 
     def _take_hotplug_notes(self) -> None:
-        folder = self.cfg.agent.state_dir / HOTPLUG_DIR
-        try:
-            notes = sorted(folder.iterdir())
-        except FileNotFoundError:
-            return
-        for note in notes:
-            action, _, name = note.name.partition("-")
-            dev = f"/dev/{name}"
+        for action, dev in take_hotplug_notes(self.cfg.run_path):
             if action == "add" and dev not in self.ports:
                 log.info("hotplug: %s appeared", dev)
-                self.ports[dev] = PortState(DevicePort(name=name, port=dev, protocol="auto"))
+                self.ports[dev] = PortState(DevicePort(name=dev.removeprefix("/dev/"), port=dev, protocol="auto"))
             elif action == "add":
                 self.ports[dev].last_read = 0.0
-            elif action == "remove" and dev in self.ports:
+            elif dev in self.ports:
                 self.ports[dev].present = False
-            note.unlink(missing_ok=True)
 
     def _scan(self, state: PortState) -> None:
         present = os.path.exists(state.port.port)

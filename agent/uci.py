@@ -1,24 +1,31 @@
 """UCI configuration files (``/etc/config/<package>``): a pure parser, a writer and an in-place editor.
 
-The grammar is libuci's (``openwrt/uci`` ``file.c``: ``uci_parse_line``, ``parse_str``, ``next_arg``):
+The parser reads a file exactly as OpenWrt's libuci does (``openwrt/uci`` ``file.c``:
+``uci_parse_line``, ``parse_str``, ``next_arg``, strict mode as the ``uci`` command and the init
+scripts use it), quirks included, so the agent never acts on a file the box's own tools read
+differently or refuse. tests/openwrt/test_uci_conformance.py compares it with the real ``uci``.
 
-* A command is ``package``/``p``, ``config``/``c``, ``option``/``o`` or ``list``/``l`` followed by
-  its arguments. A newline or ``;`` (outside quotes) ends a command.
-* ``#`` at the start of a word, or anywhere inside an unquoted word, comments to the end of the line.
-* An argument is made of adjacent pieces that concatenate: unquoted (``\\x`` escapes any character,
-  ``\\`` at the end of a line joins the next one), ``'single'`` (no escapes, may span lines) and
-  ``"double"`` (``\\`` escapes, may span lines). ``'ab'"cd"ef`` is ``abcdef``.
+* A line holds commands: ``package``/``p``, ``config``/``c``, ``option``/``o``, ``list``/``l`` and
+  their arguments. An argument is made of adjacent pieces: unquoted (``\\x`` is ``x``, ``\\`` at the
+  end of a line joins the next), ``'single'`` (no escapes) and ``"double"`` (``\\`` escapes); quotes
+  may span lines. ``#`` starting or inside an unquoted piece comments out the rest of the line.
+* ``;`` separates commands only where an argument would start (``option a 1 ; option b 2``) or
+  right after a quoted piece (``option a '1';option b 2``). Stuck to an unquoted word it ends the
+  whole line: ``config a x; option v 1`` is the section ``x`` without options (libuci writes the
+  string end over that ``;``). Other quirks follow from the same code: a ``;`` followed by more words
+  in the same command is "too many arguments"; a ``;`` at the very end of a line is an invalid command.
 * ``config <type> [<name>]``: the type is printable ASCII 33..126, the name ``[A-Za-z0-9_]+``; no name
-  (or an empty one) makes an anonymous section. A second ``config`` with the same name merges into
-  the first section (its type replaces the old one; later options override).
-* ``option <name> [<value>]``: the last one wins; an empty value is a no-op. ``list <name> [<value>]``
-  appends (an ``option`` of the same name becomes the list's first item); an ``option`` after a
-  ``list`` replaces the list.
-* More than two arguments, a command outside a section, a bad name or an unterminated quote reject
-  the whole file, as ``uci`` does; the caller keeps its last good configuration.
+  (or an empty one) makes an anonymous section. A second ``config`` with the same name and type
+  merges into the first section; with another type the file is refused.
+* ``option <name> [<value>]``: the last one wins; an empty value changes nothing. ``list <name>
+  [<value>]`` appends (an ``option`` of the same name becomes the list's first item); an ``option``
+  after a ``list`` replaces the list.
+* Whatever libuci refuses (too many arguments, a command outside a section, a bad name, an
+  unterminated quote, an unknown command) refuses the whole file; the caller keeps its last good
+  configuration. One deliberate difference: a NUL character is refused (libuci would cut the line there).
 
-Every error is a :class:`agent.errors.ConfigError` whose message names the source, the line and the
-option, e.g. ``/etc/config/glucoagent:12: option 'port': unterminated quote``.
+Every error is a :class:`agent.errors.ConfigError` whose message names the source and the line, e.g.
+``/etc/config/glucoagent:12: too many arguments (uci refuses this file)``.
 
 No I/O here: :func:`parse_uci` takes text, :func:`dump_uci` returns text, :func:`set_option` rewrites
 text.
@@ -28,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
 from agent.errors import ConfigError
@@ -44,8 +51,9 @@ _CMD_PACKAGE = ("package", "p")
 _CMD_CONFIG = ("config", "c")
 _CMD_OPTION = ("option", "o")
 _CMD_LIST = ("list", "l")
-_SEPARATORS = "\n;"
-_BLANKS = " \t\r\f\v"
+_COMMANDS = (_CMD_PACKAGE, _CMD_CONFIG, _CMD_OPTION, _CMD_LIST)
+_CSPACE = " \t\n\v\f\r"  # C isspace() in the C locale
+_STRTOK_DELIMS = " \t"  # what uci_parse_line splits command words on (not newlines)
 _COMMENT = "#"
 _SQUOTE = "'"
 _DQUOTE = '"'
@@ -59,6 +67,10 @@ def _valid_type(text: str) -> bool:
 
 def _valid_name(text: str) -> bool:
     return NAME_RE.fullmatch(text) is not None
+
+
+def _valid_package(text: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9_-]+", text, re.ASCII) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +101,7 @@ class UciSection:
         return self.options.get(option, default)
 
 
-# --- tokenizer ------------------------------------------------------------------------------------
+# --- libuci's reader -------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(slots=True)
@@ -114,142 +126,175 @@ class _Command:
         return self.words[-1].end
 
 
-def _subject(words: list[_Word]) -> str:
-    """How an error names the command it is in: ``option 'port'``, ``config``, ..."""
-    if not words:
-        return ""
-    cmd = words[0].text
-    kind = {**dict.fromkeys(_CMD_OPTION, "option"), **dict.fromkeys(_CMD_LIST, "list")}.get(cmd)
-    if kind is None:
-        kind = "config" if cmd in _CMD_CONFIG else "package" if cmd in _CMD_PACKAGE else repr(cmd)
-        if cmd in _CMD_CONFIG and len(words) > 1:
-            return f"config {words[1].text!r}"
-        return kind
-    if len(words) > 1:
-        return f"{kind} {words[1].text!r}"
-    return kind
+class _Reject(Exception):
+    """libuci's ``uci_parse_error``: the whole file is refused."""
 
 
-class _Lexer:
-    """Splits text into commands of words, keeping offsets and line numbers."""
+class _Reader:
+    """libuci's parse context (``file.c``), step by step: a line buffer the parser rewrites in place.
 
-    def __init__(self, text: str, source: str) -> None:
+    libuci reads one line (``fgets``), splits it with ``strtok`` and NUL-terminates each argument in
+    the buffer itself, copying unquoted characters down over quotes and backslashes. Whether a ``;``
+    ends a command or the whole line depends on that copying (``a;b`` loses ``;b``: the terminator
+    lands on the ``;``; ``'a';b`` keeps it), so the buffer is modelled as it is, not as a grammar.
+    ``NUL`` stands for a C string end; ``src`` maps each buffer cell back to its offset in the file.
+    """
+
+    NUL = "\0"
+
+    def __init__(self, text: str) -> None:
         self.text = text
-        self.source = source
-        self.i = 0
-        self.line = 1
+        self.next = 0  # offset of the first unread character of the file
+        self.buf: list[str] = []
+        self.src: list[int] = []
+        self.filled = 0  # libuci's buf_filled: end of the data the last read put in the buffer
+        self.pos = 0
+        self.subject = ""  # the command being read, for error messages: "option 'port'"
 
-    def fail(self, line: int, words: list[_Word], message: str) -> ConfigError:
-        subject = _subject(words)
-        where = f"{self.source}:{line}: "
-        return ConfigError(f"{where}{subject}: {message}" if subject else f"{where}{message}")
+    # -- C primitives
+    def getln(self, offset: int) -> bool:
+        """``uci_getln``: the next line (with its newline) read into the buffer at ``offset``."""
+        del self.buf[offset:], self.src[offset:]
+        if self.next >= len(self.text):
+            return False
+        end = self.text.find("\n", self.next)
+        end = len(self.text) if end < 0 else end + 1
+        self.buf.extend(self.text[self.next : end])
+        self.src.extend(range(self.next, end))
+        self.next = end
+        self.filled = len(self.buf)
+        return True
 
-    def _line_join(self) -> bool:
-        """At a backslash: if it ends the line, skip it and the newline (True)."""
-        text, i = self.text, self.i
-        for ending in ("\\\n", "\\\r\n"):
-            if text.startswith(ending, i):
-                self.i += len(ending)
-                self.line += 1
-                return True
-        return False
+    def char(self, i: int) -> str:
+        return self.buf[i] if i < len(self.buf) else self.NUL
 
-    def commands(self) -> Iterator[_Command]:
-        text, n = self.text, len(self.text)
-        words: list[_Word] = []
-        cur: list[str] = []
-        have = False
-        start = start_line = 0
+    def cur(self) -> str:
+        return self.char(self.pos)
 
-        def flush() -> None:
-            nonlocal cur, have
-            if have:
-                words.append(_Word("".join(cur), start, self.i, start_line))
-            cur, have = [], False
+    def put(self, i: int, c: str) -> None:
+        if i < len(self.buf):
+            self.buf[i] = c
 
-        def begin() -> None:
-            nonlocal have, start, start_line
-            if not have:
-                have, start, start_line = True, self.i, self.line
+    def string(self, i: int) -> str:
+        """The C string at ``i``."""
+        j = i
+        while self.char(j) != self.NUL:
+            j += 1
+        return "".join(self.buf[i:j])
 
-        while self.i < n:
-            c = text[self.i]
-            if c == "\0":
-                raise self.fail(self.line, words, "NUL character in file")
-            if c in _SEPARATORS:
-                flush()
-                if words:
-                    yield _Command(words, words[0].line)
-                words = []
-                if c == "\n":
-                    self.line += 1
-                self.i += 1
-            elif c in _BLANKS:
-                flush()
-                self.i += 1
+    def offset(self, i: int) -> int:
+        """Offset in the file of buffer cell ``i`` (just past the data for the cell after it)."""
+        if i < len(self.src):
+            return self.src[i]
+        return self.src[-1] + 1 if self.src else self.next
+
+    def line(self) -> int:
+        """1-based line of the reading position (libuci counts only finished lines: one less on a last
+        line without a newline)."""
+        return self.text.count("\n", 0, self.next) + (0 if self.text[: self.next].endswith("\n") else 1)
+
+    def skip_whitespace(self) -> None:
+        while self.cur() != self.NUL and self.cur() in _CSPACE:
+            self.pos += 1
+
+    def strtok(self) -> tuple[str, int] | None:
+        """``strtok(cur_str, " \\t")``: the next word and its buffer index; NUL-terminates it in place."""
+        i = self.pos
+        while self.char(i) in _STRTOK_DELIMS and self.char(i) != self.NUL:
+            i += 1
+        if self.char(i) == self.NUL:
+            return None
+        j = i
+        while self.char(j) != self.NUL and self.char(j) not in _STRTOK_DELIMS:
+            j += 1
+        word = "".join(self.buf[i:j])
+        self.put(j, self.NUL)
+        return word, i
+
+    def skip_command_word(self, what: str) -> None:
+        """``uci_increase_pos(strlen(cur_str) + 1)``: step past the command word strtok cut off."""
+        add = len(self.string(self.pos)) + 1
+        if self.pos + add > self.filled:
+            raise _Reject(f"{what} without name")
+        self.pos += add
+
+    def addc(self, target: int) -> int:
+        self.buf[target] = self.buf[self.pos]
+        self.pos += 1
+        return target + 1
+
+    def backslash(self) -> bool:
+        """``parse_backslash``: False for a line join (the next line is read over the newline)."""
+        self.pos += 1
+        c = self.cur()
+        if c == self.NUL or c == "\n" or (c == "\r" and self.char(self.pos + 1) == "\n" and self.char(self.pos + 2) == self.NUL):
+            self.getln(self.pos)
+            return False
+        return True
+
+    def quoted(self, target: int, quote: str) -> int:
+        """``parse_single_quote`` / ``parse_double_quote``: may read further lines."""
+        self.pos += 1
+        while True:
+            c = self.cur()
+            if c == quote:
+                self.pos += 1
+                return target
+            if c == self.NUL:
+                self.getln(self.pos)
+                if self.cur() == self.NUL:
+                    raise _Reject(f"EOF with unterminated {quote}")
+                continue
+            if c == _ESCAPE and quote == _DQUOTE and not self.backslash():
+                continue
+            target = self.addc(target)
+
+    def parse_str(self, target: int) -> tuple[int, int]:
+        """``parse_str``: (index of the terminating NUL, index where reading stopped)."""
+        advance = True
+        while True:
+            c = self.cur()
+            if c in (_SQUOTE, _DQUOTE):
+                target = self.quoted(target, c)
             elif c == _COMMENT:
-                flush()
-                j = text.find("\n", self.i)
-                self.i = n if j < 0 else j
-            elif c == _SQUOTE:
-                begin()
-                quote_line = self.line
-                j = text.find(_SQUOTE, self.i + 1)
-                if j < 0:
-                    raise self.fail(words[0].line if words else quote_line, words, "unterminated quote")
-                piece = text[self.i + 1 : j]
-                if "\0" in piece:
-                    raise self.fail(quote_line, words, "NUL character in file")
-                cur.append(piece)
-                self.line += piece.count("\n")
-                self.i = j + 1
-            elif c == _DQUOTE:
-                begin()
-                quote_line = self.line
-                self.i += 1
-                while True:
-                    if self.i >= n:
-                        raise self.fail(words[0].line if words else quote_line, words, "unterminated quote")
-                    c = text[self.i]
-                    if c == _DQUOTE:
-                        self.i += 1
-                        break
-                    if c == "\0":
-                        raise self.fail(self.line, words, "NUL character in file")
-                    if c == _ESCAPE:
-                        if self._line_join():
-                            continue
-                        if self.i + 1 < n:
-                            c = text[self.i + 1]
-                            if c == "\0":
-                                raise self.fail(self.line, words, "NUL character in file")
-                            self.line += c == "\n"
-                            cur.append(c)
-                            self.i += 2
-                            continue
-                    self.line += c == "\n"
-                    cur.append(c)
-                    self.i += 1
-            elif c == _ESCAPE:
-                if self._line_join():
-                    continue
-                if self.i + 1 < n:
-                    begin()
-                    c = text[self.i + 1]
-                    if c == "\0":
-                        raise self.fail(self.line, words, "NUL character in file")
-                    self.line += c == "\n"
-                    cur.append(c)
-                    self.i += 2
-                else:
-                    self.i += 1  # a lone backslash at the very end of the file is dropped
-            else:
-                begin()
-                cur.append(c)
-                self.i += 1
-        flush()
-        if words:
-            yield _Command(words, words[0].line)
+                self.put(self.pos, self.NUL)
+                break
+            elif c == self.NUL:
+                break
+            elif c == ";":
+                advance = False
+                break
+            elif c != _ESCAPE or self.backslash():
+                target = self.addc(target)
+            if self.cur() == self.NUL or self.cur() in _CSPACE:
+                break
+        stop = self.pos
+        if self.cur() != self.NUL and advance:
+            self.pos += 1
+        self.put(target, self.NUL)
+        return target, stop
+
+    def next_arg(self, required: bool, name: bool = False, package: bool = False) -> _Word:
+        """``next_arg``: one argument (empty when absent); a ``;`` where it starts is an empty one."""
+        self.skip_whitespace()
+        val = self.pos
+        if self.cur() == ";":
+            self.put(self.pos, self.NUL)
+            self.pos += 1
+            stop = val
+        else:
+            _, stop = self.parse_str(val)
+        text = self.string(val)
+        if not text and required:
+            raise _Reject("insufficient arguments")
+        if text and name and not (_valid_package(text) if package else _valid_name(text)):
+            raise _Reject("invalid character in name field")
+        return _Word(text, self.offset(val), self.offset(stop), self.line())
+
+    def assert_eol(self) -> None:
+        self.skip_whitespace()
+        if self.next_arg(False).text:
+            raise _Reject("too many arguments")
 
 
 # --- parser ---------------------------------------------------------------------------------------
@@ -276,65 +321,102 @@ class _Builder:
         )
 
 
+@dataclasses.dataclass(slots=True)
+class _Package:
+    sections: list[_Builder] = dataclasses.field(default_factory=list)
+    by_name: dict[str, _Builder] = dataclasses.field(default_factory=dict)
+    current: _Builder | None = None
+
+
+def _parse_line(r: _Reader, pkg: _Package) -> None:
+    """``uci_parse_line``: every command of one line (and the lines its quotes pulled in)."""
+    r.skip_whitespace()
+    while True:
+        found = r.strtok()
+        if found is None:
+            return
+        word, at = found
+        verb = _Word(word, r.offset(at), r.offset(at + len(word)), r.line())
+        long = next((c[0] for c in _COMMANDS if word in c), "")
+        r.subject = long
+        if word.startswith(_COMMENT):
+            return
+        if word in _CMD_PACKAGE:
+            r.skip_command_word("package")
+            r.next_arg(True, name=True, package=True)
+            r.assert_eol()  # the package is named by the file; the line is only checked
+        elif word in _CMD_CONFIG:
+            r.skip_command_word("config")
+            stype = r.next_arg(True)
+            r.subject = f"config {stype.text!r}"
+            if not _valid_type(stype.text):
+                raise _Reject("invalid character in type field")
+            name = r.next_arg(False, name=True)
+            r.assert_eol()
+            _config(pkg, _Command([verb, stype, name] if name.end > name.start else [verb, stype], verb.line))
+        elif word in _CMD_OPTION or word in _CMD_LIST:
+            if pkg.current is None:
+                raise _Reject("option/list command found before the first section")
+            r.skip_command_word("option")
+            r.subject = long
+            key = r.next_arg(True, name=True)
+            r.subject = f"{long} {key.text!r}"
+            value = r.next_arg(False)
+            r.assert_eol()
+            words = [verb, key, value] if value.end > value.start else [verb, key]  # '' is a word too
+            _option(pkg.current, _Command(words, verb.line), word in _CMD_LIST)
+        else:
+            raise _Reject(f"invalid command {word!r}")
+
+
+def _config(pkg: _Package, cmd: _Command) -> None:
+    stype = cmd.words[1].text
+    name = cmd.words[2].text if len(cmd.words) > 2 else ""
+    if not name:
+        cur = _Builder(stype, None, cmd.line)
+        pkg.sections.append(cur)
+    elif name in pkg.by_name:
+        cur = pkg.by_name[name]
+        if cur.type != stype:  # libuci in strict mode, as `uci` and the init scripts run it
+            raise _Reject("section of different type overwrites prior section with same name")
+    else:
+        cur = pkg.by_name[name] = _Builder(stype, name, cmd.line)
+        pkg.sections.append(cur)
+    cur.commands.append(cmd)
+    pkg.current = cur
+
+
+def _option(cur: _Builder, cmd: _Command, is_list: bool) -> None:
+    key = cmd.words[1].text
+    value = cmd.words[2].text if len(cmd.words) > 2 else ""
+    cur.commands.append(cmd)
+    if is_list:
+        items = cur.lists.setdefault(key, [])
+        if key in cur.options:
+            items.append(cur.options.pop(key))
+        items.append(value)
+        cur.option_lines[key] = cmd.line
+    elif value:  # uci_set with an empty value on a parsed option changes nothing
+        cur.lists.pop(key, None)
+        cur.options[key] = value
+        cur.option_lines[key] = cmd.line
+
+
 def _parse(text: str, source: str) -> list[_Builder]:
-    lexer = _Lexer(text, source)
-    sections: list[_Builder] = []
-    by_name: dict[str, _Builder] = {}
-    cur: _Builder | None = None
-    for cmd in lexer.commands():
-        words = cmd.words
-        verb, args = words[0].text, [w.text for w in words[1:]]
-        if verb in _CMD_PACKAGE:
-            if len(args) != 1 or not _valid_name(args[0]):
-                raise lexer.fail(cmd.line, words[:1], "expected one package name")
-            continue
-        if verb in _CMD_CONFIG:
-            if not args:
-                raise lexer.fail(cmd.line, words, "missing section type")
-            if len(args) > 2:
-                raise lexer.fail(cmd.line, words, "too many arguments")
-            stype = args[0]
-            if not _valid_type(stype):
-                raise lexer.fail(cmd.line, words[:1], f"invalid section type {stype!r}")
-            name = args[1] if len(args) > 1 and args[1] else None
-            if name is None:
-                cur = _Builder(stype, None, cmd.line)
-                sections.append(cur)
-            elif not _valid_name(name):
-                raise lexer.fail(cmd.line, words, f"invalid section name {name!r}")
-            elif name in by_name:
-                cur = by_name[name]
-                cur.type = stype
-            else:
-                cur = by_name[name] = _Builder(stype, name, cmd.line)
-                sections.append(cur)
-            cur.commands.append(cmd)
-            continue
-        is_list = verb in _CMD_LIST
-        if not is_list and verb not in _CMD_OPTION:
-            raise lexer.fail(cmd.line, [], f"unknown command {verb!r}")
-        if not args:
-            raise lexer.fail(cmd.line, words, "missing option name")
-        if len(args) > 2:
-            raise lexer.fail(cmd.line, words, "too many arguments")
-        key = args[0]
-        if not _valid_name(key):
-            raise lexer.fail(cmd.line, words, "invalid option name")
-        if cur is None:
-            raise lexer.fail(cmd.line, words, "not inside a config section")
-        value = args[1] if len(args) > 1 else ""
-        cur.commands.append(cmd)
-        if is_list:
-            items = cur.lists.setdefault(key, [])
-            if key in cur.options:
-                items.append(cur.options.pop(key))
-            items.append(value)
-            cur.option_lines[key] = cmd.line
-        elif value:
-            cur.lists.pop(key, None)
-            cur.options[key] = value
-            cur.option_lines[key] = cmd.line
-    return sections
+    nul = text.find("\0")
+    if nul >= 0:  # libuci's fgets/strlen would cut the line there; nothing we write has one
+        raise ConfigError(f"{source}:{text.count(chr(10), 0, nul) + 1}: NUL character in file")
+    r = _Reader(text)
+    pkg = _Package()
+    while True:
+        r.pos = 0
+        if not r.getln(0):
+            return pkg.sections
+        try:
+            _parse_line(r, pkg)
+        except _Reject as exc:
+            subject = f"{r.subject}: " if r.subject else ""
+            raise ConfigError(f"{source}:{r.line()}: {subject}{exc} (uci refuses this file)") from None
 
 
 def parse_uci(text: str, *, source: str = "<string>") -> list[UciSection]:
@@ -437,7 +519,7 @@ def set_option(
         result = text + new
     else:
         result = _rewrite(text, target, option, value)
-    _check(result, source, section, option, value)
+    _check(text, result, source, section, option, value)
     return result
 
 
@@ -503,9 +585,28 @@ def _removal(text: str, cmd: _Command) -> tuple[int, int, str]:
     return cmd.start, cmd.end, ""
 
 
-def _check(result: str, source: str, section: str, option: str, value: str) -> None:
-    """The edit must have done exactly what was asked (guards the offset arithmetic above)."""
-    target = _find_section(_parse(result, source), section)
+def _check(before: str, result: str, source: str, section: str, option: str, value: str) -> None:
+    """The edit must have done exactly what was asked and nothing else (guards the offset arithmetic
+    above, and libuci's quirks: a requoted value must not revive a command a stuck ``;`` had hidden)."""
+    old, new = _parse(before, source), _parse(result, source)
+    target = _find_section(new, section)
     got = target.options.get(option, "") if target is not None else None
     if got != value or (target is not None and option in target.lists):
+        raise ConfigError(f"{source}: could not set {section}.{option} in place")
+
+    def without_target(builders: list[_Builder]) -> list[UciSection]:
+        hit = _find_section(builders, section)
+        out = []
+        for b in builders:
+            s = b.freeze()
+            if b is hit:
+                s = dataclasses.replace(
+                    s,
+                    options={k: v for k, v in s.options.items() if k != option},
+                    lists={k: v for k, v in s.lists.items() if k != option},
+                )
+            out.append(s)
+        return out
+
+    if without_target(new)[: len(old)] != without_target(old) or len(new) > len(old) + 1:
         raise ConfigError(f"{source}: could not set {section}.{option} in place")

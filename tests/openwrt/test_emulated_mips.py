@@ -163,7 +163,7 @@ def test_device_reads_its_uci_config_and_names_a_bad_line(root: Path, tmp_path: 
     bad = tmp_path / "glucoagent"  # host /tmp is visible in the guest at the same path
     bad.write_text("config mqtt 'mqtt'\n\toption keepalive '30\n")
     r = guest(root, "/usr/bin/python3", "-c", LOAD_CONFIG, str(bad))
-    assert r.stdout.strip() == f"ConfigError: {bad}:2: option 'keepalive': unterminated quote"
+    assert r.stdout.strip() == f"ConfigError: {bad}:2: option 'keepalive': EOF with unterminated ' (uci refuses this file)"
 
 
 def test_prerm_disables_the_service(base_root: Path, ipk: Path, tmp_path: Path) -> None:
