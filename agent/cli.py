@@ -18,6 +18,7 @@ from agent import __version__
 from agent.clitools import dispatch
 from agent.config import AgentSection, Config, load_config, with_state_dir
 from agent.errors import GlucoagentError
+from drivers.cli import add_parsers as add_driver_parsers
 
 DEFAULT_CONFIG = Path("/etc/config/glucoagent")
 log = logging.getLogger("glucoagent")
@@ -172,12 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("devname", help="device name, e.g. ttyUSB0")
     p.set_defaults(func=cmd_hotplug)
 
-    try:
-        from drivers.cli_commands import add_parsers
-    except ImportError:  # drivers not installed (never on a real box)
-        pass
-    else:
-        add_parsers(sub)
+    add_driver_parsers(sub)  # simulate, decode: drivers/cli.py
     return parser
 
 

@@ -8,13 +8,15 @@ import os
 import sys
 
 from agent.errors import GlucoagentError
+from drivers.errors import DriverError
 
 
 def dispatch(args: argparse.Namespace, prog: str) -> int:
-    """Run ``args.func(args)``; GlucoagentError -> ``PROG: error: ...`` and its exit code."""
+    """Run ``args.func(args)``; an agent or driver error -> ``PROG: error: ...`` and its class's exit code
+    (20 for a meter or pen reader that failed, 10 for a driver's bad input such as an unknown protocol)."""
     try:
         return int(args.func(args))
-    except GlucoagentError as exc:
+    except (GlucoagentError, DriverError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

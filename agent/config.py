@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.errors import ConfigError
+from drivers.registry import AUTO, CONFIG_CHOICES, DEFAULT_PEN
 
 T = TypeVar("T")
 N = TypeVar("N", int, float)
-PROTOCOL_NAMES = ("auto", "onetouch-ultra2", "contour-astm", "onetouch-ultraeasy", "novopen")
+PROTOCOL_NAMES = CONFIG_CHOICES  # the driver registry is the one list of protocol names
 _ENDPOINT_RE = re.compile(r"^mqtts://(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})$")
 
 
@@ -251,7 +252,7 @@ def build_config(sections: list[Any], source: str) -> Config:
             port = sec.options.get("port", "")
             if not port:
                 raise ConfigError(f"{where('port')}{sec.type}[{name}].port: required")
-            default = "auto" if sec.type == "meter" else "novopen"
+            default = AUTO if sec.type == "meter" else DEFAULT_PEN
             protocol = sec.options.get("protocol", default)
             if protocol not in PROTOCOL_NAMES:
                 raise ConfigError(

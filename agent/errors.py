@@ -1,4 +1,4 @@
-"""One exception hierarchy for the whole project.
+"""The agent's exception hierarchy (the drivers have their own root: drivers/errors.py).
 
 Every class is either *transient* (the operation may succeed if retried: a
 link drop, a busy port) or *fatal* (retrying cannot help: bad config, a
@@ -14,43 +14,6 @@ class GlucoagentError(Exception):
 
     transient: bool = False
     exit_code: int = 1
-
-
-# --- drivers -------------------------------------------------------------------------------------
-class DriverError(GlucoagentError):
-    """A meter or pen reader did not give us what its protocol promises."""
-
-    transient = True
-    exit_code = 20
-
-
-class InvalidResponse(DriverError):
-    """Bytes arrived but are not a valid frame or line of the protocol."""
-
-
-class MissingChecksum(InvalidResponse):
-    """A line or frame ends before its checksum field."""
-
-
-class InvalidChecksum(InvalidResponse):
-    """The checksum on the wire differs from the one computed over the payload."""
-
-    def __init__(self, wire: int, calculated: int, what: str = "checksum") -> None:
-        self.wire = wire
-        self.calculated = calculated
-        super().__init__(f"invalid {what}: wire 0x{wire:04X}, computed 0x{calculated:04X}")
-
-
-class MeterNotReady(DriverError):
-    """The meter answered but is not in its data mode (e.g. Ultra 2 switched on)."""
-
-
-class NoResponse(DriverError):
-    """Nothing (valid) came back before the timeout: unplugged, wrong protocol, switched on."""
-
-
-class PortError(DriverError):
-    """The serial port could not be opened or vanished (unplugged)."""
 
 
 # --- storage -------------------------------------------------------------------------------------

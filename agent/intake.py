@@ -14,8 +14,8 @@ from agent import cose, telemetry
 from agent.clock import Clock
 from agent.config import AlertsSection
 from agent.errors import BufferFull, StorageUnavailable
-from agent.models import GlucoseReading, InsulinDose, RangeFlag, Unit
 from agent.store import PRIO_ALERT, PRIO_HEALTH, PRIO_RECORD, Intake, Store
+from drivers.models import GlucoseReading, InsulinDose, RangeFlag, Unit
 
 log = logging.getLogger(__name__)
 

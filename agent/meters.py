@@ -22,6 +22,10 @@ from agent.clock import Clock
 from agent.config import Config, DevicePort
 from agent.errors import BufferFull, GlucoagentError
 from agent.intake import Recorder
+from drivers.errors import DriverError, NoPen
+from drivers.novopen import PenRead
+from drivers.reader import read_device
+from drivers.registry import AUTO, is_pen
 
 log = logging.getLogger(__name__)
 HOTPLUG_DIR = "hotplug"
@@ -122,7 +126,7 @@ class MeterWatcher:
         for action, dev in take_hotplug_notes(self.cfg.run_path):
             if action == "add" and dev not in self.ports:
                 log.info("hotplug: %s appeared", dev)
-                self.ports[dev] = PortState(DevicePort(name=dev.removeprefix("/dev/"), port=dev, protocol="auto"))
+                self.ports[dev] = PortState(DevicePort(name=dev.removeprefix("/dev/"), port=dev, protocol=AUTO))
             elif action == "add":
                 self.ports[dev].last_read = 0.0
             elif dev in self.ports:
@@ -138,7 +142,7 @@ class MeterWatcher:
             return
         backoff = min(300.0, 5.0 * 2 ** min(state.failures, 6)) if state.failures else 0.0
         interval = float(self.cfg.agent.reread_s)
-        if state.port.protocol == "novopen":
+        if is_pen(state.port.protocol):
             # A pen is in the reader's field only while the patient holds it there: poll on every scan,
             # but a pen just read and still lying on the reader is not read again for a while.
             interval = PEN_SETTLE_S if state.pen_read else self.cfg.agent.port_scan_s
@@ -151,11 +155,11 @@ class MeterWatcher:
         except BufferFull:
             state.failures += 1
             return
-        except GlucoagentError as exc:
-            if type(exc).__name__ == "NoPen":  # the reader answered: no pen in its field, nothing wrong
-                log.debug("port %s: %s", state.port.port, exc)
-                state.pen_read = False  # taken away: the next time it is held there, read it at once
-                return
+        except NoPen as exc:  # the reader answered: no pen in its field, nothing wrong
+            log.debug("port %s: %s", state.port.port, exc)
+            state.pen_read = False  # taken away: the next time it is held there, read it at once
+            return
+        except (DriverError, GlucoagentError) as exc:
             state.failures += 1
             self.serial_errors += 1
             log.warning("port %s: %s", state.port.port, exc)
@@ -166,50 +170,35 @@ class MeterWatcher:
             log.exception("port %s: unexpected error during the read; retrying with backoff", state.port.port)
             return
         state.failures = 0
-        state.pen_read = state.port.protocol == "novopen"
+        state.pen_read = is_pen(state.port.protocol)
         if stored:
             self.on_stored()
 
     def read_port(self, port: DevicePort) -> int:
-        """Read one device and store what is new; returns how many records were stored."""
-        if port.protocol == "novopen":
-            return self._read_pen(port)
-        from drivers.reader import read_meter  # drivers are optional at import time of the agent core
-
-        result = read_meter(
-            port.port, None if port.protocol == "auto" else port.protocol, wall_clock=self.clock.local_naive
-        )
-        source = f"{result.identity.protocol}:{result.identity.serial}"
-        seqs = self.recorder.accept_readings(source, result.readings, complete=result.complete)
-        self.recorder.store.source_seen(source, result.identity.protocol, port.port, result.complete)
+        """Read one device (meter or pen) and store what is new; returns how many records were stored."""
+        result = read_device(port.port, port.protocol, wall_clock=self.clock.local_naive, insulin=self.cfg.insulin)
+        if isinstance(result, PenRead):
+            kind, protocol, what, count = "pen", port.protocol, "doses", len(result.doses)
+            source = f"{protocol}:{result.identity.serial}"
+            seqs = self.recorder.accept_doses(source, result.doses, complete=result.complete)
+        else:
+            kind, protocol, what, count = "meter", result.identity.protocol, "records", len(result.readings)
+            source = f"{protocol}:{result.identity.serial}"
+            seqs = self.recorder.accept_readings(source, result.readings, complete=result.complete)
+        self.recorder.store.source_seen(source, protocol, port.port, result.complete)
         if result.complete:
-            log.info("meter %s on %s: %d records, %d new", source, port.port, len(result.readings), len(seqs))
+            # A pen lying on the reader is read again every minute: a read with nothing new is only debug.
+            level = logging.DEBUG if kind == "pen" and not seqs else logging.INFO
+            log.log(level, "%s %s on %s: %d %s, %d new", kind, source, port.port, count, what, len(seqs))
         else:
             log.warning(
-                "meter %s on %s: read cut off after %d verified records (%s); %d new stored, rest on the next read",
+                "%s %s on %s: read cut off after %d verified %s (%s); %d new stored, rest on the next read",
+                kind,
                 source,
                 port.port,
-                len(result.readings),
+                count,
+                what,
                 result.error,
                 len(seqs),
             )
-        return len(seqs)
-
-    def _read_pen(self, port: DevicePort) -> int:
-        from drivers.novopen import Device
-
-        with Device(port.port) as device:
-            result = device.read_pen(insulin=self.cfg.insulin)
-        source = f"novopen:{result.identity.serial}"
-        seqs = self.recorder.accept_doses(source, result.doses, complete=result.complete)
-        self.recorder.store.source_seen(source, "novopen", port.port, result.complete)
-        log.log(
-            logging.INFO if seqs or not result.complete else logging.DEBUG,
-            "pen %s on %s: %d doses, %d new%s",
-            source,
-            port.port,
-            len(result.doses),
-            len(seqs),
-            "" if result.complete else f" (read cut off: {result.error})",
-        )
         return len(seqs)

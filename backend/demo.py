@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from agent import telemetry
-from agent.models import GlucoseReading
 from backend.db import BackendDb
 from backend.harness import LocalSystem, device_config
+from drivers.models import GlucoseReading
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
 

@@ -54,10 +54,10 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-from agent.models import GlucoseReading
 from backend.clockshim import build_clock_shim
 from backend.faultproxy import TcpProxy
 from backend.harness import GLUCOAGENT, LocalSystem, device_config, spawn, stop_process
+from drivers.models import GlucoseReading
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
 
@@ -143,7 +143,7 @@ class Pen:
     def start(self) -> None:
         doses = [{"relative_time_s": t, "units": u} for t, u in self.holding()]
         self.file.write_text(json.dumps({"serial": PEN_SERIAL, "clock_s": PEN_CLOCK_S, "doses": doses}))
-        argv = [sys.executable, "-m", "drivers.novopen.cli", "simulate", "--link", str(self.link)]
+        argv = [sys.executable, "-m", "drivers.cli", "simulate", "novopen", "--link", str(self.link)]
         self.proc = spawn([*argv, "--doses", str(self.file)], self.log)
         wait_link(self.link, self.proc, self.log)
 

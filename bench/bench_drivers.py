@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.models import GlucoseReading
 from bench.table import Row
 from drivers import contour_astm as ca
 from drivers import onetouch_ultra2 as u2
 from drivers import onetouch_ultraeasy as ue
+from drivers.models import GlucoseReading
 from drivers.simulators.base import BITS_PER_BYTE, DEFAULT_BAUD
 from drivers.simulators.faults import NO_FAULTS
 from drivers.simulators.pty_link import PtyLink

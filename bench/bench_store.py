@@ -13,10 +13,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from agent import telemetry
 from agent.config import AlertsSection
 from agent.intake import Recorder
-from agent.models import GlucoseReading, RangeFlag
 from agent.store import CLINICAL, PRIO_RECORD, Intake, Store
 from bench.common import best_of, make_signer, written_bytes
 from bench.table import Row
+from drivers.models import GlucoseReading, RangeFlag
 from drivers.simulators.records import random_records
 
 READ = 500

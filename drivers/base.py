@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import dataclasses
 import datetime as dt
 import logging
 import termios
@@ -18,8 +17,8 @@ from typing import ClassVar
 
 import serial
 
-from agent.errors import PortError
-from agent.models import GlucoseReading, MeterIdentity
+from drivers.errors import PortError
+from drivers.models import GlucoseReading, MeterIdentity
 
 log = logging.getLogger(__name__)
 # termios.error is not an OSError: pyserial lets it through when the device vanishes mid-call.
@@ -141,13 +140,3 @@ class MeterDriver(abc.ABC):
 
         May raise ``DriverError`` part-way; records already yielded stay valid.
         """
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class MeterRead:
-    """The outcome of one read: what verified, and whether the dump was complete."""
-
-    identity: MeterIdentity
-    readings: tuple[GlucoseReading, ...]
-    complete: bool
-    error: str | None = None

@@ -34,9 +34,9 @@ from collections import deque
 from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
 
-from agent.errors import DriverError, InvalidChecksum, InvalidResponse, MissingChecksum, NoResponse
-from agent.models import GlucoseReading, Meal, MeterIdentity, RangeFlag, Unit, mmoll_to_mgdl
 from drivers.base import MeterDriver, SerialTransport
+from drivers.errors import DriverError, InvalidChecksum, InvalidResponse, MissingChecksum, NoResponse
+from drivers.models import Decoded, GlucoseReading, Meal, MeterIdentity, RangeFlag, Unit, mmoll_to_mgdl
 
 log = logging.getLogger(__name__)
 
@@ -412,13 +412,6 @@ def decode_clock_replies(date_reply: bytes, time_reply: bytes) -> dt.datetime:
     if len(date) != 6 or len(time) != 4:
         raise InvalidResponse(f"invalid clock replies {date!r} {time!r}")
     return parse_time("20" + date + time)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Decoded:
-    readings: tuple[GlucoseReading, ...]
-    rejected: tuple[str, ...]
-    serial: str | None = None
 
 
 def decode_capture(data: bytes) -> Decoded:

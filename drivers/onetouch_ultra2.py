@@ -26,7 +26,8 @@ import logging
 import re
 from collections.abc import Iterator
 
-from agent.errors import (
+from drivers.base import MeterDriver, SerialTransport
+from drivers.errors import (
     DriverError,
     InvalidChecksum,
     InvalidResponse,
@@ -34,8 +35,7 @@ from agent.errors import (
     MissingChecksum,
     NoResponse,
 )
-from agent.models import GlucoseReading, Meal, MeterIdentity, RangeFlag, Unit
-from drivers.base import MeterDriver, SerialTransport
+from drivers.models import Decoded, GlucoseReading, Meal, MeterIdentity, RangeFlag, Unit
 
 log = logging.getLogger(__name__)
 
@@ -250,15 +250,6 @@ def encode_record(reading: GlucoseReading) -> bytes:
 
 def encode_header(count: int, serial: str, unit: str = "MG/DL ") -> bytes:
     return encode_line(f'P {count:03d},"{serial}","{unit}"'.encode("ascii"))
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Decoded:
-    """What a capture held: verified readings plus one message per rejected line."""
-
-    readings: tuple[GlucoseReading, ...]
-    rejected: tuple[str, ...]
-    serial: str | None = None
 
 
 def decode_capture(data: bytes) -> Decoded:

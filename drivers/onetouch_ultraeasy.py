@@ -21,9 +21,9 @@ import logging
 import struct
 from collections.abc import Iterator
 
-from agent.errors import DriverError, InvalidChecksum, InvalidResponse, MissingChecksum, NoResponse, PortError
-from agent.models import GlucoseReading, MeterIdentity, RangeFlag, Unit
 from drivers.base import MeterDriver, SerialTransport
+from drivers.errors import DriverError, InvalidChecksum, InvalidResponse, MissingChecksum, NoResponse, PortError
+from drivers.models import Decoded, GlucoseReading, MeterIdentity, RangeFlag, Unit
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +235,6 @@ def split_packets(data: bytes) -> Iterator[bytes | str]:
             continue
         yield candidate
         at = start + length
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Decoded:
-    readings: tuple[GlucoseReading, ...]
-    rejected: tuple[str, ...]
-    serial: str | None = None
 
 
 def decode_capture(data: bytes) -> Decoded:

@@ -1,6 +1,7 @@
-"""One read of one meter: identity, clock offset, every verified record.
+"""One read of one device, meter or pen: identity, clock, every verified record.
 
-``read_meter`` is what the agent calls when a meter appears. Errors before the first record
+``read_device`` is what the agent calls when a device appears on a port; for a meter it is
+``read_meter``, for a pen reader the pen driver's ``read_pen``. Errors before the first record
 (port, probe, identity) raise; an error mid-dump returns what verified with ``complete=False``.
 """
 
@@ -8,14 +9,34 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from agent.errors import DriverError, NoResponse, PortError
-from agent.models import GlucoseReading
-from drivers.base import MeterRead, SerialTransport
-from drivers.registry import open_device, probe
+from drivers.base import SerialTransport
+from drivers.errors import DriverError, NoResponse, PortError
+from drivers.models import GlucoseReading, MeterRead
+from drivers.novopen import PenRead
+from drivers.registry import AUTO, driver_module, is_pen, open_device, probe
 
 log = logging.getLogger(__name__)
+
+
+def read_device(
+    url: str,
+    protocol: str,
+    *,
+    wall_clock: Callable[[], dt.datetime],
+    insulin: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+) -> MeterRead | PenRead:
+    """Read whatever ``protocol`` (a registry name, or ``auto`` to probe for a meter) names on ``url``.
+
+    A pen reader with no pen in its field raises ``NoPen``; ``insulin`` maps pen serial -> insulin.
+    """
+    if is_pen(protocol):
+        with driver_module(protocol).Device(url) as device:
+            result: PenRead = device.read_pen(insulin=insulin)
+        return result
+    return read_meter(url, None if protocol == AUTO else protocol, wall_clock=wall_clock, timeout=timeout)
 
 
 def read_meter(

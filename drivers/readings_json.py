@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError
-from agent.models import GlucoseReading, Meal, RangeFlag, Unit
+from drivers.errors import BadRecordsFile
+from drivers.models import GlucoseReading, Meal, RangeFlag, Unit
 
 KEYS = (
     "meter_serial",
@@ -38,7 +38,7 @@ KEYS = (
 )
 
 
-class ReadingsFormatError(ConfigError):
+class ReadingsFormatError(BadRecordsFile):
     """A readings JSON document does not follow docs/readings.md (the message names the field)."""
 
 

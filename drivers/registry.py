@@ -1,8 +1,12 @@
-"""Protocol name -> driver module; open a driver; probe which protocol speaks on a port.
+"""The one list of protocol names: protocol -> driver module; open a driver; probe a port.
+
+Meters and the pen reader are registered alike. The agent's config choices and the command
+line's choices come from here (``CONFIG_CHOICES``, ``PROTOCOLS``).
 
 Probing sends only read-only queries, cheapest and least intrusive first:
 Ultra 2 ``DM?`` (version), Contour ``EOT`` nudge (the meter answers ``ENQ``; we never ACK it,
 so no transfer starts), UltraEasy ``DISC`` packet (link reset). Nothing that erases or sets the meter.
+The pen reader is never probed: a port with a reader on it is configured as ``novopen``.
 """
 
 from __future__ import annotations
@@ -11,16 +15,25 @@ import importlib
 import logging
 from types import ModuleType
 
-from agent.errors import ConfigError, DriverError, PortError
 from drivers.base import MeterDriver, SerialTransport
+from drivers.errors import DriverError, PortError, UnknownProtocol
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS: dict[str, str] = {
+#: Glucose meters: their module exports ``Device(SerialTransport, MeterDriver)``, ``probe_port`` and
+#: ``decode_capture``.
+METERS: dict[str, str] = {
     "onetouch-ultra2": "drivers.onetouch_ultra2",
-    "onetouch-ultraeasy": "drivers.onetouch_ultraeasy",
     "contour-astm": "drivers.contour_astm",
+    "onetouch-ultraeasy": "drivers.onetouch_ultraeasy",
 }
+#: Insulin pens (through an NFC reader): their module exports ``Device`` with ``read_pen``.
+PENS: dict[str, str] = {"novopen": "drivers.novopen"}
+DEFAULT_PEN = "novopen"  # a ``pen`` section of the config without a protocol
+PROTOCOLS: dict[str, str] = {**METERS, **PENS}
+#: A configured port may leave the protocol to the probe (meters only).
+AUTO = "auto"
+CONFIG_CHOICES: tuple[str, ...] = (AUTO, *PROTOCOLS)
 #: Probe order: each probe's bytes are ignored by the other meters. Contour comes before
 #: UltraEasy so that no ACK byte (inside an UltraEasy packet) reaches a Contour meter that
 #: has just sent ENQ (that ACK would start a transfer).
@@ -28,8 +41,8 @@ PROBE_ORDER = ("onetouch-ultra2", "contour-astm", "onetouch-ultraeasy")
 PROBE_TIMEOUT = 0.6
 
 
-class UnknownProtocol(ConfigError):
-    """The configured protocol name is not one of PROTOCOLS."""
+def is_pen(protocol: str) -> bool:
+    return protocol in PENS
 
 
 def driver_module(protocol: str) -> ModuleType:
@@ -41,7 +54,9 @@ def driver_module(protocol: str) -> ModuleType:
 
 
 def open_device(protocol: str, url: str, *, timeout: float | None = None) -> MeterDriver:
-    """Open ``url`` with the driver for ``protocol`` (raises PortError if it cannot be opened)."""
+    """Open ``url`` with the meter driver for ``protocol`` (raises PortError if it cannot be opened)."""
+    if protocol not in METERS:
+        raise UnknownProtocol(f"not a meter protocol: {protocol!r}; meters: {', '.join(METERS)}")
     device: MeterDriver = driver_module(protocol).Device(url, timeout=timeout)
     return device
 

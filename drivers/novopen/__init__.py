@@ -23,22 +23,19 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
-from agent.errors import DriverError, InvalidResponse, NoResponse
-from agent.models import InsulinDose, PenIdentity
 from drivers.base import SerialTransport
+from drivers.errors import DriverError, InvalidResponse, NoPen, NoResponse
+from drivers.models import InsulinDose, PenIdentity
 from drivers.novopen import pn532
+from drivers.novopen.capture import decode_capture
 from drivers.novopen.doses import DEFAULT_PRIME_RULE, Interpreted, PrimeRule, interpret, to_doses
 from drivers.novopen.session import SessionState, run_session
 
-__all__ = ["PROTOCOL", "Device", "NoPen", "PenRead"]
+__all__ = ["PROTOCOL", "Device", "NoPen", "PenRead", "decode_capture"]
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = "novopen"
-
-
-class NoPen(NoResponse):
-    """No ISO-DEP target came into the reader's field before the wait ran out."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

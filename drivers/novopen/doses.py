@@ -39,7 +39,7 @@ import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 
-from agent.models import InsulinDose
+from drivers.models import InsulinDose
 from drivers.novopen.pmstore import FLAGS_NORMAL_DOSE, DoseEntry, FloatSpecial, SegmentData, decode_float
 
 __all__ = [

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from agent.errors import InvalidResponse
+from drivers.errors import InvalidResponse
 
 __all__ = [
     "AARE",

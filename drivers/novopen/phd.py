@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from agent.errors import InvalidResponse
+from drivers.errors import InvalidResponse
 from drivers.novopen.type4 import Type4Tag
 
 __all__ = [

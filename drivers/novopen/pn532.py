@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from agent.errors import InvalidChecksum, InvalidResponse
+from drivers.errors import InvalidChecksum, InvalidResponse
 
 __all__ = [
     "ACK_FRAME",

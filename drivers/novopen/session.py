@@ -26,8 +26,8 @@ import logging
 import re
 from collections.abc import Callable
 
-from agent.errors import DriverError, InvalidResponse, NoResponse
-from agent.models import PenIdentity
+from drivers.errors import DriverError, InvalidResponse, NoResponse
+from drivers.models import PenIdentity
 from drivers.novopen import ieee11073 as apdu
 from drivers.novopen import pmstore
 from drivers.novopen.phd import PhdLink

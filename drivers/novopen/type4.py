@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
-from agent.errors import InvalidResponse
+from drivers.errors import InvalidResponse
 
 __all__ = [
     "CC_FILE_ID",

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import ClassVar
 
-from agent.models import GlucoseReading
+from drivers.models import GlucoseReading
 from drivers.simulators.faults import NO_FAULTS, Faults, Mangler
 from drivers.simulators.pty_link import PtyLink
 

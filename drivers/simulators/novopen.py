@@ -25,7 +25,7 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-from agent.errors import InvalidResponse
+from drivers.errors import InvalidResponse
 from drivers.novopen import ieee11073 as apdu
 from drivers.novopen import phd, pmstore, pn532, type4
 from drivers.novopen.session import parse_capture

@@ -12,8 +12,8 @@ from __future__ import annotations
 import struct
 from typing import ClassVar
 
-from agent.errors import DriverError
 from drivers import onetouch_ultraeasy as codec
+from drivers.errors import DriverError
 from drivers.simulators.base import Simulator
 
 VERSION = "03.04.00"

@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable
 from decimal import Decimal
 
-from agent.models import GlucoseReading
+from drivers.models import GlucoseReading
 
 SERIALS = {
     "onetouch-ultra2": "HAXGR4PV",

@@ -1,4 +1,7 @@
-"""Run one meter simulator on a pty published at a symlink, until stopped or SIGTERM."""
+"""Run one simulated meter or pen reader on a pty published at a symlink, until stopped or SIGTERM.
+
+The library under ``glucoagent simulate`` (drivers/cli.py); tests and the bench call it directly.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +11,14 @@ import os
 import signal
 import threading
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
-from agent.errors import ConfigError
-from agent.models import GlucoseReading
+from drivers.errors import UnknownProtocol
+from drivers.models import GlucoseReading
 from drivers.simulators.base import DEFAULT_BAUD, Simulator
 from drivers.simulators.faults import NO_FAULTS, Faults
+from drivers.simulators.novopen import NO_FAULTS as PEN_NO_FAULTS
+from drivers.simulators.novopen import Capture, PenFaults, PenLog, SimStats
+from drivers.simulators.novopen import serve as serve_novopen
 from drivers.simulators.pty_link import PtyLink
 
 log = logging.getLogger(__name__)
@@ -32,7 +37,7 @@ def simulator_class(protocol: str) -> type[Simulator]:
         from drivers.simulators.onetouch_ultraeasy import UltraEasySimulator
 
         return UltraEasySimulator
-    raise ConfigError(f"simulate: unknown protocol {protocol!r} (onetouch-ultra2, contour-astm, onetouch-ultraeasy)")
+    raise UnknownProtocol(f"simulate: unknown protocol {protocol!r} (onetouch-ultra2, contour-astm, onetouch-ultraeasy)")
 
 
 def make_simulator(
@@ -68,14 +73,29 @@ def serve(
     """
     stop = stop_event or threading.Event()
     simulator_class(protocol)  # fail before creating the link
-    with PtyLink(link) as pty, _stop_on_signals(stop):
+    with PtyLink(link) as pty, stop_on_signals(stop):
         make_simulator(
             protocol, pty, records, faults, baud=baud, serial=serial, clock_skew_s=clock_skew_s, stop_event=stop
         ).serve()
 
 
+def serve_pen(
+    link: str | os.PathLike[str],
+    source: PenLog | Capture,
+    faults: PenFaults = PEN_NO_FAULTS,
+    stop_event: threading.Event | None = None,
+) -> SimStats:
+    """Serve a PN532 reader with ``source`` (a generated pen or a captured session) in its field on a pty
+    linked at ``link``, until ``stop_event`` is set or SIGTERM/SIGINT (main thread only)."""
+    stop = stop_event or threading.Event()
+    with PtyLink(link) as pty, stop_on_signals(stop):
+        print(f"novopen reader simulator on {link} ({pty.slave_name})", flush=True)
+        return serve_novopen(pty, source, faults, stop)
+
+
 @contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT set ``stop`` while the body runs (in the main thread; elsewhere nothing)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -87,10 +107,3 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def link_path(value: str) -> Path:
-    path = Path(value)
-    if not path.parent.is_dir():
-        raise ConfigError(f"simulate --link: directory {path.parent} does not exist")
-    return path

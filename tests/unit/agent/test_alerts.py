@@ -2,7 +2,7 @@
 
 Defaults: severe hypo below 54 mg/dL, hypo below 70, hyper above 250 (docs: README, config
 ``alerts.*``). Each threshold is checked on both sides and on the value itself; mmol/L inputs go
-through the one conversion (agent.models.mmoll_to_mgdl) and the Contour decoder's reading builder,
+through the one conversion (drivers.models.mmoll_to_mgdl) and the Contour decoder's reading builder,
 as they do on the box; the meters' HIGH/LOW flags alert whatever the stored limit is; a
 control-solution result never alerts.
 """
@@ -16,8 +16,8 @@ import pytest
 
 from agent.config import AlertsSection
 from agent.intake import glucose_alerts
-from agent.models import GlucoseReading, RangeFlag, Unit, mmoll_to_mgdl
 from drivers import contour_astm
+from drivers.models import GlucoseReading, RangeFlag, Unit, mmoll_to_mgdl
 
 WHEN = dt.datetime(2026, 3, 1, 7, 30)
 DEFAULT = AlertsSection()

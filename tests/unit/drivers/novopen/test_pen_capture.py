@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from drivers.novopen import type4
-from drivers.novopen.cli import decode_capture, main
+from drivers.cli import main
+from drivers.novopen import decode_capture, type4
 from drivers.novopen.session import CaptureReplay, SessionState, parse_capture, run_session
 
 
@@ -86,10 +86,10 @@ def test_truncated_capture_keeps_what_arrived(capture_bytes: bytes) -> None:
 def test_garbled_capture_is_a_typed_error() -> None:
     with pytest.raises(Exception) as caught:
         decode_capture(b"0x00000000 90 00\n\n0x00000010 90 00\n")
-    assert type(caught.value).__module__ == "agent.errors"
+    assert type(caught.value).__module__ == "drivers.errors"
 
 
 def test_cli_decode_json(capture_bytes: bytes, novopen_vectors: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["decode", "--json", str(novopen_vectors / "nvp_datatest.txt")]) == 0
+    assert main(["decode", "--protocol", "novopen", "--json", str(novopen_vectors / "nvp_datatest.txt")]) == 0
     records = json.loads(capsys.readouterr().out)
     assert records == decode_capture(capture_bytes)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from agent.errors import InvalidChecksum, InvalidResponse
+from drivers.errors import InvalidChecksum, InvalidResponse
 from drivers.novopen import ieee11073 as apdu
 from drivers.novopen import phd, pmstore, pn532, type4
 

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.drivers import REPO
+from support.drivers import PenSimulator as Simulator
 
-from agent.errors import DriverError, NoResponse
+from drivers.errors import DriverError, NoResponse
 from drivers.novopen import PROTOCOL, Device, NoPen, PenRead
 from drivers.novopen.doses import dedupe
 from drivers.novopen.pmstore import DoseEntry, decode_float
 from drivers.simulators.novopen import Capture, PenFaults, PenLog, random_log
-
-from .conftest import REPO, Simulator
 
 
 def read(port: str, **kwargs: Any) -> PenRead:
@@ -145,7 +145,7 @@ def test_cli_simulate_serves_a_dose_file(tmp_path: Path) -> None:
     doses.write_text('{"serial": "FILE01", "clock_s": 5000, "doses": [{"relative_time_s": 4000, "units": "7.5"}]}')
     link = tmp_path / "cli-pen"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "drivers.novopen.cli", "simulate", "--link", str(link), "--doses", str(doses)]
+    cmd = [sys.executable, "-m", "drivers.cli", "simulate", "novopen", "--link", str(link), "--doses", str(doses)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and "simulator on" in proc.stdout.readline()

@@ -3,20 +3,42 @@
 from __future__ import annotations
 
 import contextlib
-import threading
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import DriverError, InvalidResponse
-from drivers.novopen import Device, ieee11073, phd, pmstore, pn532, type4
+from drivers.errors import DriverError, InvalidResponse
+from drivers.novopen import ieee11073, phd, pmstore, pn532, type4
 from drivers.novopen.doses import interpret, to_doses
 from drivers.novopen.session import CaptureReplay, SessionState, parse_capture, run_session
-from drivers.simulators.pty_link import PtyLink
 
 FAST = settings(max_examples=300, deadline=None)
+
+
+def _decode_everything(data: bytes) -> None:
+    with contextlib.suppress(InvalidResponse):
+        ieee11073.decode_aarq(data)
+    try:
+        msg = ieee11073.decode_data_apdu(data)
+    except InvalidResponse:
+        return
+    for step in (
+        lambda: pmstore.decode_config_report(pmstore.decode_event_report(msg)),
+        lambda: pmstore.decode_mds(msg),
+        lambda: [s.entry_size() for s in pmstore.decode_segment_info(pmstore.decode_action(msg, result=True))],
+        lambda: interpret([pmstore.decode_segment_data(pmstore.decode_event_report(msg))]),
+        lambda: pmstore.decode_trigger_result(pmstore.decode_action(msg, result=True)),
+        lambda: pmstore.decode_event_result(msg),
+    ):
+        with contextlib.suppress(InvalidResponse):
+            step()
+
+
+@pytest.fixture(scope="module")
+def replies(request: pytest.FixtureRequest) -> list[bytes]:
+    vectors = request.getfixturevalue("novopen_vectors")
+    return parse_capture((vectors / "nvp_datatest.txt").read_bytes())
 
 
 @FAST
@@ -58,25 +80,6 @@ def test_phd_typed(data: bytes) -> None:
         phd.decode_phd(data)
 
 
-def _decode_everything(data: bytes) -> None:
-    with contextlib.suppress(InvalidResponse):
-        ieee11073.decode_aarq(data)
-    try:
-        msg = ieee11073.decode_data_apdu(data)
-    except InvalidResponse:
-        return
-    for step in (
-        lambda: pmstore.decode_config_report(pmstore.decode_event_report(msg)),
-        lambda: pmstore.decode_mds(msg),
-        lambda: [s.entry_size() for s in pmstore.decode_segment_info(pmstore.decode_action(msg, result=True))],
-        lambda: interpret([pmstore.decode_segment_data(pmstore.decode_event_report(msg))]),
-        lambda: pmstore.decode_trigger_result(pmstore.decode_action(msg, result=True)),
-        lambda: pmstore.decode_event_result(msg),
-    ):
-        with contextlib.suppress(InvalidResponse):
-            step()
-
-
 @FAST
 @given(st.binary(max_size=300))
 def test_ieee11073_arbitrary_bytes_typed(data: bytes) -> None:
@@ -101,12 +104,6 @@ def test_float_total(raw: int) -> None:
         assert pmstore.decode_float(pmstore.encode_float(value)) == value
 
 
-@pytest.fixture(scope="module")
-def replies(request: pytest.FixtureRequest) -> list[bytes]:
-    vectors = request.getfixturevalue("novopen_vectors")
-    return parse_capture((vectors / "nvp_datatest.txt").read_bytes())
-
-
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_session_over_mutated_capture(replies: list[bytes], data: st.DataObject) -> None:
@@ -129,32 +126,3 @@ def test_session_over_mutated_capture(replies: list[bytes], data: st.DataObject)
     assert len(replay.commands) <= len(mutated) + 1  # bounded: no loop past the end of the capture
     if state.mds is not None:
         to_doses(state.mds.serial, interpret(state.reports), state.received_at)
-
-
-@settings(max_examples=12, deadline=None)
-@given(st.lists(st.binary(min_size=1, max_size=120), min_size=1, max_size=20))
-def test_driver_against_a_reader_spewing_garbage(
-    tmp_path_factory: pytest.TempPathFactory, garbage: list[bytes]
-) -> None:
-    """A port answering every write with arbitrary bytes: the read ends in a DriverError, quickly."""
-    link = Path(tmp_path_factory.mktemp("garbage")) / "port"
-    stop = threading.Event()
-    with PtyLink(link) as pty:
-
-        def spew() -> None:
-            n = 0
-            while not stop.is_set():
-                if pty.read(timeout=0.02):
-                    pty.write(garbage[n % len(garbage)])
-                    n += 1
-
-        thread = threading.Thread(target=spew, daemon=True)
-        thread.start()
-        try:
-            with Device(str(link), ack_timeout=0.05, response_timeout=0.1, retries=2, pen_wait_s=0.2) as device:
-                device.read_pen()
-        except DriverError:
-            pass
-        finally:
-            stop.set()
-            thread.join(2)

@@ -1,4 +1,8 @@
-"""Shared helpers: conformance vectors and simulators served over real ptys."""
+"""Shared driver test helpers and fixtures: conformance vectors, meter and pen simulators on real ptys.
+
+The conftest.py files under tests/unit/drivers and tests/system/drivers re-export the fixtures
+(never import from a conftest: pytest loads each as its own module).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,21 @@ import dataclasses
 import json
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.models import GlucoseReading
+from drivers.models import GlucoseReading
 from drivers.simulators.base import Simulator
 from drivers.simulators.faults import NO_FAULTS, Faults
+from drivers.simulators.novopen import NO_FAULTS as PEN_NO_FAULTS
+from drivers.simulators.novopen import Capture, PenFaults, PenLog, SimStats, serve
 from drivers.simulators.pty_link import PtyLink
 from drivers.simulators.run import make_simulator
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,3 +127,49 @@ def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
 @pytest.fixture
 def run_in_thread() -> Any:
     return in_thread
+
+
+# --- the pen ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def novopen_vectors(vectors_dir: Path) -> Path:
+    return vectors_dir / "novopen"
+
+
+@pytest.fixture(scope="session")
+def apdus(novopen_vectors: Path) -> dict[str, Any]:
+    return json.loads((novopen_vectors / "apdus.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def capture_bytes(novopen_vectors: Path) -> bytes:
+    return (novopen_vectors / "nvp_datatest.txt").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def expected(novopen_vectors: Path) -> dict[str, Any]:
+    return json.loads((novopen_vectors / "nvp_datatest.expected.json").read_text())
+
+
+PenSimulator = Callable[..., contextlib.AbstractContextManager[tuple[str, SimStats]]]
+
+
+@pytest.fixture
+def simulator(tmp_path: Path) -> PenSimulator:
+    """``with simulator(source, faults) as (port, stats):`` a reader + pen served on a pty."""
+
+    @contextlib.contextmanager
+    def run(source: PenLog | Capture, faults: PenFaults = PEN_NO_FAULTS) -> Iterator[tuple[str, SimStats]]:
+        link = tmp_path / f"pen{len(list(tmp_path.iterdir()))}"
+        pty = PtyLink(link)
+        stop, stats = threading.Event(), SimStats()
+        thread = threading.Thread(target=serve, args=(pty, source, faults, stop, stats), daemon=True)
+        thread.start()
+        try:
+            yield str(link), stats
+        finally:
+            stop.set()
+            thread.join(5)
+            pty.close()
+            assert not thread.is_alive(), "simulator did not stop"
+
+    return run

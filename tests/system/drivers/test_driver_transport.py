@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from agent.errors import PortError
 from drivers import onetouch_ultra2 as u2
 from drivers.base import SerialTransport
+from drivers.errors import PortError
 from drivers.reader import read_meter
 from drivers.simulators.pty_link import PtyLink
 

@@ -1,0 +1,143 @@
+"""What meters and pens produce: typed, immutable records (the agent buffers and uploads them as they are).
+
+Glucose is held in mg/dL (the unit every supported meter stores internally);
+the meter's native value and unit are kept verbatim next to it so nothing is
+lost by conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+from decimal import Decimal
+
+MGDL_PER_MMOLL = Decimal("18.0156")  # glucose molar mass 180.156 g/mol
+
+
+class Unit(enum.StrEnum):
+    MGDL = "mg/dL"
+    MMOLL = "mmol/L"
+
+
+class RangeFlag(enum.StrEnum):
+    IN_RANGE = "in"
+    HIGH = "high"  # above the meter's measuring range (value = the limit)
+    LOW = "low"  # below the meter's measuring range (value = the limit)
+
+
+class Meal(enum.StrEnum):
+    NONE = "none"
+    BEFORE = "before"
+    AFTER = "after"
+    FASTING = "fasting"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MeterIdentity:
+    protocol: str  # e.g. "onetouch-ultra2"
+    model: str
+    serial: str
+    firmware: str
+
+    def __post_init__(self) -> None:
+        if not self.serial:
+            raise ValueError("meter serial must not be empty")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GlucoseReading:
+    """One glucose record exactly as a meter reported it, plus what we measured.
+
+    ``meter_time`` is naive: meters keep local time with no zone.
+    ``clock_offset_s`` = meter clock - agent wall clock, measured at read time
+    (None when the meter clock could not be read).
+    """
+
+    meter_serial: str
+    record_key: str  # stable across reads of the same meter: de-duplication key
+    meter_time: dt.datetime
+    value_mgdl: int  # for HIGH/LOW: the limit
+    native_value: str  # as on the wire, e.g. "6.2" or "HIGH"
+    native_unit: Unit
+    range_flag: RangeFlag = RangeFlag.IN_RANGE
+    control_solution: bool = False  # never a patient value
+    meal: Meal = Meal.NONE
+    comment: str = ""
+    suspect: bool = False  # meter flagged the stored record as failing its own check
+    clock_offset_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.meter_time.tzinfo is not None:
+            raise ValueError("meter_time must be naive meter-local time")
+        if not self.record_key:
+            raise ValueError("record_key must not be empty")
+        if not 0 <= self.value_mgdl <= 2000:
+            raise ValueError(f"value_mgdl out of range: {self.value_mgdl}")
+
+    def with_offset(self, clock_offset_s: float | None) -> GlucoseReading:
+        return dataclasses.replace(self, clock_offset_s=clock_offset_s)
+
+
+def mmoll_to_mgdl(value: Decimal) -> int:
+    """Convert with the documented factor, rounded half-up to whole mg/dL."""
+    return int((value * MGDL_PER_MMOLL).quantize(Decimal(1), rounding="ROUND_HALF_UP"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PenIdentity:
+    model: str
+    serial: str
+    firmware: str
+    manufacturer: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InsulinDose:
+    """One dose from a pen's log.
+
+    The pen has only a relative clock (seconds since pen start). ``pen_clock_s``
+    is the pen's relative time read in the same session, ``read_at`` the agent's
+    wall clock at that moment; wall time = read_at - (pen_clock_s - relative_time_s).
+    Both raw values are kept so the cloud can recompute when our clock was wrong.
+    """
+
+    pen_serial: str
+    record_key: str  # (pen serial, relative time, units): de-duplication key
+    relative_time_s: int
+    pen_clock_s: int
+    read_at: dt.datetime  # tz-aware UTC, agent clock at read
+    units: Decimal
+    flags: int
+    prime: bool = False  # air shot, by the documented heuristic
+    insulin: str | None = None  # from configuration (pen serial -> insulin)
+
+    def __post_init__(self) -> None:
+        if self.read_at.tzinfo is None:
+            raise ValueError("read_at must be tz-aware UTC")
+        if not self.units.is_finite() or not Decimal(0) < self.units < Decimal(100):
+            raise ValueError(f"units out of range: {self.units}")
+
+    @property
+    def dose_time(self) -> dt.datetime:
+        return self.read_at - dt.timedelta(seconds=self.pen_clock_s - self.relative_time_s)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Decoded:
+    """What a raw capture of meter bytes held (``decode_capture`` of every meter driver):
+    the verified readings plus one message per rejected line, frame or packet."""
+
+    readings: tuple[GlucoseReading, ...]
+    rejected: tuple[str, ...]
+    serial: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MeterRead:
+    """The outcome of one meter read: what verified, and whether the dump was complete."""
+
+    identity: MeterIdentity
+    readings: tuple[GlucoseReading, ...]
+    complete: bool
+    error: str | None = None
