@@ -104,3 +104,36 @@ def test_unknown_protocol_and_missing_port() -> None:
 
     with pytest.raises(PortError):
         read_meter("/dev/does-not-exist", "onetouch-ultra2", wall_clock=dt.datetime.now)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "flags", "named"),
+    [
+        ("novopen", ["--noise", "0.1", "--records", "x.json"], "--records, --noise"),
+        ("onetouch-ultra2", ["--doses", "x.json"], "--doses"),
+        ("contour-astm", ["--corrupt-at", "3"], "--corrupt-at"),
+    ],
+)
+def test_simulate_refuses_flags_of_the_other_kind(protocol: str, flags: list[str], named: str, tmp_path: Path) -> None:
+    link = tmp_path / "tty"
+    out = run_cli("simulate", protocol, "--link", str(link), *flags)
+    assert out.returncode == 10 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith(f"glucoagent: error: simulate {protocol}: {named} does not apply")
+    assert not link.exists()
+
+
+def test_simulate_pen_with_both_sources_or_a_bad_file_is_one_line(tmp_path: Path) -> None:
+    link = tmp_path / "tty"
+    out = run_cli("simulate", "novopen", "--link", str(link), "--doses", "a.json", "--capture", "b.txt")
+    assert out.returncode == 10 and "either --doses or --capture" in out.stderr and out.stderr.count("\n") == 1
+    out = run_cli("simulate", "novopen", "--link", str(link), "--doses", str(tmp_path / "missing.json"))
+    assert out.returncode == 10 and out.stderr.startswith("glucoagent: error: simulate novopen:"), out.stderr
+    assert out.stderr.count("\n") == 1 and not link.exists()
+
+
+def test_decode_of_a_pen_capture_prints_one_line_per_entry(vectors: Any) -> None:
+    out = run_cli("decode", "--protocol", "novopen", str(vectors.path("novopen", "nvp_datatest.txt")))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("pen ") and len(lines) == 1 + 96
+    assert sum(" U" in line for line in lines[1:]) + sum("rejected:" in line for line in lines[1:]) == 96
