@@ -1,6 +1,6 @@
 """Serial drivers and simulators for glucose meters and the insulin pen reader: the ground floor.
 
-Nothing here imports ``agent`` or ``backend``. What a device produces is in ``drivers.models``,
+Nothing here depends on the floors above (the agent, the cloud). What a device produces is in ``drivers.models``,
 what goes wrong in ``drivers.errors``, the protocol names in ``drivers.registry``.
 """
 

@@ -1,7 +1,7 @@
 """The drivers' own exception root: what a meter, a pen reader or a driver's inputs did wrong.
 
-``drivers/`` is the ground floor and imports nothing from the agent, so its errors do not derive
-from the agent's root. Each class carries the exit code a command line gives it (the agent's CLI
+``drivers/`` is the ground floor: nothing above it is in reach, so its errors have a root
+of their own, not the agent's. Each class carries the exit code a command line gives it (the agent's CLI
 dispatch maps every ``DriverError`` to ``exit_code``). Every pyserial or OS error on a port is turned
 into a ``PortError`` at the transport (drivers/base.py), cleanup included.
 """
