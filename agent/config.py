@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.errors import ConfigError
-from drivers.registry import AUTO, CONFIG_CHOICES, DEFAULT_PEN
+from drivers.registry import AUTO, CONFIG_CHOICES, DEFAULT_PEN  # the one list of protocol names
 
 T = TypeVar("T")
 N = TypeVar("N", int, float)
-PROTOCOL_NAMES = CONFIG_CHOICES  # the driver registry is the one list of protocol names
 _ENDPOINT_RE = re.compile(r"^mqtts://(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})$")
 
 
@@ -254,10 +253,10 @@ def build_config(sections: list[Any], source: str) -> Config:
                 raise ConfigError(f"{where('port')}{sec.type}[{name}].port: required")
             default = AUTO if sec.type == "meter" else DEFAULT_PEN
             protocol = sec.options.get("protocol", default)
-            if protocol not in PROTOCOL_NAMES:
+            if protocol not in CONFIG_CHOICES:
                 raise ConfigError(
                     f"{where('protocol')}{sec.type}[{name}].protocol: expected one of "
-                    f"{', '.join(PROTOCOL_NAMES)}, got {protocol!r}"
+                    f"{', '.join(CONFIG_CHOICES)}, got {protocol!r}"
                 )
             extra = set(sec.options) - {"port", "protocol"}
             if extra:
