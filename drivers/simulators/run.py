@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 
 from drivers.errors import UnknownProtocol
 from drivers.models import GlucoseReading
+from drivers.registry import METERS
 from drivers.simulators.base import DEFAULT_BAUD, Simulator
 from drivers.simulators.faults import NO_FAULTS, Faults
 from drivers.simulators.novopen import NO_FAULTS as PEN_NO_FAULTS
@@ -37,7 +38,7 @@ def simulator_class(protocol: str) -> type[Simulator]:
         from drivers.simulators.onetouch_ultraeasy import UltraEasySimulator
 
         return UltraEasySimulator
-    raise UnknownProtocol(f"simulate: unknown protocol {protocol!r} (onetouch-ultra2, contour-astm, onetouch-ultraeasy)")
+    raise UnknownProtocol(f"simulate: no meter simulator for {protocol!r} ({', '.join(METERS)})")
 
 
 def make_simulator(
