@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from agent.errors import GlucoagentError
 from agent.fsutil import atomic_write
 from agent.mqtt import TlsFiles
 from backend.broker import Broker
 from backend.db import BackendDb
 from backend.pki import FleetPki
-from backend.service import BackendKeys, BackendService, link_settings
+from backend.service import CERT_DAYS, BackendKeys, BackendService, link_settings
 
+log = logging.getLogger(__name__)
 COMMAND_KEY = "command.key"
 INITIAL_CONFIG: dict[str, Any] = {"mqtt.keepalive": 30}
 
@@ -23,6 +27,9 @@ INITIAL_CONFIG: dict[str, Any] = {"mqtt.keepalive": 30}
 class BackendHome:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.cert_days: float = CERT_DAYS  # device certificate lifetime (tests shorten it)
+        # Called after the CRL file changed; the harness points it at Broker.reload_crl.
+        self.crl_reloader: Callable[[], None] | None = None
 
     def ensure(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -50,9 +57,27 @@ class BackendHome:
     def keys(self) -> BackendKeys:
         return BackendKeys(
             ca_pem=self.pki.ca_pem,
-            sign_csr=lambda csr, device_id: self.pki.sign_device_csr(csr, device_id),
+            sign_csr=lambda csr, device_id: self.pki.sign_device_csr(csr, device_id, days=self.cert_days),
             command_key=self.command_key,
+            revoke=self.revoke_certificates,
+            revoked=self.pki.revoked_serials,
         )
+
+    def revoke_certificates(self, serials: Sequence[int]) -> None:
+        """Revoke, rewrite the CRL, and have the broker enforce it for every new login."""
+        for serial in serials:
+            self.pki.revoke(serial)
+        self.reload_broker_crl()
+
+    def reload_broker_crl(self) -> None:
+        """The one place the broker is told to re-read the CRL (mosquitto: SIGHUP)."""
+        if self.crl_reloader is None:
+            log.warning("CRL %s rewritten: reload the broker (SIGHUP) so that it takes effect", self.pki.crl_path)
+            return
+        try:
+            self.crl_reloader()
+        except GlucoagentError as exc:
+            log.error("the broker did not reload the CRL: %s", exc)
 
     def db(self) -> BackendDb:
         return BackendDb(self.root / "backend.db")
