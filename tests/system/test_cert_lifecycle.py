@@ -1,0 +1,253 @@
+"""Certificate lifecycle of a box, end to end with the real broker, backend, agent and CLI (docs/commands.md).
+
+- renewal revokes the old certificate once the new one is in use: a TLS login with it is refused;
+- the box renews by itself when its clock passes notAfter - agent.renew_before_days (the agent's
+  wall clock moved by the LD_PRELOAD shim backend/clockshim.py; libfaketime cannot run Python 3.11
+  here), keeping its device id, readings flowing exactly once;
+- a box whose certificate expired while it was offline re-enrols over the claim path with proof of
+  its old key: same device id and patient, its buffered readings (signed with the old key) delivered
+  exactly once and verified;
+- the backend refuses a re-enrolment not signed by the device's key, for a certificate still valid,
+  or for a key whose certificate was revoked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import cbor2
+import pytest
+from cryptography import x509
+
+from agent import cose, renewal
+from agent.errors import TlsError
+from agent.identity import build_csr, generate_key, load_key
+from agent.mqtt import LinkSettings, MqttLink, TlsFiles
+from backend.clockshim import build_clock_shim
+from backend.harness import BIN, LocalSystem, device_config
+from drivers.readings_json import dumps
+from drivers.simulators.records import random_records
+
+PATIENT = "patient-lifecycle-7"
+BACKEND_CLI = str(BIN / "glucoagent-backend")
+DAY = 86_400
+
+
+@dataclasses.dataclass
+class Box:
+    system: LocalSystem
+    state: Path
+    device_id: str
+    link: Path
+    records: Path
+    config: Path | None = None
+    sim: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> str:
+        path = self.state / "agent.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def cert(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate((self.state / "device.crt").read_bytes())
+
+    def meter(self, readings: list[object]) -> None:
+        """The meter now holds ``readings`` (a restarted simulator, as a meter whose memory grew)."""
+        self.records.write_text(dumps(readings))  # type: ignore[arg-type]
+        if self.sim is not None:
+            os.killpg(self.sim.pid, signal.SIGKILL)
+            self.sim.wait()
+            self.system.procs.remove(self.sim)
+        self.sim = self.system.start_simulator("onetouch-ultra2", self.link, self.records, "--baud", "0")
+
+    def readings(self) -> list[tuple[str, float]]:
+        return [(r.fields["glu:meter_time"], r.fields["glu:mgdl"]) for r in self.system.db.records(self.device_id, "reading")]
+
+
+def new_box(system: LocalSystem, name: str = "box") -> Box:
+    state = system.device_dir(name)
+    prov = system.provision(state, PATIENT)
+    assert prov.returncode == 0, prov.stdout + prov.stderr
+    device_id = json.loads((state / "device.json").read_text())["device_id"]
+    return Box(system, state, device_id, system.run / f"tty-{name}", system.run / f"{name}-meter.json")
+
+
+def configure(box: Box, **agent: str) -> Path:
+    box.config = device_config(
+        box.state / "glucoagent.uci",
+        [(str(box.link), "onetouch-ultra2")],
+        agent={"reread_s": "10", "port_scan_s": "0.3", **agent},
+        mqtt={"backoff_min_s": "0.1", "backoff_cap_s": "1"},
+    )
+    return box.config
+
+
+def expected(readings: list[object]) -> list[tuple[str, float]]:
+    return sorted((m.meter_time.isoformat(), m.value_mgdl) for m in readings)  # type: ignore[attr-defined]
+
+
+def assert_exactly_once(box: Box, meter: list[object]) -> None:
+    got = box.readings()
+    assert sorted(got) == expected(meter), "every reading stored, none altered"
+    assert len(got) == len(set(got)), "none stored twice"
+    seqs = sorted(r.seq for r in box.system.db.records(box.device_id) if r.stream == "c")
+    assert seqs == list(range(1, len(seqs) + 1))
+
+
+def login(state: Path, cert: Path, key: Path, client_id: str, port: int) -> None:
+    """One TLS + MQTT login with the given pair (raises the agent's classified LinkError)."""
+    link = MqttLink(LinkSettings("localhost", port, client_id, TlsFiles(state / "ca.crt", cert, key), clean_start=True))
+    try:
+        link.connect()
+    finally:
+        link.disconnect()
+
+
+def kids_of_stored(box: Box) -> set[bytes]:
+    rows = box.system.db.query("SELECT cose FROM records WHERE device_id = ? AND kind = 'reading'", (box.device_id,))
+    out = set()
+    for (raw,) in rows:
+        _, prot, unprot, _, _ = cose.parse_sign1(raw)
+        out.add(bytes(prot.get(cose.HDR_KID, unprot.get(cose.HDR_KID))))
+    return out
+
+
+# --- 1. renewal revokes the old certificate ---------------------------------------------------------
+def test_renewal_revokes_the_old_certificate_once_the_new_one_logged_in(tmp_path: Path) -> None:
+    with LocalSystem(tmp_path / "sys") as system:
+        box = new_box(system)
+        old = tmp_path / "old"
+        old.mkdir(mode=0o700)
+        for name in ("device.crt", "device.key"):
+            shutil.copy2(box.state / name, old / name)
+        old_serial = box.cert().serial_number
+        login(box.state, old / "device.crt", old / "device.key", box.device_id, system.broker.port)  # valid before
+        meter = random_records("onetouch-ultra2", 14, seed=71)  # newest first
+        box.meter(meter[6:])
+        system.start_agent(box.state, configure(box))
+        assert system.wait_for(lambda: len(box.readings()) >= 8, 60), box.log[-3000:]
+
+        proc = subprocess.run(
+            [BACKEND_CLI, "command", box.device_id, "renew_certificate", "--home", str(system.home.root),
+             "--port", str(system.broker.port), "--timeout", "60"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        result = json.loads(proc.stdout)
+        assert (result["status"], result["code"]) == ("ok", "renewed"), proc.stderr
+        assert box.cert().serial_number != old_serial
+        assert system.wait_for(lambda: old_serial in system.home.pki.revoked_serials(), 20), box.log[-3000:]
+        with pytest.raises(TlsError):
+            login(box.state, old / "device.crt", old / "device.key", box.device_id, system.broker.port)
+        # The box moved its link to the new pair at once and goes on delivering.
+        assert system.wait_for(lambda: "reconnecting with the new certificate" in box.log, 20), box.log[-3000:]
+        box.meter(meter)
+        assert system.wait_for(lambda: len(box.readings()) >= 14, 60), box.log[-3000:]
+        assert_exactly_once(box, meter)
+        new_kid = cose.key_id(load_key(box.state / "device.key").public_key())
+        assert new_kid in kids_of_stored(box)  # readings after the swap: new key; before: the old one, still verified
+        assert len(kids_of_stored(box)) == 2
+        assert system.db.counter("certificates_revoked") == 1
+
+
+# --- 2. the box renews by itself ---------------------------------------------------------------------
+def test_the_box_renews_by_itself_when_its_clock_passes_not_after_minus_the_margin(tmp_path: Path) -> None:
+    offset = tmp_path / "clock-offset"
+    offset.write_text("0")
+    env = {**os.environ, "LD_PRELOAD": str(build_clock_shim(tmp_path)), "SOAK_CLOCK_OFFSET_FILE": str(offset)}
+    with LocalSystem(tmp_path / "sys") as system:
+        box = new_box(system)
+        first = box.cert()
+        days_left = (first.not_valid_after_utc.timestamp() - time.time()) / DAY
+        meter = random_records("onetouch-ultra2", 20, seed=72)  # newest first
+        box.meter(meter[10:])
+        system.start_agent(box.state, configure(box, renew_before_days="30"), env=env)
+        assert system.wait_for(lambda: len(box.readings()) >= 10, 60), box.log[-3000:]
+        assert "asking the cloud for a new one" not in box.log  # 365 days left: nothing to do
+
+        # The box's clock moves to 20 days before notAfter (inside the 30-day margin). The cloud now
+        # issues 400-day certificates, so the renewed one is not due again by this clock.
+        system.home.cert_days = 400
+        offset.write_text(str((days_left - 20) * DAY))
+        assert system.wait_for(lambda: box.cert().serial_number != first.serial_number, 60), box.log[-3000:]
+        assert "asking the cloud for a new one" in box.log
+        assert system.wait_for(lambda: first.serial_number in system.home.pki.revoked_serials(), 30), box.log[-3000:]
+        assert json.loads((box.state / "device.json").read_text())["device_id"] == box.device_id
+        assert box.cert().subject == first.subject
+        assert not (box.state / "renew").exists()
+
+        box.meter(meter)  # readings keep flowing, now signed with the new key
+        assert system.wait_for(lambda: len(box.readings()) >= 20, 60), box.log[-3000:]
+        assert_exactly_once(box, meter)
+        assert len(kids_of_stored(box)) == 2
+        time.sleep(3)  # not due again: no renewal storm
+        assert box.log.count("asking the cloud for a new one") == 1, box.log[-3000:]
+        rows = system.db.query(
+            "SELECT code FROM results WHERE device_id = ? AND command_id LIKE 'r%'", (box.device_id,)
+        )
+        assert [r[0] for r in rows] == ["renewed"]  # the request, then its final result signed with the new key
+
+
+# --- 3. the way back after the certificate expired offline ----------------------------------------
+def test_a_box_whose_certificate_expired_offline_comes_back_with_its_id_patient_and_readings(tmp_path: Path) -> None:
+    with LocalSystem(tmp_path / "sys") as system:
+        system.home.cert_days = 25 / DAY  # a certificate that expires 25 s after enrolment
+        box = new_box(system)
+        system.home.cert_days = 365
+        not_after = box.cert().not_valid_after_utc.timestamp()
+        old_kid = cose.key_id(load_key(box.state / "device.key").public_key())
+        system.broker.stop()  # the box goes offline
+        meter = random_records("onetouch-ultra2", 12, seed=73)
+        box.meter(meter)
+        config = configure(box)
+        system.start_agent(box.state, config)
+
+        def buffered() -> int:
+            out = system.glucoagent(box.state, "status", "--json", config=config)
+            return int(json.loads(out.stdout)["buffer_depth"]) if out.returncode == 0 else -1
+
+        assert system.wait_for(lambda: buffered() >= 12, 40), box.log[-3000:]
+        assert system.wait_for(lambda: time.time() > not_after + 1, 40)
+        system.broker.start()  # back online months later: the broker refuses the expired certificate
+        assert system.wait_for(lambda: len(box.readings()) >= 12, 90), box.log[-4000:]
+        assert "re-enrolling over the claim path" in box.log
+        assert json.loads((box.state / "device.json").read_text())["device_id"] == box.device_id
+        assert box.cert().not_valid_after_utc.timestamp() > time.time() + 300 * DAY
+        assert system.db.patient_of(box.device_id) == PATIENT
+        assert_exactly_once(box, meter)
+        assert kids_of_stored(box) == {old_kid}  # signed with the expired key, verified by its kid
+        assert system.db.counter("recovered") == 1
+        assert system.db.counter("rejected_records") == 0
+
+
+def test_the_backend_refuses_a_re_enrolment_without_proof_or_for_a_valid_or_revoked_certificate(
+    tmp_path: Path,
+) -> None:
+    with LocalSystem(tmp_path / "sys") as system:
+        box = new_box(system)
+        service = system.service
+        assert service is not None
+        key = load_key(box.state / "device.key")
+        csr = build_csr(generate_key("ed25519"), "hw")
+
+        def ask(signing_key: object, device_id: str = box.device_id) -> dict[str, object]:
+            rid = renewal.new_request_id()
+            request = renewal.recovery_request(rid, device_id, signing_key, csr, time.time())  # type: ignore[arg-type]
+            return service.provision(rid, request)
+
+        other = ask(generate_key("ed25519"))
+        assert (other["ok"], other["code"]) == (False, "bad_signature")
+        valid = ask(key)
+        assert (valid["ok"], valid["code"]) == (False, "not_expired")
+        system.home.revoke_certificates([box.cert().serial_number])
+        revoked = ask(key)
+        assert (revoked["ok"], revoked["code"]) == (False, "not_recoverable")
+        bad = service.provision("abcdefgh12", cbor2.dumps({"v": 1, "req": "abcdefgh12", "recover": b"junk"}))
+        assert (bad["ok"], bad["code"]) == (False, "bad_signature")
+        assert system.db.counter("recovered") == 0
