@@ -5,13 +5,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # mosquitto: the real broker; qemu-user-static + archive keyring: the emulated MIPS device;
-# faketime: a box whose clock is wrong, for real.
-DEBS := mosquitto mosquitto-clients qemu-user-static debian-archive-keyring faketime
+# faketime: a box whose clock is wrong, for real. mosquitto-dev libmosquitto-dev libssl-dev gcc libc6-dev:
+# the broker's client-id binding plugin (backend/mosquitto/glucoagent_auth.c), built by `make setup`.
+DEBS := mosquitto mosquitto-clients qemu-user-static debian-archive-keyring faketime mosquitto-dev libmosquitto-dev libssl-dev gcc libc6-dev
 VECTORS ?= ../shared/vectors
+# mosquitto loads this plugin (backend/broker.py): it binds each client id to its certificate's CN.
+AUTH_PLUGIN := build/glucoagent_auth.so
 
 .PHONY: setup debs demo test lint bench soak ipk sbom clean
 
-setup: debs $(STAMP)
+setup: debs $(STAMP) $(AUTH_PLUGIN)
+
+$(AUTH_PLUGIN): backend/mosquitto/glucoagent_auth.c | debs
+	@mkdir -p build
+	@command -v cc >/dev/null || { echo "setup: no C compiler (cc) to build $@: apt-get install gcc" >&2; exit 1; }
+	cc -shared -fPIC -O2 -Wall -Wextra -Werror -o $@ $< -lcrypto
 
 # Debian packages the tests and the demo run for real (broker, clients).
 debs:

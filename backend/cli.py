@@ -41,6 +41,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from backend.broker import CrlKeeper
     from backend.home import BackendHome
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -57,6 +58,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     thread = threading.Thread(target=service.run, name="backend", daemon=True)
     thread.start()
+    # Re-issue the CRL daily (valid 30 days) and make the broker in this home reload it.
+    keeper = CrlKeeper(home.pki, home.broker_dir, args.crl_check_interval)
+    threading.Thread(target=keeper.run, args=(stop,), name="crl-keeper", daemon=True).start()
     stop.wait()
     thread.join(timeout=5)
     return 0
@@ -75,6 +79,34 @@ def cmd_broker(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     broker.stop()
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    """Revoke every certificate the cloud issued to a device, reload the broker, disconnect the device."""
+    from cryptography import x509
+
+    from backend.broker import disconnect_identity, reload_broker
+    from backend.home import BackendHome
+    from backend.pki import PkiError
+
+    home = BackendHome(args.home)
+    home.ensure()
+    db = home.db()
+    try:
+        rows = db.query("SELECT cert_pem FROM device_keys WHERE device_id = ?", (args.device,))
+    finally:
+        db.close()
+    if not rows:
+        raise PkiError(f"no certificate was issued to a device {args.device!r} by this backend")
+    serials = [x509.load_pem_x509_certificate(bytes(pem)).serial_number for (pem,) in rows]
+    home.pki.revoke(*serials)
+    print(f"revoked {len(serials)} certificate(s) of {args.device}")
+    if not reload_broker(home.broker_dir, home.pki):
+        print(f"no broker runs in {home.broker_dir}: it refuses {args.device} from its next start")
+        return 0
+    disconnect_identity(home.pki.backend, args.host, args.port, args.device)
+    print(f"broker reloaded its CRL and closed every connection of {args.device}")
     return 0
 
 
@@ -109,7 +141,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="localhost")
     p.add_argument("--port", type=int, default=8883)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--crl-check-interval",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds between CRL checks: re-issued once a day old, then the broker in this home reloads it",
+    )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "revoke", help="revoke a device's certificates, make the broker reload its CRL and disconnect the device"
+    )
+    p.add_argument("device", help="device id (certificate CN)")
+    p.add_argument("--home", type=Path, default=home_default)
+    p.add_argument("--host", default="localhost", help="the broker, to disconnect the device")
+    p.add_argument("--port", type=int, default=8883)
+    p.set_defaults(func=cmd_revoke)
 
     p = sub.add_parser("demo", help="run the whole system on this machine and show readings arriving verified")
     p.add_argument("--records", type=int, default=20, help="readings in the simulated meter")

@@ -82,8 +82,12 @@ class BackendHome:
     def db(self) -> BackendDb:
         return BackendDb(self.root / "backend.db")
 
+    @property
+    def broker_dir(self) -> Path:
+        return self.root / "broker"
+
     def broker(self, port: int | None = None) -> Broker:
-        return Broker(self.pki, self.root / "broker", port=port)
+        return Broker(self.pki, self.broker_dir, port=port)
 
     def backend_tls(self) -> TlsFiles:
         creds = self.pki.backend

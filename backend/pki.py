@@ -58,6 +58,7 @@ CA_DAYS = 3650
 SERVER_DAYS = 825
 IDENTITY_DAYS = 825
 CRL_DAYS = 30
+CRL_REISSUE_AGE = dt.timedelta(days=1)  # the running service re-issues the CRL daily: 29 days of slack
 BACKDATE = dt.timedelta(minutes=5)  # tolerate small clock skew between CA and peers
 
 CA_KEY, CA_CERT = "ca.key", "ca.crt"
@@ -255,6 +256,21 @@ def _revocation_date(entry: x509.RevokedCertificate) -> dt.datetime:
     return when
 
 
+def _crl_last_update(crl: x509.CertificateRevocationList) -> dt.datetime:
+    when = getattr(crl, "last_update_utc", None)  # cryptography >= 42; 41 has only the naive one
+    return when if when is not None else crl.last_update.replace(tzinfo=dt.UTC)
+
+
+def _crl_next_update(crl: x509.CertificateRevocationList) -> dt.datetime:
+    when = getattr(crl, "next_update_utc", None)
+    if when is None:
+        naive = crl.next_update
+        if naive is None:
+            raise PkiError("the CRL has no nextUpdate")
+        when = naive.replace(tzinfo=dt.UTC)
+    return when
+
+
 def _crl_number(crl: x509.CertificateRevocationList) -> int:
     try:
         return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
@@ -407,13 +423,34 @@ class FleetPki:
         return ClientCreds(folder / f"{stem}.crt", folder / f"{stem}.key", self.ca_path)
 
     # --- revocation -----------------------------------------------------------------------------
-    def revoke(self, serial: int) -> None:
-        """Add ``serial`` to the CRL and rewrite ``crl.pem`` (the broker reads it on reload)."""
+    def revoke(self, serial: int, *more: int) -> None:
+        """Add the serials to the CRL and rewrite ``crl.pem`` (the broker reads it on reload)."""
         with self._lock:
             crl = self._load_crl()
             revoked = {entry.serial_number: _revocation_date(entry) for entry in crl} if crl else {}
-            revoked.setdefault(serial, _now())
+            for number in (serial, *more):
+                revoked.setdefault(number, _now())
             self._write_crl(revoked, (_crl_number(crl) if crl else 0) + 1)
+
+    def refresh_crl_if_due(self, max_age: dt.timedelta = CRL_REISSUE_AGE) -> bool:
+        """Re-issue the CRL (same entries, next number, nextUpdate ``CRL_DAYS`` ahead) once it is ``max_age`` old.
+
+        True when it was re-issued. Past its nextUpdate a CRL makes OpenSSL refuse every client
+        certificate, so the running service calls this often (backend/broker.py ``CrlKeeper``).
+        """
+        with self._lock:
+            crl = self._load_crl()
+            if crl is not None and _crl_last_update(crl) + BACKDATE + max_age > _now():
+                return False
+            revoked = {entry.serial_number: _revocation_date(entry) for entry in crl} if crl else {}
+            self._write_crl(revoked, (_crl_number(crl) if crl else 0) + 1)
+            return True
+
+    def crl_next_update(self) -> dt.datetime:
+        crl = self._load_crl()
+        if crl is None:
+            raise PkiError(f"{self.crl_path} is missing")
+        return _crl_next_update(crl)
 
     def revoked_serials(self) -> frozenset[int]:
         crl = self._load_crl()

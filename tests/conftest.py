@@ -31,7 +31,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from backend.broker import Broker, tls_client
+from backend.broker import Broker, client_id_for, tls_client
 from backend.pki import ClientCreds, FleetPki, KeyType, generate_key, make_csr
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,7 +99,8 @@ class MqttProbe:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host, self.port = host, port
-        client_id = client_id or f"probe-{uuid.uuid4().hex[:12]}"
+        # The broker binds client ids to certificates (docs/security.md): by default take the id ours may use.
+        client_id = client_id or (client_id_for(creds.common_name) if creds else f"probe-{uuid.uuid4().hex[:12]}")
         if tls is None:
             if creds is None:
                 raise ValueError("creds or tls is required")

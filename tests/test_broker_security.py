@@ -82,7 +82,11 @@ def test_device_publishes_and_reads_its_own_topics(
 
 def test_ed25519_device_negotiates_tls13_and_tls12(broker: Broker, device_creds: CredsFactory) -> None:
     """The device key is Ed25519 by default: both TLS versions the listener allows must take it."""
-    creds = device_creds(_uid())
+    dev_id = _uid()
+    creds = device_creds(dev_id)
+    cid = dev_id.encode()
+    # MQTT 3.1.1 CONNECT, clean session, keepalive 60, client id = the certificate's CN (the broker binds them)
+    connect = bytes([0x10, 12 + len(cid)]) + b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
     for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
         ctx = tls_context(creds)
         ctx.minimum_version = ctx.maximum_version = version
@@ -90,7 +94,7 @@ def test_ed25519_device_negotiates_tls13_and_tls12(broker: Broker, device_creds:
             socket.create_connection((broker.host, broker.port), timeout=5) as raw,
             ctx.wrap_socket(raw, server_hostname="localhost") as tls,
         ):
-            tls.sendall(b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00")  # MQTT 3.1.1 CONNECT, empty client id
+            tls.sendall(connect)
             assert tls.recv(4) == b"\x20\x02\x00\x00", version  # CONNACK accepted: the broker took our certificate
             assert tls.version() == version.name.replace("_", ".")
 
@@ -314,11 +318,12 @@ def test_broker_config_is_tls_only_with_client_certificates(broker: Broker) -> N
     assert [line for line in conf if line.startswith("listener ")] == [f"listener {broker.port} 127.0.0.1"]
     for line in (
         "require_certificate true",
-        "use_identity_as_username true",
+        "use_identity_as_username false",  # the auth plugin binds client id and CN, and sets the user name
+        "plugin ./glucoagent_auth.so",
         "allow_anonymous false",
         "tls_version tlsv1.2",
         "persistence true",
-        f"crlfile {broker.pki.crl_path}",
+        "crlfile tls/crl.pem",
     ):
         assert line in conf
 
