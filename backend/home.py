@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from agent.errors import GlucoagentError
 from agent.fsutil import atomic_write
 from agent.mqtt import TlsFiles
-from backend.broker import Broker
+from backend.broker import Broker, reload_broker
 from backend.db import BackendDb
 from backend.pki import FleetPki
 from backend.service import CERT_DAYS, BackendKeys, BackendService, link_settings
@@ -28,7 +28,7 @@ class BackendHome:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.cert_days: float = CERT_DAYS  # device certificate lifetime (tests shorten it)
-        # Called after the CRL file changed; the harness points it at Broker.reload_crl.
+        # Called after the CRL file changed; the harness points it at its Broker.reload_crl.
         self.crl_reloader: Callable[[], None] | None = None
 
     def ensure(self) -> None:
@@ -65,17 +65,18 @@ class BackendHome:
 
     def revoke_certificates(self, serials: Sequence[int]) -> None:
         """Revoke, rewrite the CRL, and have the broker enforce it for every new login."""
-        for serial in serials:
-            self.pki.revoke(serial)
-        self.reload_broker_crl()
+        if serials:
+            self.pki.revoke(*serials)
+            self.reload_broker_crl()
 
     def reload_broker_crl(self) -> None:
-        """The one place the broker is told to re-read the CRL (mosquitto: SIGHUP)."""
-        if self.crl_reloader is None:
-            log.warning("CRL %s rewritten: reload the broker (SIGHUP) so that it takes effect", self.pki.crl_path)
-            return
+        """The broker re-reads the CRL: the harness's own broker (``crl_reloader``), else the one
+        `glucoagent-backend broker` runs in this home (found by its pid file, backend/broker.py)."""
         try:
-            self.crl_reloader()
+            if self.crl_reloader is not None:
+                self.crl_reloader()
+            elif not reload_broker(self.broker_dir, self.pki):
+                log.warning("CRL rewritten, but no broker runs in %s: it loads the CRL when it starts", self.broker_dir)
         except GlucoagentError as exc:
             log.error("the broker did not reload the CRL: %s", exc)
 
