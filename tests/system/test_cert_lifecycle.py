@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,8 +31,13 @@ from agent import cose, renewal
 from agent.errors import TlsError
 from agent.identity import build_csr, generate_key, load_key
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles
+from backend.broker import Broker
 from backend.clockshim import build_clock_shim
-from backend.harness import BIN, LocalSystem, device_config
+from backend.db import BackendDb
+from backend.harness import BIN, GLUCOAGENT, LocalSystem, device_config, spawn, stop_process
+from backend.home import BackendHome
+from backend.pki import CRL_DAYS
+from backend.service import new_token
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
 
@@ -56,7 +62,7 @@ class Box:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def cert(self) -> x509.Certificate:
-        return x509.load_pem_x509_certificate((self.state / "device.crt").read_bytes())
+        return cert_of(self.state)
 
     def meter(self, readings: list[object]) -> None:
         """The meter now holds ``readings`` (a restarted simulator, as a meter whose memory grew)."""
@@ -68,7 +74,15 @@ class Box:
         self.sim = self.system.start_simulator("onetouch-ultra2", self.link, self.records, "--baud", "0")
 
     def readings(self) -> list[tuple[str, float]]:
-        return [(r.fields["glu:meter_time"], r.fields["glu:mgdl"]) for r in self.system.db.records(self.device_id, "reading")]
+        return readings_of(self.system.db, self.device_id)
+
+
+def readings_of(db: BackendDb, device_id: str) -> list[tuple[str, float]]:
+    return [(r.fields["glu:meter_time"], r.fields["glu:mgdl"]) for r in db.records(device_id, "reading")]
+
+
+def cert_of(state: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate((state / "device.crt").read_bytes())
 
 
 def new_box(system: LocalSystem, name: str = "box") -> Box:
@@ -94,10 +108,14 @@ def expected(readings: list[object]) -> list[tuple[str, float]]:
 
 
 def assert_exactly_once(box: Box, meter: list[object]) -> None:
-    got = box.readings()
+    assert_delivered_once(box.system.db, box.device_id, meter)
+
+
+def assert_delivered_once(db: BackendDb, device_id: str, meter: list[object]) -> None:
+    got = readings_of(db, device_id)
     assert sorted(got) == expected(meter), "every reading stored, none altered"
     assert len(got) == len(set(got)), "none stored twice"
-    seqs = sorted(r.seq for r in box.system.db.records(box.device_id) if r.stream == "c")
+    seqs = sorted(r.seq for r in db.records(device_id) if r.stream == "c")
     assert seqs == list(range(1, len(seqs) + 1))
 
 
@@ -111,7 +129,12 @@ def login(state: Path, cert: Path, key: Path, client_id: str, port: int) -> None
 
 
 def kids_of_stored(box: Box) -> set[bytes]:
-    rows = box.system.db.query("SELECT cose FROM records WHERE device_id = ? AND kind = 'reading'", (box.device_id,))
+    return kids_of(box.system.db, box.device_id)
+
+
+def kids_of(db: BackendDb, device_id: str) -> set[bytes]:
+    """The kids of the keys that signed the readings stored for ``device_id``."""
+    rows = db.query("SELECT cose FROM records WHERE device_id = ? AND kind = 'reading'", (device_id,))
     out = set()
     for (raw,) in rows:
         _, prot, unprot, _, _ = cose.parse_sign1(raw)
@@ -251,3 +274,146 @@ def test_the_backend_refuses_a_re_enrolment_without_proof_or_for_a_valid_or_revo
         bad = service.provision("abcdefgh12", cbor2.dumps({"v": 1, "req": "abcdefgh12", "recover": b"junk"}))
         assert (bad["ok"], bad["code"]) == (False, "bad_signature")
         assert system.db.counter("recovered") == 0
+
+
+# --- 4. a fleet run for 400 simulated days ----------------------------------------------------------
+FLEET_DAYS = 400
+STEP_DAYS = 5
+CERT_DAYS = 60  # short certificates, so 400 days cover several renewals
+MARGIN_DAYS = 20
+GROW_EVERY_DAYS = 20  # the meter gains 4 readings every 20 simulated days
+STEP_PAUSE_S = 0.5
+
+
+@pytest.mark.slow
+def test_a_fleet_runs_400_days_certificates_renew_the_crl_rolls_over_every_reading_once(tmp_path: Path) -> None:
+    """Broker, backend (`glucoagent-backend serve` with its CRL keeper) and box each run under the
+    wall-clock shim; one offset file moves their clocks together, 5 simulated days at a time. The box
+    renews its 60-day certificate 20 days before expiry (about every 40 days), each renewal revokes the
+    old certificate, the keeper re-issues the 30-day CRL daily, and the meter gains readings all along."""
+    # Started as root, mosquitto drops to its own user: the offset file must be readable for it, and
+    # pytest's tmp_path (0700 root) is not. A directory of its own in /tmp, world-readable, then.
+    clock_dir = Path(tempfile.mkdtemp(prefix="glucoagent-clock-"))
+    clock_dir.chmod(0o755)
+    offset = clock_dir / "offset"
+    offset.write_text("0")
+    offset.chmod(0o644)
+    shim = {"LD_PRELOAD": str(build_clock_shim(tmp_path)), "SOAK_CLOCK_OFFSET_FILE": str(offset)}
+    env = {**os.environ, **shim}
+    run = tmp_path / "fleet"
+    home = BackendHome(run / "backend")
+    home.ensure()
+    broker = Broker(home.pki, home.broker_dir, env=shim)
+    procs: list[subprocess.Popen[bytes]] = []
+    broker.start()
+    try:
+        cloud = spawn(
+            [BACKEND_CLI, "serve", "--home", str(home.root), "--port", str(broker.port), "--cert-days", str(CERT_DAYS),
+             "--crl-check-interval", "0.3"],
+            run / "backend.log", env,
+        )  # fmt: skip
+        procs.append(cloud)
+        deadline = time.monotonic() + 30  # subscribed to the provisioning requests before the box asks
+        while "backend: connected" not in (run / "backend.log").read_text():
+            assert cloud.poll() is None and time.monotonic() < deadline, (run / "backend.log").read_text()
+            time.sleep(0.1)
+        db = BackendDb(home.root / "backend.db")
+        token = new_token()
+        db.add_token(token, PATIENT, 3600)
+        state = run / "box"
+        (state / "factory").mkdir(parents=True)
+        for src, dst in (
+            (home.pki.ca_path, "ca.crt"),
+            (home.pki.claim.cert, "claim.crt"),
+            (home.pki.claim.key, "claim.key"),
+        ):
+            shutil.copy(src, state / "factory" / dst)
+        prov = subprocess.run(
+            [GLUCOAGENT, "--state-dir", str(state), "provision", "--endpoint", broker.endpoint, f"--token={token}",
+             f"--patient={PATIENT}"],
+            capture_output=True, text=True, timeout=60, env=env, check=False,
+        )  # fmt: skip
+        assert prov.returncode == 0, prov.stdout + prov.stderr + (run / "backend.log").read_text()[-2000:]
+        device_id = json.loads((state / "device.json").read_text())["device_id"]
+        link, records = run / "tty-fleet", run / "meter.json"
+        meter = random_records("onetouch-ultra2", 10 + FLEET_DAYS // STEP_DAYS, seed=74)  # newest first
+        held = 10
+
+        def start_meter() -> subprocess.Popen[bytes]:
+            records.write_text(dumps(meter[len(meter) - held :]))
+            sim = spawn([GLUCOAGENT, "simulate", "onetouch-ultra2", "--link", str(link), "--records", str(records),
+                         "--baud", "0"], run / "simulator.log")  # fmt: skip
+            deadline = time.monotonic() + 15
+            while not link.exists():
+                assert sim.poll() is None and time.monotonic() < deadline, (run / "simulator.log").read_text()
+                time.sleep(0.05)
+            return sim
+
+        sim = start_meter()
+        procs.append(sim)
+        config = device_config(
+            state / "glucoagent.uci", [(str(link), "onetouch-ultra2")],
+            agent={"reread_s": "10", "port_scan_s": "0.3", "health_interval_s": "3600",
+                   "renew_before_days": str(MARGIN_DAYS)},
+            mqtt={"backoff_min_s": "0.1", "backoff_cap_s": "1"},
+        )  # fmt: skip
+        agent = spawn([GLUCOAGENT, "--state-dir", str(state), "--config", str(config), "run"], state / "agent.log", env)
+        procs.append(agent)
+
+        def stored() -> int:
+            return len(readings_of(db, device_id))
+
+        def fail(what: str) -> str:
+            agent_log = (state / "agent.log").read_text(errors="replace")[-3000:]
+            return f"{what}\nagent:\n{agent_log}\nbackend:\n{(run / 'backend.log').read_text()[-2000:]}"
+
+        def wait(predicate: object, timeout: float) -> bool:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if predicate():  # type: ignore[operator]
+                    return True
+                time.sleep(0.1)
+            return bool(predicate())  # type: ignore[operator]
+
+        assert wait(lambda: stored() >= held, 60), fail("first readings")
+        serials = [cert_of(state).serial_number]
+        crl_numbers = set()
+        for day in range(STEP_DAYS, FLEET_DAYS + 1, STEP_DAYS):
+            offset.write_text(str(day * DAY))
+            time.sleep(STEP_PAUSE_S)  # every shim has read the new offset (each re-reads it every 0.2 s)
+            fake_now = time.time() + day * DAY
+            if day % GROW_EVERY_DAYS == 0:  # the meter's memory grew (a restarted simulator, as in the soak)
+                held += GROW_EVERY_DAYS // STEP_DAYS
+                stop_process(sim)
+                procs.remove(sim)
+                sim = start_meter()
+                procs.append(sim)
+            if cert_of(state).not_valid_after_utc.timestamp() - MARGIN_DAYS * DAY <= fake_now:  # due, not renewed yet
+                assert wait(lambda: cert_of(state).serial_number != serials[-1], 60), fail(f"no renewal at day {day}")
+            if cert_of(state).serial_number != serials[-1]:
+                serials.append(cert_of(state).serial_number)
+            assert cert_of(state).not_valid_after_utc.timestamp() > fake_now, fail(f"certificate expired at day {day}")
+            crl = x509.load_pem_x509_crl(home.pki.crl_pem())
+            assert crl.next_update_utc.timestamp() > fake_now, f"the CRL lapsed at day {day}"
+            crl_numbers.add(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+        assert wait(lambda: stored() >= held, 60), fail("not every reading arrived")
+
+        # Every certificate before the current one was revoked once its successor was in use.
+        assert len(serials) >= FLEET_DAYS // (CERT_DAYS - MARGIN_DAYS) - 1, serials
+        assert wait(lambda: set(serials[:-1]) <= home.pki.revoked_serials(), 30), fail("old certificates not revoked")
+        assert serials[-1] not in home.pki.revoked_serials()
+        assert len(crl_numbers) > FLEET_DAYS // CRL_DAYS  # re-issued far more often than it would lapse
+        assert json.loads((state / "device.json").read_text())["device_id"] == device_id
+        assert db.patient_of(device_id) == PATIENT
+        assert_delivered_once(db, device_id, meter[len(meter) - held :])
+        assert (
+            "re-enrolling over the claim path" not in (state / "agent.log").read_text()
+        )  # renewed in time, never locked out
+        assert db.counter("rejected_records") == 0
+        # Readings flowed all along: the stored ones carry the signatures of several successive keys.
+        assert len(kids_of(db, device_id)) >= 3
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
+        broker.stop()
+        shutil.rmtree(clock_dir, ignore_errors=True)
