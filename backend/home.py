@@ -77,7 +77,7 @@ class BackendHome:
                 self.crl_reloader()
             elif not reload_broker(self.broker_dir, self.pki):
                 log.warning("CRL rewritten, but no broker runs in %s: it loads the CRL when it starts", self.broker_dir)
-        except GlucoagentError as exc:
+        except (GlucoagentError, OSError) as exc:  # the CRL is written: the CRL keeper's next check reloads it
             log.error("the broker did not reload the CRL: %s", exc)
 
     def db(self) -> BackendDb:
