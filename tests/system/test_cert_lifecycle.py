@@ -3,12 +3,15 @@
 - renewal revokes the old certificate once the new one is in use: a TLS login with it is refused;
 - the box renews by itself when its clock passes notAfter - agent.renew_before_days (the agent's
   wall clock moved by the LD_PRELOAD shim backend/clockshim.py; libfaketime cannot run Python 3.11
-  here), keeping its device id, readings flowing exactly once;
+  here), keeping its device id, readings flowing exactly once; SIGKILL before or after its swap
+  leaves one working pair and the renewal completes;
 - a box whose certificate expired while it was offline re-enrols over the claim path with proof of
   its old key: same device id and patient, its buffered readings (signed with the old key) delivered
   exactly once and verified;
 - the backend refuses a re-enrolment not signed by the device's key, for a certificate still valid,
-  or for a key whose certificate was revoked.
+  or for a key whose certificate was revoked;
+- a fleet run over 400 simulated days (broker, backend and box under one shifted clock):
+  certificates renew, the CRL rolls over, every reading arrives once.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from cryptography import x509
 
 from agent import cose, renewal
 from agent.errors import TlsError
-from agent.identity import build_csr, generate_key, load_key
+from agent.fsutil import atomic_write
+from agent.identity import build_csr, generate_key, key_pem, load_key
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles
 from backend.broker import Broker
 from backend.clockshim import build_clock_shim
@@ -215,6 +219,69 @@ def test_the_box_renews_by_itself_when_its_clock_passes_not_after_minus_the_marg
             "SELECT code FROM results WHERE device_id = ? AND command_id LIKE 'r%'", (box.device_id,)
         )
         assert [r[0] for r in rows] == ["renewed"]  # the request, then its final result signed with the new key
+
+
+def test_a_renewal_the_box_started_survives_sigkill_before_and_after_its_swap(tmp_path: Path) -> None:
+    offset = tmp_path / "clock-offset"
+    offset.write_text("0")
+    env = {**os.environ, "LD_PRELOAD": str(build_clock_shim(tmp_path)), "SOAK_CLOCK_OFFSET_FILE": str(offset)}
+    with LocalSystem(tmp_path / "sys") as system:
+        box = new_box(system)
+        first = box.cert()
+        meter = random_records("onetouch-ultra2", 12, seed=75)  # newest first
+        box.meter(meter[6:])
+        config = configure(box, renew_before_days="30")
+        agent = system.start_agent(box.state, config, env=env)
+        assert system.wait_for(lambda: len(box.readings()) >= 6, 60), box.log[-3000:]
+
+        def kill() -> None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
+            system.procs.remove(agent)
+
+        # (a) Killed while it waits for its certificate (the cloud does not answer): the staged key is
+        # dropped at the next start, the old pair stays in use, and the renewal is simply asked again.
+        system.stop_backend()
+        system.home.cert_days = 400
+        offset.write_text(str(first.not_valid_after_utc.timestamp() - time.time() - 20 * DAY))  # 20 days left
+        staged = box.state / "renew" / "device.key"
+        assert system.wait_for(lambda: staged.exists() and "asking the cloud" in box.log, 30), box.log[-3000:]
+        kill()
+        assert not (box.state / "renew" / "COMMIT").exists()
+        assert box.cert().serial_number == first.serial_number
+        system.start_backend()
+        agent = system.start_agent(box.state, config, env=env)
+        assert system.wait_for(lambda: box.cert().serial_number != first.serial_number, 60), box.log[-3000:]
+        assert system.wait_for(lambda: first.serial_number in system.home.pki.revoked_serials(), 30), box.log[-3000:]
+        assert not (box.state / "renew").exists()
+
+        # (b) Killed after the swap was committed, before its final result left: the files as such a
+        # crash leaves them (a delivered certificate staged, COMMIT written, the renewal's mark with the
+        # key in use before). The next start completes the swap and reports it, and the cloud revokes.
+        kill()
+        second = box.cert()
+        old_kid = cose.key_id(load_key(box.state / "device.key").public_key())
+        key = generate_key("ed25519")
+        cert_pem = system.home.pki.sign_device_csr(build_csr(key, "hw"), box.device_id, days=400)
+        with system.db.tx() as tx:  # what the backend registered when it delivered that certificate
+            tx.execute(
+                "INSERT INTO device_keys (kid, device_id, cert_pem, added_at) VALUES (?, ?, ?, ?)",
+                (cose.key_id(key.public_key()), box.device_id, cert_pem, time.time()),
+            )
+        atomic_write(box.state / "renew" / "device.key", key_pem(key))
+        atomic_write(box.state / "renew" / "device.crt", cert_pem + system.home.pki.ca_pem)
+        atomic_write(box.state / "renew" / "COMMIT", b"swap\n")
+        rid = renewal.new_request_id()
+        atomic_write(box.state / "commands" / "pending" / f"{rid}.selfrenew", old_kid.hex().encode())
+        agent = system.start_agent(box.state, config, env=env)
+        assert system.wait_for(lambda: second.serial_number in system.home.pki.revoked_serials(), 30), box.log[-3000:]
+        assert box.cert().serial_number == x509.load_pem_x509_certificate(cert_pem).serial_number
+        assert not (box.state / "renew").exists()
+        assert f"renewal {rid} was swapped in before the agent stopped" in box.log
+        box.meter(meter)
+        assert system.wait_for(lambda: len(box.readings()) >= 12, 60), box.log[-3000:]
+        assert_exactly_once(box, meter)
+        assert json.loads((box.state / "device.json").read_text())["device_id"] == box.device_id
 
 
 # --- 3. the way back after the certificate expired offline ----------------------------------------
