@@ -21,6 +21,7 @@ from typing import Any
 
 import cbor2
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
@@ -231,8 +232,8 @@ class BackendService:
             body = cbor2.loads(cose.verify1(signed, self._key_for(device_id, seen)).payload)
         except (SignatureError, cbor2.CBORDecodeError, ValueError, TypeError, KeyError):
             return refuse("bad_signature", "the request is not signed with a key registered for that device")
-        csr_pem = body.get("csr")
-        if body.get("req") != request_id or not isinstance(csr_pem, bytes):
+        csr_pem = body.get("csr") if isinstance(body, dict) else None
+        if not isinstance(csr_pem, bytes) or body.get("req") != request_id:
             return refuse("bad_request", "signed request id or CSR missing")
         why = key_in_good_standing(self.db, device_id, seen[-1], self.keys.revoked())
         if why is not None:
@@ -247,7 +248,7 @@ class BackendService:
             if not isinstance(public_key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
                 return refuse("bad_csr", "device key must be Ed25519 or EC P-256")
             cert_pem = self.keys.sign_csr(csr_pem, device_id)  # checks the CSR's own signature
-        except (ValueError, GlucoagentError) as exc:
+        except (ValueError, UnsupportedAlgorithm, GlucoagentError) as exc:
             return refuse("bad_csr", f"CSR refused: {exc}")
         with self.db.tx() as db:
             db.execute(
