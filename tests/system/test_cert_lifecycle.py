@@ -340,6 +340,15 @@ def test_the_backend_refuses_a_re_enrolment_without_proof_or_for_a_valid_or_revo
         assert (revoked["ok"], revoked["code"]) == (False, "not_recoverable")
         bad = service.provision("abcdefgh12", cbor2.dumps({"v": 1, "req": "abcdefgh12", "recover": b"junk"}))
         assert (bad["ok"], bad["code"]) == (False, "bad_signature")
+        kid = cose.key_id(key.public_key())
+        for body in (
+            [1, 2],
+            {"req": "abcdefgh12", "dev": box.device_id},
+            {"req": "other-req-1", "dev": box.device_id, "csr": csr},
+        ):
+            signed = cose.sign1(key, cbor2.dumps(body), kid=kid)
+            odd = service.provision("abcdefgh12", cbor2.dumps({"v": 1, "req": "abcdefgh12", "recover": signed}))
+            assert (odd["ok"], odd["code"]) == (False, "bad_request"), body
         assert system.db.counter("recovered") == 0
 
 
