@@ -616,10 +616,9 @@ class CommandExecutor:
             leaf = self._exchange(cmd.id, "csr", "new key made; waiting for its certificate", {})
         except renewal.RenewalError as exc:
             return Outcome("failed", exc.code, f"{exc}; the old credentials stay in use")
-        return Outcome(
-            "ok", "renewed", "new key and certificate in place (the link moves to them now)",
-            renewal.certificate_summary(leaf),
-        )  # fmt: skip
+        summary = renewal.certificate_summary(leaf)
+        self.schedule.succeeded(float(summary["not_after"]), time.time(), time.monotonic())  # the next due date
+        return Outcome("ok", "renewed", "new key and certificate in place (the link moves to them now)", summary)
 
     def _exchange(self, request_id: str, code: str, message: str, data: dict[str, Any]) -> Any:
         """Stage a key, send its CSR in a pending result signed with the current key, take the delivered
@@ -671,6 +670,7 @@ class CommandExecutor:
         mark = self.pending_dir / f"{request_id}{SELF_RENEWAL_MARK}"
         atomic_write(mark, h.signer.kid.hex().encode())  # as for the command: a crash after the swap is reported
         days = (schedule.not_after - time.time()) / 86_400
+        settled = False
         try:
             if kind == "recover":
                 log.warning(
@@ -690,17 +690,19 @@ class CommandExecutor:
                     {"not_after": int(schedule.not_after)},
                 )  # fmt: skip
                 code = "renewed"
-        except renewal.RenewalError as exc:
+            summary = renewal.certificate_summary(leaf)
+            self._report(request_id, Outcome("ok", code, "new key and certificate in place", summary))
             mark.unlink(missing_ok=True)
-            cap = renewal.RECOVER_RETRY_MAX_S if kind == "recover" else renewal.RETRY_MAX_S
-            delay = schedule.failed(time.monotonic(), cap)
-            log.warning("certificate %s failed (%s): %s; next attempt in %.0f s", kind, exc.code, exc, delay)
-            return
-        summary = renewal.certificate_summary(leaf)
-        self._report(request_id, Outcome("ok", code, "new key and certificate in place", summary))
-        mark.unlink(missing_ok=True)
-        schedule.succeeded(float(summary["not_after"]), time.time(), time.monotonic())
-        log.info("certificate %s: serial %s, valid until %s", code, summary["serial"], summary["not_after"])
+            schedule.succeeded(float(summary["not_after"]), time.time(), time.monotonic())
+            settled = True
+            log.info("certificate %s: serial %s, valid until %s", code, summary["serial"], summary["not_after"])
+        except (GlucoagentError, OSError) as exc:  # RenewalError and the rest: the old pair stays in use
+            log.warning("certificate %s failed (%s): %s", kind, getattr(exc, "code", type(exc).__name__), exc)
+        finally:
+            if not settled:  # never left busy, whatever went wrong: the schedule tries again later
+                mark.unlink(missing_ok=True)
+                cap = renewal.RECOVER_RETRY_MAX_S if kind == "recover" else renewal.RETRY_MAX_S
+                log.info("next certificate %s attempt in %.0f s", kind, schedule.failed(time.monotonic(), cap))
 
     def _await_delivery(self, pending: _Renewal) -> renewal.Delivery:
         """Publish the CSR (via the outbox) and wait for the certificate delivery ``submit`` routes here."""
