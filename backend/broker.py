@@ -288,7 +288,10 @@ def reload_broker(run_dir: Path, pki: FleetPki, timeout_s: float = START_TIMEOUT
     reloads within the same loop pass, so a TLS handshake started after that line meets the
     new CRL. Works from any process that may signal the broker (its owner, or root).
     """
-    _sync_crl(run_dir, pki, _broker_account())
+    try:
+        _sync_crl(run_dir, pki, _broker_account())
+    except OSError as exc:
+        raise BrokerError(f"cannot hand the CRL to the broker in {run_dir}: {exc.strerror or exc}") from exc
     pid = _broker_pid(run_dir)
     if pid is None:
         return False
@@ -301,7 +304,10 @@ def reload_broker(run_dir: Path, pki: FleetPki, timeout_s: float = START_TIMEOUT
             return 0
 
     seen = reloads()
-    os.kill(pid, signal.SIGHUP)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        raise BrokerError(f"cannot signal the broker (pid {pid}) to reload: {exc.strerror or exc}") from exc
     deadline = time.monotonic() + timeout_s
     while reloads() <= seen:
         if time.monotonic() > deadline:
@@ -359,9 +365,17 @@ class CrlKeeper:
             log.warning("no broker runs in %s: it loads the current CRL when it starts", self.run_dir)
 
     def run(self, stop: threading.Event) -> None:
+        first = True
         while not stop.is_set():
             try:
                 self.check()
+                if first:
+                    log.info(
+                        "CRL keeper: checking every %.1fs, CRL valid until %s",
+                        self.interval_s,
+                        self.pki.crl_next_update().isoformat(),
+                    )
+                    first = False
             except Exception:  # keep refreshing: a lapse here would lock the fleet out in days
                 log.exception("CRL refresh failed; retrying in %.0fs", self.interval_s)
             stop.wait(self.interval_s)
@@ -513,10 +527,6 @@ class Broker:
         if not reload_broker(self.run_dir, self.pki):
             raise BrokerError(f"the broker in {self.run_dir} did not take the reload signal")
         self._wait_ready()
-
-    def disconnect(self, identity: str) -> None:
-        """Close every connection of ``identity`` (certificate CN) now; see ``disconnect_identity``."""
-        disconnect_identity(self.pki.backend, self.host, self.port, identity)
 
     def __enter__(self) -> Broker:
         self.start()

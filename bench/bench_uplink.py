@@ -102,7 +102,7 @@ class _Arrivals:
         self.all_stored = threading.Event()
         self.last_stored_at = 0.0
         system.on_record = self._on_record
-        self.client = tls_client(system.home.pki.backend, "bench-tap")
+        self.client = tls_client(system.home.pki.backend, "backend-bench-tap")
         self.client.on_message = self._on_message
         ready = threading.Event()
         self.client.on_subscribe = lambda *_a: ready.set()

@@ -9,6 +9,8 @@
   as ``ClientCreds``.
 - ``mqtt_probe(creds, ...)``: a synchronous paho client (connect / subscribe / publish /
   wait for messages, each with a timeout) closed at the end of the test.
+  Its default client id is one the broker accepts for ``creds`` (``client_id_for``: the
+  device id, ``claim-…``, ``backend-…``): the broker binds client ids to certificates.
 - ``vectors_dir``: conformance vectors (env GLUCOAGENT_VECTORS, else ../shared/vectors).
 """
 

@@ -57,7 +57,7 @@ class Tap:
 
     def __init__(self, system: LocalSystem, *filters: str) -> None:
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self.client = tls_client(system.home.pki.backend, "health-tap")
+        self.client = tls_client(system.home.pki.backend, "backend-health-tap")
         self.client.on_message = lambda _c, _u, msg: self.messages.put((msg.topic, bytes(msg.payload)))
         subscribed = queue.Queue[object]()
         self.client.on_subscribe = lambda *_a: subscribed.put(True)

@@ -166,7 +166,9 @@ def test_user_name_sent_by_the_client_is_ignored(
     assert not device.publish(topics.DeviceTopics(dev_id).telemetry, b"as myself").is_failure
 
 
-def test_extended_authentication_cannot_bypass_the_binding(device_creds: CredsFactory, mqtt_probe: ProbeFactory) -> None:
+def test_extended_authentication_cannot_bypass_the_binding(
+    device_creds: CredsFactory, mqtt_probe: ProbeFactory
+) -> None:
     """MQTT 5 enhanced auth skips basic auth in mosquitto; no plugin answers it, so the CONNECT is refused."""
     dev_id = _uid()
     probe = mqtt_probe(device_creds(dev_id), client_id=_uid())
