@@ -670,7 +670,7 @@ class CommandExecutor:
         mark = self.pending_dir / f"{request_id}{SELF_RENEWAL_MARK}"
         atomic_write(mark, h.signer.kid.hex().encode())  # as for the command: a crash after the swap is reported
         days = (schedule.not_after - time.time()) / 86_400
-        settled = False
+        settled, code = False, ""
         try:
             if kind == "recover":
                 log.warning(
@@ -697,11 +697,16 @@ class CommandExecutor:
             settled = True
             log.info("certificate %s: serial %s, valid until %s", code, summary["serial"], summary["not_after"])
         except (GlucoagentError, OSError) as exc:  # RenewalError and the rest: the old pair stays in use
-            log.warning("certificate %s failed (%s): %s", kind, getattr(exc, "code", type(exc).__name__), exc)
+            code = str(getattr(exc, "code", type(exc).__name__))
+            if kind == "recover" and code in renewal.RECOVERY_REFUSALS:
+                log.error("the cloud refused to re-enrol this box (%s): %s; it needs a technician", code, exc)
+            else:
+                log.warning("certificate %s failed (%s): %s", kind, code, exc)
         finally:
             if not settled:  # never left busy, whatever went wrong: the schedule tries again later
                 mark.unlink(missing_ok=True)
-                cap = renewal.RECOVER_RETRY_MAX_S if kind == "recover" else renewal.RETRY_MAX_S
+                quick = kind == "recover" and code not in renewal.RECOVERY_REFUSALS  # e.g. broker still unreachable
+                cap = renewal.RECOVER_RETRY_MAX_S if quick else renewal.RETRY_MAX_S
                 log.info("next certificate %s attempt in %.0f s", kind, schedule.failed(time.monotonic(), cap))
 
     def _await_delivery(self, pending: _Renewal) -> renewal.Delivery:

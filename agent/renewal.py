@@ -73,6 +73,9 @@ FACTORY_DIR = "factory"  # the claim certificate and key the box was flashed wit
 RETRY_MIN_S = 10.0  # a failed renewal or recovery is tried again after this, doubling
 RETRY_MAX_S = 6 * 3600.0  # renewal: the certificate is still valid, no hurry
 RECOVER_RETRY_MAX_S = 300.0  # re-enrolment: the box is cut off until it succeeds (as the uplink's backoff cap)
+# Re-enrolment refusals that retrying does not change (revoked, deprovisioned, no proof): tried again
+# only every RETRY_MAX_S, with an error line, in case the cloud side is put right.
+RECOVERY_REFUSALS = frozenset({"bad_signature", "not_recoverable", "no_claim", "bad_request"})
 SETTLE_S = 86_400.0  # a certificate that is due right after its renewal: wait this long (no renewal storm)
 
 

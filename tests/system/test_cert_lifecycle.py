@@ -316,6 +316,26 @@ def test_a_box_whose_certificate_expired_offline_comes_back_with_its_id_patient_
         assert system.db.counter("rejected_records") == 0
 
 
+def test_a_revoked_box_whose_certificate_expired_is_told_it_needs_a_technician(tmp_path: Path) -> None:
+    with LocalSystem(tmp_path / "sys") as system:
+        system.home.cert_days = 15 / DAY
+        box = new_box(system)
+        system.home.cert_days = 365
+        system.home.revoke_certificates([box.cert().serial_number])  # withdrawn by the operator
+        not_after = box.cert().not_valid_after_utc.timestamp()
+        assert system.wait_for(lambda: time.time() > not_after + 1, 30)
+        box.meter(random_records("onetouch-ultra2", 3, seed=76))
+        system.start_agent(box.state, configure(box))
+        assert system.wait_for(lambda: "it needs a technician" in box.log, 60), box.log[-3000:]
+        assert "refused to re-enrol this box (not_recoverable)" in box.log
+        assert "next certificate recover attempt in 10 s" in box.log
+        time.sleep(3)
+        assert box.log.count("re-enrolling over the claim path") == 1  # not hammering the cloud
+        assert box.cert().not_valid_after_utc.timestamp() == not_after  # nothing swapped
+        assert not (box.state / "renew").exists()
+        assert system.db.counter("recovered") == 0
+
+
 def test_the_backend_refuses_a_re_enrolment_without_proof_or_for_a_valid_or_revoked_certificate(
     tmp_path: Path,
 ) -> None:
