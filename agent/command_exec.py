@@ -69,6 +69,7 @@ PENDING_DIR = "pending"  # envelopes of started commands (to re-run idempotent o
 INBOX_DIR = "inbox"  # messages stored before the broker gets its PUBACK, until the worker took them
 RESULTS_DIR = "results"  # signed results awaiting the broker's PUBACK
 DEPROVISION_MARK = "deprovision"
+SELF_RENEWAL_MARK = ".selfrenew"  # pending/<request id>.selfrenew: the kid in use when the box started a renewal
 # Run once more after a crash cut them off. Not sync_time: after a crash (maybe a reboot) the box cannot
 # know how long ago the cloud's time was taken, and setting a stale time marked "synced" is worse.
 IDEMPOTENT = frozenset({"ping", "set_config", "read_now", "resend", "diagnostics"})
@@ -230,6 +231,7 @@ class CommandExecutor:
         self.outbox = ResultOutbox(base / RESULTS_DIR)
         # Only the uplink thread touches the MQTT client: it flushes the outbox on every loop pass.
         host.uplink.add_tick(lambda: self.outbox.flush(host.uplink))
+        host.uplink.add_tick(self._relink_after_renewal)
         self.deprovision_mark = base / DEPROVISION_MARK
         self.ring = LogRing()
         logging.getLogger().addHandler(self.ring)
@@ -237,6 +239,11 @@ class CommandExecutor:
         self._queue: queue.Queue[tuple[bytes, float, Path | None]] = queue.Queue(maxsize=QUEUE_MAX)
         self._stop = threading.Event()
         self._renewal: _Renewal | None = None
+        self._self_renewal: str | None = None  # "renew" | "recover", asked for by the daemon's RenewalSchedule
+        self.schedule = renewal.RenewalSchedule(
+            renewal.cert_not_after(host.identity.cert_path), host.cfg.agent.renew_before_days * 86_400.0
+        )
+        self._relink = False
         self._wipe = False
         self._next_prune = 0.0
         self.handlers: dict[str, Callable[[Command, float], Outcome | None]] = {
@@ -305,6 +312,8 @@ class CommandExecutor:
                     self.handle(payload, received)
                     if stored is not None:  # journaled (or refused) now: the inbox copy has done its job
                         stored.unlink(missing_ok=True)
+                if self._self_renewal is not None:
+                    self._renew_by_itself()
                 self._prune()
             except Exception:  # the worker must outlive any bug in one command
                 log.exception("command worker: unexpected error")
@@ -433,6 +442,12 @@ class CommandExecutor:
                 self._rerun(cmd_id, ctype, envelope.read_bytes())
             else:
                 self._finish(cmd_id, ctype, Outcome("failed", "interrupted", "the agent stopped while it ran"))
+        for mark in self.pending_dir.glob(f"*{SELF_RENEWAL_MARK}"):  # renewals the box started by itself
+            request_id = mark.name.removesuffix(SELF_RENEWAL_MARK)
+            if self._key_changed_since(request_id, mark):
+                log.warning("renewal %s was swapped in before the agent stopped: reporting it", request_id)
+                self._report(request_id, Outcome("ok", "renewed", "new key and certificate in place"))
+            mark.unlink(missing_ok=True)
         for kid_file in self.pending_dir.glob("*.kid"):  # renewal bookkeeping: only needed above
             kid_file.unlink(missing_ok=True)
         for orphan in self.pending_dir.glob("*.cose"):  # written just before a crash, never started
@@ -443,10 +458,10 @@ class CommandExecutor:
             self.handle(stored.read_bytes())  # the journal turns one already handled into a replay
             stored.unlink(missing_ok=True)
 
-    def _key_changed_since(self, cmd_id: str) -> bool:
+    def _key_changed_since(self, cmd_id: str, mark: Path | None = None) -> bool:
         """True when the live device key is not the one recorded when renewal ``cmd_id`` started."""
         try:
-            before = (self.pending_dir / f"{cmd_id}.kid").read_text().strip()
+            before = (mark or self.pending_dir / f"{cmd_id}.kid").read_text().strip()
             live = cose.key_id(load_key(self.state / KEY_FILE).public_key()).hex()
         except (OSError, GlucoagentError):
             return False
@@ -595,32 +610,104 @@ class CommandExecutor:
         )
 
     def _renew_certificate(self, cmd: Command, _received: float) -> Outcome:
-        h = self.host
         # The key in use before: after a crash, a different live key proves the swap happened.
-        atomic_write(self.pending_dir / f"{cmd.id}.kid", h.identity.kid.hex().encode())
+        atomic_write(self.pending_dir / f"{cmd.id}.kid", self.host.signer.kid.hex().encode())
+        try:
+            leaf = self._exchange(cmd.id, "csr", "new key made; waiting for its certificate", {})
+        except renewal.RenewalError as exc:
+            return Outcome("failed", exc.code, f"{exc}; the old credentials stay in use")
+        summary = renewal.certificate_summary(leaf)
+        self.schedule.succeeded(float(summary["not_after"]), time.time(), time.monotonic())  # the next due date
+        return Outcome("ok", "renewed", "new key and certificate in place (the link moves to them now)", summary)
+
+    def _exchange(self, request_id: str, code: str, message: str, data: dict[str, Any]) -> Any:
+        """Stage a key, send its CSR in a pending result signed with the current key, take the delivered
+        certificate, log in with it, swap. Returns the new leaf; raises RenewalError (old pair kept)."""
+        h = self.host
         key, csr = renewal.stage_key(self.state, h.cfg.agent.key_type)
-        pending = _Renewal(cmd.id)
+        pending = _Renewal(request_id)
         self._renewal = pending
         try:
-            self._report(cmd.id, Outcome("pending", "csr", "new key made; waiting for its certificate", {"csr": csr}))
+            self._report(request_id, Outcome("pending", code, message, {**data, "csr": csr}))
             delivery = self._await_delivery(pending)
             ca_pem = h.identity.ca_path.read_bytes()
             leaf = renewal.check_certificate(delivery.cert_pem, key, self.device_id, ca_pem)
             renewal.try_login(self.state, h.uplink.settings, delivery.cert_pem)
             renewal.commit(self.state)
-        except renewal.RenewalError as exc:
+        except renewal.RenewalError:
             renewal.discard(self.state)
-            return Outcome("failed", exc.code, f"{exc}; the old credentials stay in use")
+            raise
         finally:
             self._renewal = None
+        self._use_key(key)
+        return leaf
+
+    def _use_key(self, key: cose.PrivateKey, *, relink: bool = True) -> None:
+        """The swapped-in key signs from now on, and a running link reconnects with the new certificate."""
+        h = self.host
         signer = Signer(self.device_id, key, cose.key_id(key.public_key()), h.clock)
         h.signer = h.recorder.signer = signer  # one reference swap: key and kid change together
-        return Outcome(
-            "ok",
-            "renewed",
-            "new key and certificate in place (used from the next connection)",
-            renewal.certificate_summary(leaf),
-        )
+        self._relink = relink
+
+    def _relink_after_renewal(self) -> None:
+        """Uplink thread: once the signed results are out, drop the link; it comes back with the new pair,
+        so the old certificate (which the cloud revokes now) is no longer in use anywhere."""
+        link = self.host.uplink.link
+        if self._relink and not len(self.outbox) and link is not None and link.connected:
+            self._relink = False
+            log.info("certificate renewed: reconnecting with the new certificate")
+            link.close()
+
+    # --- renewals the box starts by itself (agent/renewal.py RenewalSchedule) ---------------------
+    def start_renewal(self, kind: str) -> None:
+        """Daemon thread: have the worker renew (``renew``) or re-enrol over the claim path (``recover``)."""
+        self._self_renewal = kind
+
+    def _renew_by_itself(self) -> None:
+        kind, self._self_renewal = self._self_renewal, None
+        h, schedule = self.host, self.schedule
+        request_id = renewal.new_request_id()
+        mark = self.pending_dir / f"{request_id}{SELF_RENEWAL_MARK}"
+        atomic_write(mark, h.signer.kid.hex().encode())  # as for the command: a crash after the swap is reported
+        days = (schedule.not_after - time.time()) / 86_400
+        settled, code = False, ""
+        try:
+            if kind == "recover":
+                log.warning(
+                    "the device certificate expired %.1f days ago (the box was offline): re-enrolling over the "
+                    "claim path with proof of the old key; device id, patient and unsent readings are kept", -days
+                )
+                leaf = renewal.recover(
+                    self.state, h.uplink.settings, self.device_id, h.signer.key, h.cfg.agent.key_type,
+                    stop=self._stop.is_set,
+                )  # fmt: skip
+                self._use_key(load_key(self.state / KEY_FILE), relink=False)  # the link is down: no relink
+                code = "recovered"
+            else:
+                log.info("the device certificate expires in %.1f days: asking the cloud for a new one", days)
+                leaf = self._exchange(
+                    request_id, renewal.REQUEST_CODE, f"certificate expires in {days:.1f} days",
+                    {"not_after": int(schedule.not_after)},
+                )  # fmt: skip
+                code = "renewed"
+            summary = renewal.certificate_summary(leaf)
+            self._report(request_id, Outcome("ok", code, "new key and certificate in place", summary))
+            mark.unlink(missing_ok=True)
+            schedule.succeeded(float(summary["not_after"]), time.time(), time.monotonic())
+            settled = True
+            log.info("certificate %s: serial %s, valid until %s", code, summary["serial"], summary["not_after"])
+        except (GlucoagentError, OSError) as exc:  # RenewalError and the rest: the old pair stays in use
+            code = str(getattr(exc, "code", type(exc).__name__))
+            if kind == "recover" and code in renewal.RECOVERY_REFUSALS:
+                log.error("the cloud refused to re-enrol this box (%s): %s; it needs a technician", code, exc)
+            else:
+                log.warning("certificate %s failed (%s): %s", kind, code, exc)
+        finally:
+            if not settled:  # never left busy, whatever went wrong: the schedule tries again later
+                mark.unlink(missing_ok=True)
+                quick = kind == "recover" and code not in renewal.RECOVERY_REFUSALS  # e.g. broker still unreachable
+                cap = renewal.RECOVER_RETRY_MAX_S if quick else renewal.RETRY_MAX_S
+                log.info("next certificate %s attempt in %.0f s", kind, schedule.failed(time.monotonic(), cap))
 
     def _await_delivery(self, pending: _Renewal) -> renewal.Delivery:
         """Publish the CSR (via the outbox) and wait for the certificate delivery ``submit`` routes here."""

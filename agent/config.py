@@ -55,6 +55,7 @@ class AgentSection:
     # System commands run by the cloud's sync_time and reboot commands ({epoch}: integer Unix seconds).
     settime_command: str = "date -u -s @{epoch}"
     reboot_command: str = "reboot"
+    renew_before_days: int = 30  # the box asks for a new certificate this long before its certificate expires
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -180,6 +181,7 @@ SCHEMA: dict[str, dict[str, Callable[[str], Any]]] = {
         "reread_s": _int_range(10, 86_400),
         "settime_command": _system_command("epoch"),
         "reboot_command": _system_command(),
+        "renew_before_days": _int_range(1, 180),
     },
     "mqtt": {
         "endpoint": _endpoint,

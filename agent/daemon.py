@@ -123,6 +123,14 @@ class Daemon:
         except (OSError, GlucoagentError) as exc:
             log.warning("status snapshot not written: %s", exc)
 
+    def check_renewal(self) -> None:
+        """Start a renewal (or, expired and refused by the broker, a re-enrolment) when the certificate is due.
+
+        One comparison per tick: the deadline is computed from notAfter once (agent/renewal.py)."""
+        action = self.commands.schedule.action(time.time(), time.monotonic(), self.uplink.connected)
+        if action is not None:
+            self.commands.start_renewal(action)
+
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
@@ -144,6 +152,7 @@ class Daemon:
             if time.monotonic() >= next_snapshot:
                 next_snapshot = time.monotonic() + SNAPSHOT_EVERY_S
                 self.publish_snapshot()
+            self.check_renewal()
             if time.monotonic() >= next_health:
                 next_health = time.monotonic() + self.cfg.agent.health_interval_s
                 try:

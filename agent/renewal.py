@@ -17,17 +17,36 @@ The swap: ``renew/COMMIT`` is written, then each staged file is renamed over the
 Renames are atomic, and with ``COMMIT`` present a restart finishes the remaining renames
 (``complete_swap``, run before the identity is loaded), so a crash leaves the old pair or the
 new pair, never a mix. Without ``COMMIT`` a staged key is simply discarded.
+
+The box also starts the same exchange by itself (``RenewalSchedule``, run by the daemon): once
+its certificate is within ``agent.renew_before_days`` of notAfter it publishes a *renewal
+request* on its results topic (a result with its own id ``r…``, status ``pending``, code
+``renew_request``, signed with the current key, data ``{"csr", "not_after"}``) and the backend
+answers with the same certificate delivery. The backend revokes the old certificate once the
+final ``renewed`` result, signed with the new key, arrives: the box sends it only after the
+new pair logged in and was swapped in.
+
+A box whose certificate expired while it was offline cannot log in as itself any more. It
+comes back over the claim path (``recover``): connected with the factory claim certificate,
+confined to the provisioning topics, it sends ``{"v", "req", "recover": COSE_Sign1}``, the COSE
+message signed with the old device key over ``{"req", "dev", "csr", "iat"}``. The backend
+checks the signature against the key it registered for that device, that the certificate of
+that key is not revoked and has expired (or nearly), and answers on the reply topic with a
+certificate for the same device id. Same checks, same crash-safe swap as above.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
+import secrets
 import shutil
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import cbor2
@@ -36,16 +55,28 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from agent import cose
+from agent import cose, topics
 from agent.errors import CommandRejected, GlucoagentError, SignatureError
 from agent.fsutil import atomic_write, fsync_dir
 from agent.identity import CA_FILE, CERT_FILE, KEY_FILE, build_csr, generate_key, hardware_serial, key_pem
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles
 
+log = logging.getLogger(__name__)
+
 RENEW_DIR = "renew"
 COMMIT = "COMMIT"
 DELIVERY_KEY = "renewal"  # the map key that marks a certificate delivery (commands have "id" instead)
 MAX_DELIVERY_BYTES = 16 * 1024
+REQUEST_CODE = "renew_request"  # a renewal the box asks for itself (a pending result on its results topic)
+RECOVER_KEY = "recover"  # the map key that marks a re-enrolment request on the claim path
+FACTORY_DIR = "factory"  # the claim certificate and key the box was flashed with
+RETRY_MIN_S = 10.0  # a failed renewal or recovery is tried again after this, doubling
+RETRY_MAX_S = 6 * 3600.0  # renewal: the certificate is still valid, no hurry
+RECOVER_RETRY_MAX_S = 300.0  # re-enrolment: the box is cut off until it succeeds (as the uplink's backoff cap)
+# Re-enrolment refusals that retrying does not change (revoked, deprovisioned, no proof): tried again
+# only every RETRY_MAX_S, with an error line, in case the cloud side is put right.
+RECOVERY_REFUSALS = frozenset({"bad_signature", "not_recoverable", "no_claim", "bad_request"})
+SETTLE_S = 86_400.0  # a certificate that is due right after its renewal: wait this long (no renewal storm)
 
 
 class RenewalError(GlucoagentError):
@@ -186,3 +217,161 @@ def certificate_summary(leaf: x509.Certificate) -> dict[str, str | int]:
         "not_after": int(leaf.not_valid_after_utc.timestamp()),
         "kid": cose.key_id(leaf.public_key()).hex(),  # type: ignore[arg-type]
     }
+
+
+def cert_not_after(cert_path: Path) -> float:
+    """notAfter of the leaf in ``cert_path`` (Unix seconds); 0 when unreadable (renewal due at once)."""
+    try:
+        return float(x509.load_pem_x509_certificate(cert_path.read_bytes()).not_valid_after_utc.timestamp())
+    except (OSError, ValueError):
+        return 0.0
+
+
+def new_request_id() -> str:
+    return "r" + secrets.token_hex(12)
+
+
+# --- when to renew ---------------------------------------------------------------------------------
+class RenewalSchedule:
+    """When the box renews by itself: computed once from notAfter, then a comparison per daemon tick.
+
+    ``action`` says what to start: ``renew`` (the certificate is within the margin and the link is
+    up) or ``recover`` (it has expired and the link is down: the broker refuses it). At most one
+    attempt runs at a time; a failure waits ``RETRY_MIN_S`` doubling up to ``RETRY_MAX_S`` (monotonic
+    time, so a clock step cannot cause a storm of attempts).
+    """
+
+    def __init__(self, not_after: float, margin_s: float) -> None:
+        self.margin_s = margin_s
+        self._lock = threading.Lock()
+        self._busy = False
+        self._failures = 0
+        self._retry_at = 0.0  # monotonic
+        self.not_after = not_after
+        self.due_at = not_after - margin_s
+
+    def action(self, wall: float, mono: float, connected: bool) -> str | None:
+        with self._lock:
+            if self._busy or wall < self.due_at or mono < self._retry_at:
+                return None
+            if connected:
+                kind = "renew"
+            elif wall >= self.not_after:
+                kind = "recover"
+            else:
+                return None  # due but not expired: wait for the link, the ordinary path is cheaper
+            self._busy = True
+            return kind
+
+    def succeeded(self, not_after: float, wall: float, mono: float) -> None:
+        with self._lock:
+            self._busy, self._failures = False, 0
+            self.not_after, self.due_at = not_after, not_after - self.margin_s
+            # A new certificate that is due already (the cloud's lifetime is shorter than the margin, or
+            # this box's clock runs ahead of the cloud's): renew it again only after a day, not at once.
+            self._retry_at = mono + SETTLE_S if wall >= self.due_at else 0.0
+        if wall >= self.due_at:
+            log.warning(
+                "the new certificate expires in %.1f days, within agent.renew_before_days: next renewal in %.0f s",
+                (not_after - wall) / 86_400,
+                SETTLE_S,
+            )
+
+    def failed(self, mono: float, cap_s: float = RETRY_MAX_S) -> float:
+        """Record a failed attempt; returns the seconds until the next one (at most ``cap_s``)."""
+        with self._lock:
+            self._busy = False
+            delay = min(RETRY_MIN_S * 2.0 ** min(self._failures, 30), cap_s)
+            self._failures += 1
+            self._retry_at = mono + delay
+            return delay
+
+
+# --- re-enrolment over the claim path ----------------------------------------------------------------
+def recovery_request(request_id: str, device_id: str, old_key: cose.PrivateKey, csr: bytes, now: float) -> bytes:
+    """The claim-path request: the CSR for the new key, signed (COSE) with the old device key."""
+    inner = cbor2.dumps({"req": request_id, "dev": device_id, "csr": csr, "iat": int(now)}, canonical=True)
+    signed = cose.sign1(old_key, inner, kid=cose.key_id(old_key.public_key()))
+    return cbor2.dumps({"v": 1, "req": request_id, RECOVER_KEY: signed})
+
+
+def recover(
+    state_dir: Path,
+    running: LinkSettings,
+    device_id: str,
+    old_key: cose.PrivateKey,
+    key_type: str,
+    *,
+    timeout_s: float = 30.0,
+    stop: Callable[[], bool] = lambda: False,
+) -> x509.Certificate:
+    """Re-enrol over the claim path with proof of the old key; on success the new pair is swapped in.
+
+    Raises RenewalError (the old files stay as they are, the staged key is dropped).
+    """
+    factory = state_dir / FACTORY_DIR
+    claim = TlsFiles(ca=state_dir / CA_FILE, cert=factory / "claim.crt", key=factory / "claim.key")
+    if not claim.cert.exists() or not claim.key.exists():
+        raise RenewalError("no_claim", f"no factory claim certificate in {factory}: re-enrol with a technician")
+    key, csr = stage_key(state_dir, key_type)
+    request_id = new_request_id()
+    settings = dataclasses.replace(running, client_id=f"claim-{request_id}", tls=claim, clean_start=True, will=None)
+    try:
+        request = recovery_request(request_id, device_id, old_key, csr, time.time())
+        reply = _ask_over_claim(settings, request_id, request, timeout_s, stop)
+        chain = _accepted_chain(reply, device_id)
+        leaf = check_certificate(chain, key, device_id, (state_dir / CA_FILE).read_bytes())
+        try_login(state_dir, running, chain)
+        commit(state_dir)
+    except BaseException:
+        discard(state_dir)  # a no-op once COMMIT is written: then the swap completes, now or at the next start
+        raise
+    return leaf
+
+
+def _ask_over_claim(
+    settings: LinkSettings, request_id: str, request: bytes, timeout_s: float, stop: Callable[[], bool]
+) -> dict[str, object]:
+    """Publish ``request`` on the provisioning topics as the claim identity and wait for the reply."""
+    reply: dict[str, object] = {}
+    got = threading.Event()
+
+    def on_message(topic: str, payload: bytes) -> None:
+        if topic != topics.provision_response(request_id):
+            return
+        try:
+            answer = cbor2.loads(payload)
+        except (cbor2.CBORDecodeError, ValueError, TypeError):
+            answer = None
+        reply.update(
+            answer if isinstance(answer, dict) else {"ok": False, "code": "bad_reply", "message": "unreadable"}
+        )
+        got.set()
+
+    link = MqttLink(settings, on_message=on_message)
+    try:
+        link.connect()
+        codes = link.subscribe([topics.provision_response(request_id)])
+        if any(c >= 0x80 for c in codes):
+            return {"ok": False, "code": "claim_refused", "message": f"broker refused the reply topic (codes {codes})"}
+        link.publish(topics.provision_request(request_id), request)
+        deadline = time.monotonic() + timeout_s
+        while not got.is_set():
+            if time.monotonic() > deadline or stop():
+                return {"ok": False, "code": "recovery_timeout", "message": f"no answer within {timeout_s:g}s"}
+            if not link.loop(0.1):
+                return {"ok": False, "code": "claim_closed", "message": "the broker closed the claim connection"}
+    except GlucoagentError as exc:
+        return {"ok": False, "code": "recovery_failed", "message": f"claim connection failed: {exc}"}
+    finally:
+        link.disconnect()
+    return reply
+
+
+def _accepted_chain(reply: Mapping[str, object], device_id: str) -> bytes:
+    if not reply.get("ok"):
+        raise RenewalError(str(reply.get("code", "refused")), f"re-enrolment refused: {reply.get('message', '')}")
+    chain = reply.get("cert")
+    if reply.get("device_id") != device_id or not isinstance(chain, bytes):
+        raise RenewalError("bad_reply", "the re-enrolment reply names another device or has no certificate")
+    return chain

@@ -49,6 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     home = BackendHome(args.home)
     home.ensure()
+    home.cert_days = args.cert_days
     service = home.service(args.host, args.port)
     stop = threading.Event()
     if args.retention_days is not None:
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds between CRL checks: re-issued once a day old, then the broker in this home reloads it",
     )
+    p.add_argument("--cert-days", type=float, default=365.0, metavar="D", help="lifetime of device certificates issued")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

@@ -6,7 +6,10 @@
   the device that published it (backend db ``device_keys``).
 - ``on_result``: what ``BackendService.on_result`` does: verify, store by command id (a pending
   renewal result is followed by the final one; duplicates are ignored), and answer a
-  renewal's CSR with a certificate delivery (agent/renewal.py) when we did send that command.
+  renewal's CSR with a certificate delivery (agent/renewal.py) when we did send that command,
+  or when the box asked for it itself (``renew_request``) with its current, unrevoked key.
+  A final ``renewed`` result signed with the new key proves the new pair logged in and is in
+  use: then every older certificate of the device is revoked (``revoke_superseded``).
 - ``CommandClient``: ``glucoagent-backend command``: publish (QoS 1, so a box that is offline
   gets it from its persistent session on return) and wait for the final result.
 """
@@ -31,13 +34,14 @@ from agent import cose, topics
 from agent.commands import COMMANDS, MAX_LIFETIME_S
 from agent.errors import GlucoagentError, LinkTimeout, SignatureError
 from agent.mqtt import LinkSettings, MqttLink
-from agent.renewal import DELIVERY_KEY
+from agent.renewal import DELIVERY_KEY, REQUEST_CODE
 from backend.db import BackendDb
 
 log = logging.getLogger(__name__)
 DEFAULT_TTL_S = 3600.0
 DELIVERY_TTL_S = 300.0
 STATUSES = ("ok", "failed", "refused", "pending")
+FINAL_RENEWAL_CODES = ("renewed", "recovered")  # the box runs on the new pair: older certificates go
 
 
 class CommandError(GlucoagentError):
@@ -139,10 +143,16 @@ def _csr_key(csr_pem: object) -> cose.PublicKey:
     return public_key
 
 
-def device_key_lookup(db: BackendDb, device_id: str) -> Callable[[bytes | None], cose.PublicKey | None]:
+def device_key_lookup(
+    db: BackendDb, device_id: str, seen: list[bytes] | None = None
+) -> Callable[[bytes | None], cose.PublicKey | None]:
+    """kid -> the device's registered public key; ``seen`` collects the kid asked for (the signer's)."""
+
     def lookup(kid: bytes | None) -> cose.PublicKey | None:
         if kid is None:
             return None
+        if seen is not None:
+            seen.append(kid)
         rows = db.query("SELECT cert_pem FROM device_keys WHERE kid = ? AND device_id = ?", (kid, device_id))
         if not rows:
             return None
@@ -152,9 +162,9 @@ def device_key_lookup(db: BackendDb, device_id: str) -> Callable[[bytes | None],
     return lookup
 
 
-def verify_result(db: BackendDb, device_id: str, payload: bytes) -> Result:
+def verify_result(db: BackendDb, device_id: str, payload: bytes, seen: list[bytes] | None = None) -> Result:
     """Verify a result against the device's registered keys; raises SignatureError."""
-    verified = cose.verify1(payload, device_key_lookup(db, device_id))
+    verified = cose.verify1(payload, device_key_lookup(db, device_id, seen))
     try:
         body = cbor2.loads(verified.payload)
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
@@ -222,20 +232,75 @@ def on_result(
     ca_pem: bytes,
     command_key: ed25519.Ed25519PrivateKey,
     publish: Callable[[str, bytes], None],
+    revoke: Callable[[Sequence[int]], None] | None = None,
+    revoked: Callable[[], frozenset[int]] = frozenset,
 ) -> Result | None:
+    seen: list[bytes] = []
     try:
-        result = verify_result(db, device_id, payload)
+        result = verify_result(db, device_id, payload, seen)
     except SignatureError as exc:
         db.bump("rejected_results")
         log.warning("%s: result rejected: %s", device_id, exc)
         return None
+    signer_kid = seen[-1]
     fresh = store_result(db, result, payload)
     log.info("%s: command %s %s: %s (%s)", device_id, result.id or "?", result.status, result.code, result.message)
-    if fresh and result.status == "pending" and result.code == "csr":
-        delivery = issue_renewal(db, result, sign_csr=sign_csr, ca_pem=ca_pem, command_key=command_key)
+    if fresh and result.status == "pending" and result.code in ("csr", REQUEST_CODE):
+        asked = result.code == REQUEST_CODE and _may_renew_itself(db, device_id, signer_kid, revoked())
+        delivery = issue_renewal(
+            db, result, sign_csr=sign_csr, ca_pem=ca_pem, command_key=command_key, asked_by_device=asked
+        )
         if delivery is not None:
             publish(topics.DeviceTopics(device_id).commands, delivery)
+    if fresh and result.status == "ok" and result.code in FINAL_RENEWAL_CODES and revoke is not None:
+        revoke_superseded(db, device_id, signer_kid, revoke, revoked())
     return result
+
+
+def _cert_of(db: BackendDb, device_id: str, kid: bytes) -> x509.Certificate | None:
+    rows = db.query("SELECT cert_pem FROM device_keys WHERE kid = ? AND device_id = ?", (kid, device_id))
+    return x509.load_pem_x509_certificate(rows[0][0]) if rows else None
+
+
+def key_in_good_standing(db: BackendDb, device_id: str, kid: bytes, revoked: frozenset[int]) -> str | None:
+    """Why the device's key ``kid`` may not ask for a certificate (None: it may): the device must still
+    be enrolled and the certificate of that key not revoked (a superseded or withdrawn key cannot)."""
+    if not db.query("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)):
+        return "the device is not enrolled (deprovisioned?)"
+    cert = _cert_of(db, device_id, kid)
+    if cert is None:
+        return "no certificate registered for the signing key"
+    if cert.serial_number in revoked:
+        return "the certificate of the signing key is revoked"
+    return None
+
+
+def _may_renew_itself(db: BackendDb, device_id: str, kid: bytes, revoked: frozenset[int]) -> bool:
+    why = key_in_good_standing(db, device_id, kid, revoked)
+    if why is not None:
+        log.warning("%s: renewal request refused: %s", device_id, why)
+    return why is None
+
+
+def revoke_superseded(
+    db: BackendDb, device_id: str, kid: bytes, revoke: Callable[[Sequence[int]], None], revoked: frozenset[int]
+) -> list[int]:
+    """Revoke every certificate of ``device_id`` registered before the one of key ``kid`` (the keys stay,
+    so readings signed with an old key still verify). Returns the serials revoked now."""
+    rows = db.query("SELECT added_at FROM device_keys WHERE kid = ? AND device_id = ?", (kid, device_id))
+    if not rows:
+        return []
+    older = db.query(
+        "SELECT cert_pem FROM device_keys WHERE device_id = ? AND kid != ? AND added_at <= ?",
+        (device_id, kid, rows[0][0]),
+    )
+    serials = sorted({x509.load_pem_x509_certificate(pem).serial_number for (pem,) in older} - revoked)
+    if serials:
+        revoke(serials)
+        db.bump("certificates_revoked", len(serials))
+        log.info("%s: new certificate in use; revoked %d older one(s): %s", device_id, len(serials),
+                 ", ".join(f"{s:x}" for s in serials))  # fmt: skip
+    return serials
 
 
 def issue_renewal(
@@ -245,10 +310,14 @@ def issue_renewal(
     sign_csr: Callable[[bytes, str], bytes],
     ca_pem: bytes,
     command_key: ed25519.Ed25519PrivateKey,
+    asked_by_device: bool = False,
 ) -> bytes | None:
-    """Certificate for a renewal CSR: same device id, the new key registered next to the old one."""
+    """Certificate for a renewal CSR: same device id, the new key registered next to the old one.
+
+    Answered when we sent that renew_certificate, or when the device asked itself (``asked_by_device``:
+    its request verified against its current, unrevoked key; see ``on_result``)."""
     sent = db.query("SELECT type FROM results WHERE device_id = ? AND command_id = ?", (result.device_id, result.id))
-    if not sent or sent[0][0] != "renew_certificate":
+    if not asked_by_device and (not sent or sent[0][0] != "renew_certificate"):
         log.warning("%s: CSR for %s, which is not a renew_certificate we sent: ignored", result.device_id, result.id)
         db.bump("renewal_refused")
         return None

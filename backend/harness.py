@@ -54,6 +54,7 @@ class LocalSystem:
         self.home = BackendHome(run / "backend")
         self.home.ensure()
         self.broker: Broker = self.home.broker(port=broker_port, extra_conf=broker_conf)
+        self.home.crl_reloader = self.broker.reload_crl  # revocations take effect at once
         self.db: BackendDb = self.home.db()
         self.service: BackendService | None = None
         self._thread: threading.Thread | None = None

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from agent.errors import GlucoagentError
 from agent.fsutil import atomic_write
 from agent.mqtt import TlsFiles
-from backend.broker import Broker
+from backend.broker import Broker, reload_broker
 from backend.db import BackendDb
 from backend.pki import FleetPki
-from backend.service import BackendKeys, BackendService, link_settings
+from backend.service import CERT_DAYS, BackendKeys, BackendService, link_settings
 
+log = logging.getLogger(__name__)
 COMMAND_KEY = "command.key"
 AUDIT_SALT = "audit.salt"
 HOME_MODE = 0o700  # patient references, token hashes and readings: owner only
@@ -28,6 +31,9 @@ INITIAL_CONFIG: dict[str, Any] = {"mqtt.keepalive": 30}
 class BackendHome:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.cert_days: float = CERT_DAYS  # device certificate lifetime (tests shorten it)
+        # Called after the CRL file changed; the harness points it at its Broker.reload_crl.
+        self.crl_reloader: Callable[[], None] | None = None
 
     def ensure(self) -> None:
         self.root.mkdir(mode=HOME_MODE, parents=True, exist_ok=True)
@@ -64,9 +70,28 @@ class BackendHome:
     def keys(self) -> BackendKeys:
         return BackendKeys(
             ca_pem=self.pki.ca_pem,
-            sign_csr=lambda csr, device_id: self.pki.sign_device_csr(csr, device_id),
+            sign_csr=lambda csr, device_id: self.pki.sign_device_csr(csr, device_id, days=self.cert_days),
             command_key=self.command_key,
+            revoke=self.revoke_certificates,
+            revoked=self.pki.revoked_serials,
         )
+
+    def revoke_certificates(self, serials: Sequence[int]) -> None:
+        """Revoke, rewrite the CRL, and have the broker enforce it for every new login."""
+        if serials:
+            self.pki.revoke(*serials)
+            self.reload_broker_crl()
+
+    def reload_broker_crl(self) -> None:
+        """The broker re-reads the CRL: the harness's own broker (``crl_reloader``), else the one
+        `glucoagent-backend broker` runs in this home (found by its pid file, backend/broker.py)."""
+        try:
+            if self.crl_reloader is not None:
+                self.crl_reloader()
+            elif not reload_broker(self.broker_dir, self.pki):
+                log.warning("CRL rewritten, but no broker runs in %s: it loads the CRL when it starts", self.broker_dir)
+        except (GlucoagentError, OSError) as exc:  # the CRL is written: the CRL keeper's next check reloads it
+            log.error("the broker did not reload the CRL: %s", exc)
 
     def db(self) -> BackendDb:
         return BackendDb(self.root / "backend.db")

@@ -370,7 +370,7 @@ class FleetPki:
         return ClientCreds(self.directory / BACKEND_CERT, self.directory / BACKEND_KEY, self.ca_path)
 
     # --- issuing --------------------------------------------------------------------------------
-    def sign_device_csr(self, csr_pem: bytes, device_id: str, days: int = 365) -> bytes:
+    def sign_device_csr(self, csr_pem: bytes, device_id: str, days: float = 365) -> bytes:
         """Certificate (PEM) for a device: CN = ``device_id``, clientAuth, the CSR's own key.
 
         The CSR's signature is checked first (proof the requester holds the key); its subject

@@ -23,12 +23,14 @@ from typing import Any
 
 import cbor2
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from agent import cose, telemetry, topics
 from agent.errors import GlucoagentError, LinkError, SignatureError
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles
+from agent.renewal import RECOVER_KEY
 from backend.db import INT64_MAX, BackendDb, token_hash
 from backend.pki import PkiError
 
@@ -41,6 +43,13 @@ MAX_PAYLOAD = 131_072
 # Refusal codes a box maps to its own exit codes (agent/provisioning.py).
 BOUND_TO_OTHER_PATIENT = "bound_to_other_patient"
 UNSUPPORTED_KEY = "unsupported_key"
+# Re-enrolment over the claim path is for a certificate that has expired; this much clock difference
+# between box and cloud is allowed (the box decides by its own clock that it has expired).
+RECOVERY_SKEW_S = 86_400.0
+
+
+def _no_revocation(serials: Sequence[int]) -> None:
+    log.warning("no CA to revoke certificates %s with: they stay valid until they expire", list(serials))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -48,6 +57,10 @@ class BackendKeys:
     ca_pem: bytes
     sign_csr: Callable[[bytes, str], bytes]  # (csr pem, device id) -> device certificate pem
     command_key: ed25519.Ed25519PrivateKey
+    # Certificate lifecycle (backend/home.py wires the fleet CA): revoke serials, rewrite the CRL and
+    # have the broker reload it; and the serials revoked so far.
+    revoke: Callable[[Sequence[int]], None] = _no_revocation
+    revoked: Callable[[], frozenset[int]] = frozenset
 
     @property
     def command_pub_pem(self) -> bytes:
@@ -167,6 +180,8 @@ class BackendService:
             return refuse("bad_request", "request is not CBOR")
         if not isinstance(req, dict) or req.get("req") != request_id:
             return refuse("bad_request", "request id does not match its topic")
+        if RECOVER_KEY in req:
+            return self.recover(request_id, req[RECOVER_KEY], refuse)
         token, patient, csr_pem, hw = req.get("token"), req.get("patient"), req.get("csr"), req.get("hw", {})
         if not (isinstance(token, str) and isinstance(patient, str) and isinstance(csr_pem, bytes) and patient):
             return refuse("bad_request", "token, patient and csr are required")
@@ -230,6 +245,51 @@ class BackendService:
             "config": self.initial_config,
         }
 
+    def recover(self, request_id: str, signed: object, refuse: Callable[[str, str], dict[str, Any]]) -> dict[str, Any]:
+        """Re-enrolment of a box whose certificate expired (agent/renewal.py ``recover``): no token, but the
+        request is signed with the device's registered key; the new certificate keeps the device id,
+        and with it the patient binding, and the old key stays registered for readings signed with it."""
+        from backend.commands import key_in_good_standing
+
+        if not isinstance(signed, bytes):
+            return refuse("bad_request", "recover must be a COSE_Sign1")
+        try:
+            body = cbor2.loads(cose.parse_sign1(signed)[3])  # unverified: only to learn which device it claims
+            device_id = body["dev"] if isinstance(body, dict) else None
+            if not isinstance(device_id, str) or not topics.DEVICE_ID_RE.match(device_id):
+                return refuse("bad_request", "recover names no valid device")
+            seen: list[bytes] = []
+            body = cbor2.loads(cose.verify1(signed, self._key_for(device_id, seen)).payload)
+        except (SignatureError, cbor2.CBORDecodeError, ValueError, TypeError, KeyError):
+            return refuse("bad_signature", "the request is not signed with a key registered for that device")
+        csr_pem = body.get("csr") if isinstance(body, dict) else None
+        if not isinstance(csr_pem, bytes) or body.get("req") != request_id:
+            return refuse("bad_request", "signed request id or CSR missing")
+        why = key_in_good_standing(self.db, device_id, seen[-1], self.keys.revoked())
+        if why is not None:
+            return refuse("not_recoverable", why)
+        rows = self.db.query("SELECT cert_pem FROM device_keys WHERE kid = ?", (seen[-1],))
+        left = x509.load_pem_x509_certificate(rows[0][0]).not_valid_after_utc.timestamp() - time.time()
+        if left > RECOVERY_SKEW_S:
+            return refuse("not_expired", f"the certificate is valid for {left / 86_400:.1f} more days: renew it over "
+                          "the device's own topics")  # fmt: skip
+        try:
+            public_key = x509.load_pem_x509_csr(csr_pem).public_key()
+            if not isinstance(public_key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
+                return refuse("bad_csr", "device key must be Ed25519 or EC P-256")
+            cert_pem = self.keys.sign_csr(csr_pem, device_id)  # checks the CSR's own signature
+        except (ValueError, UnsupportedAlgorithm, GlucoagentError) as exc:
+            return refuse("bad_csr", f"CSR refused: {exc}")
+        with self.db.tx() as db:
+            db.execute(
+                "INSERT INTO device_keys (kid, device_id, cert_pem, added_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(kid) DO UPDATE SET cert_pem = excluded.cert_pem",
+                (cose.key_id(public_key), device_id, cert_pem, time.time()),
+            )
+        log.info("%s re-enrolled over the claim path (certificate expired %.1f days ago)", device_id, -left / 86_400)
+        self.db.bump("recovered")
+        return {"ok": True, "device_id": device_id, "cert": cert_pem + self.keys.ca_pem}
+
     @staticmethod
     def _check_binding(db: Any, device_id: str, patient: str) -> tuple[str, str] | None:
         """A device bound to one patient is never enrolled for another (its buffered readings are P1's)."""
@@ -260,10 +320,14 @@ class BackendService:
         return None
 
     # --- ingest -------------------------------------------------------------------------------
-    def _key_for(self, device_id: str) -> Callable[[bytes | None], cose.PublicKey | None]:
+    def _key_for(
+        self, device_id: str, seen: list[bytes] | None = None
+    ) -> Callable[[bytes | None], cose.PublicKey | None]:
         def lookup(kid: bytes | None) -> cose.PublicKey | None:
             if kid is None:
                 return None
+            if seen is not None:
+                seen.append(kid)
             cached = self._keys.get((device_id, kid))
             if cached is not None:
                 return cached
@@ -383,6 +447,8 @@ class BackendService:
             ca_pem=self.keys.ca_pem,
             command_key=self.keys.command_key,
             publish=self.publish,
+            revoke=self.keys.revoke,
+            revoked=self.keys.revoked,
         )
 
 
