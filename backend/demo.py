@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent import telemetry
+from agent.wire import telemetry
 from backend.db import BackendDb
 from backend.harness import LocalSystem, device_config
 from drivers.models import GlucoseReading
