@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import math
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Protocol
@@ -251,8 +252,11 @@ def decode(payload: bytes) -> Record:
         raise TelemetryError(f"missing or bad header entry: {exc}") from exc
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
         raise TelemetryError("seq must be a positive integer")
-    if not isinstance(base_time, int | float) or not isinstance(boot, bytes):
+    if not _finite_number(base_time) or not isinstance(boot, bytes):
         raise TelemetryError("bad base time or boot id")
+    if not _finite_number(mono) or not isinstance(clock, str):
+        raise TelemetryError("bad monotonic time or clock quality")
+    assert isinstance(base_time, int | float) and isinstance(mono, int | float)
     return Record(
         device_id=base_name[len(URN_PREFIX) : -1],
         seq=seq,
@@ -263,6 +267,16 @@ def decode(payload: bytes) -> Record:
         monotonic=float(mono),
         fields=fields,
     )
+
+
+def _finite_number(value: object) -> bool:
+    """A number a float holds (a CBOR bignum such as 10**400 does not: OverflowError otherwise)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def wall_datetime(wall: float) -> dt.datetime:
