@@ -73,7 +73,9 @@ def test_garbage_is_a_telemetry_error(payload: bytes) -> None:
 
 _cbor = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8) | st.binary(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.integers(-4, 8) | st.text(max_size=3), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.integers(-4, 8) | st.text(max_size=3), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -87,7 +89,15 @@ def test_random_input_is_refused_cleanly(payload: bytes) -> None:
         pass
 
 
-_value = st.none() | st.booleans() | st.integers() | st.just(10**400) | st.floats() | st.text(max_size=8) | st.binary(max_size=8)
+_value = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.just(10**400)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8)
+)
 
 
 @settings(max_examples=300, deadline=None)
