@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import cbor2
 import pytest
 from hypothesis import given, settings
@@ -38,7 +40,5 @@ _body = st.dictionaries(st.sampled_from(["dev", "c", "h"]), _leaf | st.just(DEV)
 @given(st.binary(max_size=120) | _leaf.map(cbor2.dumps) | _body.map(cbor2.dumps))
 def test_random_input_is_refused_cleanly(payload: bytes) -> None:
     for data in (payload, cose.sign1(KEY, payload)):
-        try:
+        with contextlib.suppress(SignatureError):
             ack.decode_ack(data, KEY.public_key(), DEV)
-        except SignatureError:
-            pass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import cbor2
 import pytest
 from hypothesis import given, settings
@@ -52,7 +54,5 @@ _body = st.dictionaries(
 @given(st.binary(max_size=120) | _leaf.map(cbor2.dumps) | _body.map(cbor2.dumps))
 def test_random_input_is_refused_cleanly(payload: bytes) -> None:
     for data in (payload, cose.sign1(KEY, payload, kid=KID)):
-        try:
+        with contextlib.suppress(SignatureError):
             result.decode_result(data, _keys, DEV)
-        except SignatureError:
-            pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from decimal import Decimal
 
 import cbor2
@@ -83,10 +84,8 @@ _cbor = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200) | _cbor.map(cbor2.dumps))
 def test_random_input_is_refused_cleanly(payload: bytes) -> None:
-    try:
+    with contextlib.suppress(t.TelemetryError):
         t.decode(payload)
-    except t.TelemetryError:
-        pass
 
 
 _value = (
@@ -105,7 +104,5 @@ _value = (
 def test_a_valid_record_with_one_value_replaced_is_refused_cleanly(index: int, label: int, value: object) -> None:
     pack = cbor2.loads(READING_PACK)
     pack[index] = {**{k: v for k, v in pack[index].items() if k not in (t.V, t.VS, t.VB, t.VD)}, label: value}
-    try:
+    with contextlib.suppress(t.TelemetryError):
         t.decode(cbor2.dumps(pack))
-    except t.TelemetryError:
-        pass
