@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
-import math
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Protocol
@@ -252,9 +251,9 @@ def decode(payload: bytes) -> Record:
         raise TelemetryError(f"missing or bad header entry: {exc}") from exc
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
         raise TelemetryError("seq must be a positive integer")
-    if not _finite_number(base_time) or not isinstance(boot, bytes):
+    if not _float_number(base_time) or not isinstance(boot, bytes):
         raise TelemetryError("bad base time or boot id")
-    if not _finite_number(mono) or not isinstance(clock, str):
+    if not _float_number(mono) or not isinstance(clock, str):
         raise TelemetryError("bad monotonic time or clock quality")
     assert isinstance(base_time, int | float) and isinstance(mono, int | float)
     return Record(
@@ -269,14 +268,16 @@ def decode(payload: bytes) -> Record:
     )
 
 
-def _finite_number(value: object) -> bool:
-    """A number a float holds (a CBOR bignum such as 10**400 does not: OverflowError otherwise)."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
+def _float_number(value: object) -> bool:
+    """A number a float holds (a CBOR bignum such as 10**400 does not: OverflowError otherwise). Infinity and
+    NaN pass: the cloud quarantines such a record with its reason (backend/service.py ``storable``)."""
+    if not isinstance(value, int | float):
         return False
     try:
-        return math.isfinite(value)
+        float(value)
     except OverflowError:
         return False
+    return True
 
 
 def wall_datetime(wall: float) -> dt.datetime:

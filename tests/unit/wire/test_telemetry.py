@@ -106,3 +106,9 @@ def test_a_valid_record_with_one_value_replaced_is_refused_cleanly(index: int, l
     pack[index] = {**{k: v for k, v in pack[index].items() if k not in (t.V, t.VS, t.VB, t.VD)}, label: value}
     with contextlib.suppress(t.TelemetryError):
         t.decode(cbor2.dumps(pack))
+
+
+def test_an_infinite_time_decodes_so_the_cloud_can_quarantine_it_with_its_reason() -> None:
+    pack = cbor2.loads(READING_PACK)
+    pack[0][t.BT] = float("inf")
+    assert t.decode(cbor2.dumps(pack)).wall == float("inf")
