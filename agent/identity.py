@@ -9,6 +9,7 @@ signs commands), ``device.json`` (device id, endpoint, initial config).
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import os
 from pathlib import Path
@@ -29,6 +30,18 @@ CA_FILE = "ca.crt"
 COMMAND_KEY_FILE = "command.pub"
 DEVICE_FILE = "device.json"
 KEY_TYPES = ("ed25519", "p256")
+
+
+def not_after(cert: x509.Certificate) -> float:
+    """The certificate's notAfter as a POSIX time.
+
+    ``not_valid_after_utc`` arrived in cryptography 42; OpenWrt's python3-cryptography and the
+    emulated device's are older, where only the naive-UTC ``not_valid_after`` exists.
+    """
+    aware = getattr(cert, "not_valid_after_utc", None)
+    if aware is not None:
+        return float(aware.timestamp())
+    return float(cert.not_valid_after.replace(tzinfo=dt.UTC).timestamp())
 
 
 def ensure_state_dir(state_dir: Path) -> None:

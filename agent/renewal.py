@@ -56,7 +56,7 @@ from cryptography.x509.oid import NameOID
 
 from agent.errors import GlucoagentError
 from agent.fsutil import atomic_write, fsync_dir
-from agent.identity import CA_FILE, CERT_FILE, KEY_FILE, build_csr, generate_key, hardware_serial, key_pem
+from agent.identity import CA_FILE, CERT_FILE, KEY_FILE, build_csr, generate_key, hardware_serial, key_pem, not_after
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles
 from agent.wire import cose, topics
 from agent.wire.provisioning import decode_reply
@@ -118,7 +118,7 @@ def check_certificate(chain_pem: bytes, key: cose.PrivateKey, device_id: str, ca
         leaf.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as exc:
         raise RenewalError("bad_certificate", f"not issued by the pinned fleet CA: {exc!r}") from None
-    if leaf.not_valid_after_utc.timestamp() < time.time():
+    if not_after(leaf) < time.time():
         raise RenewalError("bad_certificate", "the certificate has already expired")
     return leaf
 
@@ -175,7 +175,7 @@ def discard(state_dir: Path) -> None:
 def certificate_summary(leaf: x509.Certificate) -> dict[str, str | int]:
     return {
         "serial": f"{leaf.serial_number:x}",
-        "not_after": int(leaf.not_valid_after_utc.timestamp()),
+        "not_after": int(not_after(leaf)),
         "kid": cose.key_id(leaf.public_key()).hex(),  # type: ignore[arg-type]
     }
 
@@ -183,7 +183,7 @@ def certificate_summary(leaf: x509.Certificate) -> dict[str, str | int]:
 def cert_not_after(cert_path: Path) -> float:
     """notAfter of the leaf in ``cert_path`` (Unix seconds); 0 when unreadable (renewal due at once)."""
     try:
-        return float(x509.load_pem_x509_certificate(cert_path.read_bytes()).not_valid_after_utc.timestamp())
+        return not_after(x509.load_pem_x509_certificate(cert_path.read_bytes()))
     except (OSError, ValueError):
         return 0.0
 
