@@ -118,12 +118,6 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from backend.demo import run_demo
-
-    return run_demo(records=args.records, timeout_s=args.timeout, run_root=args.run_root)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glucoagent-backend", description="Reference cloud for glucoagent.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -174,12 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="localhost", help="the broker, to disconnect the device")
     p.add_argument("--port", type=int, default=8883)
     p.set_defaults(func=cmd_revoke)
-
-    p = sub.add_parser("demo", help="run the whole system on this machine and show readings arriving verified")
-    p.add_argument("--records", type=int, default=20, help="readings in the simulated meter")
-    p.add_argument("--timeout", type=float, default=60.0)
-    p.add_argument("--run-root", type=Path, default=Path("runs"))
-    p.set_defaults(func=cmd_demo)
 
     try:
         from backend.command_cli import add_parser as add_command_parser

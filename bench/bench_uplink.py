@@ -38,10 +38,10 @@ from agent.store import Store
 from agent.topics import DeviceTopics
 from agent.uplink import encode_batch
 from backend.broker import tls_client
-from backend.harness import LocalSystem, device_config, stop_process
 from bench.bench_store import in_range
 from bench.table import Row
 from drivers.simulators.records import random_records
+from testbed.harness import LocalSystem, device_config, stop_process
 
 BACKLOG = 10_000
 BATCH = 50  # mqtt.batch_records default: the baseline publishes the agent's batches

@@ -25,7 +25,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent import topics
 from backend.broker import Broker, render_acl, tls_context
-from backend.pki import FleetPki, PkiError, RogueCa, generate_key, make_csr
+from backend.pki import FleetPki, PkiError, generate_key, make_csr
+from testbed.rogue_ca import RogueCa
 
 NOT_AUTHORIZED = 0x87
 Probe = Any  # conftest.MqttProbe

@@ -31,10 +31,10 @@ from agent import cose, topics
 from agent.identity import load_key
 from agent.mqtt import MqttLink
 from backend.commands import Result, record_sent, stored_result, verify_result
-from backend.harness import BIN, LocalSystem, device_config
 from backend.service import link_settings
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
+from testbed.harness import BIN, LocalSystem, device_config
 
 PATIENT = "patient-cmd-5521"
 BACKEND_CLI = str(BIN / "glucoagent-backend")

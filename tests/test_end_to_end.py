@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent import cose, telemetry
 from agent.errors import SignatureError
-from backend.harness import LocalSystem, device_config
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
+from testbed.harness import LocalSystem, device_config
 
 PATIENT = "patient-e2e-7731"
 

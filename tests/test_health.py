@@ -25,9 +25,9 @@ from agent import cose, telemetry, topics
 from agent.clock import ClockQuality
 from backend.broker import tls_client
 from backend.db import StoredRecord
-from backend.harness import LocalSystem, device_config
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
+from testbed.harness import LocalSystem, device_config
 
 INTERVAL_S = 10  # the smallest agent.health_interval_s the configuration accepts
 READINGS = 10

@@ -1,7 +1,7 @@
 """The CRL never lapses while the backend service runs (issue 12: every login failed 30 days after init).
 
 The broker (libfaketime) and `glucoagent-backend serve` (the suite's clock shim: libfaketime cannot
-run Python 3.11 here, see backend/clockshim.py) keep running while their wall clock moves to
+run Python 3.11 here, see testbed/clockshim.py) keep running while their wall clock moves to
 init + 31 days, then to init + 400 days. The CRL written at init says nextUpdate = init + 30 days;
 past it OpenSSL refuses every client certificate. The service must re-issue it and make the broker
 reload it, so a device keeps logging in.
@@ -25,8 +25,8 @@ import pytest
 from cryptography import x509
 
 from backend.broker import Broker
-from backend.clockshim import build_clock_shim
 from backend.home import BackendHome
+from testbed.clockshim import build_clock_shim
 
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 FAKETIME_FILE = "faketime.rc"  # relative: read from the broker's run dir, its cwd (it may have dropped root)
