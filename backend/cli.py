@@ -102,12 +102,12 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     home.ensure()
     db = home.db()
     try:
-        rows = db.query("SELECT cert_pem FROM device_keys WHERE device_id = ?", (args.device,))
+        pems = db.device_certs(args.device)
     finally:
         db.close()
-    if not rows:
+    if not pems:
         raise PkiError(f"no certificate was issued to a device {args.device!r} by this backend")
-    serials = [x509.load_pem_x509_certificate(bytes(pem)).serial_number for (pem,) in rows]
+    serials = [x509.load_pem_x509_certificate(pem).serial_number for pem in pems]
     home.pki.revoke(*serials)
     print(f"revoked {len(serials)} certificate(s) of {args.device}")
     if not reload_broker(home.broker_dir, home.pki):

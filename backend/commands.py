@@ -35,7 +35,7 @@ from agent.commands import COMMANDS, MAX_LIFETIME_S
 from agent.errors import GlucoagentError, LinkTimeout, SignatureError
 from agent.mqtt import LinkSettings, MqttLink
 from agent.renewal import DELIVERY_KEY, REQUEST_CODE
-from backend.db import BackendDb
+from backend.db import BackendDb, jsonable
 
 log = logging.getLogger(__name__)
 DEFAULT_TTL_S = 3600.0
@@ -66,7 +66,7 @@ class Result:
     def as_json(self) -> str:
         return json.dumps(
             {"id": self.id, "device": self.device_id, "status": self.status, "code": self.code,
-             "message": self.message, "data": _jsonable(self.data)},
+             "message": self.message, "data": jsonable(self.data)},
             indent=2,
             sort_keys=True,
         )  # fmt: skip
@@ -144,20 +144,28 @@ def _csr_key(csr_pem: object) -> cose.PublicKey:
 
 
 def device_key_lookup(
-    db: BackendDb, device_id: str, seen: list[bytes] | None = None
+    db: BackendDb,
+    device_id: str,
+    seen: list[bytes] | None = None,
+    cache: dict[tuple[str, bytes], cose.PublicKey] | None = None,
 ) -> Callable[[bytes | None], cose.PublicKey | None]:
-    """kid -> the device's registered public key; ``seen`` collects the kid asked for (the signer's)."""
+    """kid -> the device's registered public key (ingest, results and re-enrolment all verify through
+    this); ``seen`` collects the kid asked for (the signer's); ``cache`` keeps keys found."""
 
     def lookup(kid: bytes | None) -> cose.PublicKey | None:
         if kid is None:
             return None
         if seen is not None:
             seen.append(kid)
-        rows = db.query("SELECT cert_pem FROM device_keys WHERE kid = ? AND device_id = ?", (kid, device_id))
-        if not rows:
+        if cache is not None and (device_id, kid) in cache:
+            return cache[(device_id, kid)]
+        cert = _cert_of(db, device_id, kid)
+        key = cert.public_key() if cert is not None else None
+        if not isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
             return None
-        key = x509.load_pem_x509_certificate(rows[0][0]).public_key()
-        return key if isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey) else None
+        if cache is not None:
+            cache[(device_id, kid)] = key
+        return key
 
     return lookup
 
@@ -190,36 +198,23 @@ def verify_result(db: BackendDb, device_id: str, payload: bytes, seen: list[byte
 # --- the service side ------------------------------------------------------------------------------
 def record_sent(db: BackendDb, device_id: str, cmd_id: str, ctype: str) -> None:
     """Remember what we sent (a renewal CSR is only answered for a renew_certificate we sent)."""
-    with db.tx() as tx:
-        tx.execute(
-            "INSERT OR IGNORE INTO results (device_id, command_id, type, status, sent_at) VALUES (?, ?, ?, 'sent', ?)",
-            (device_id, cmd_id, ctype, time.time()),
-        )
+    db.record_command_sent(device_id, cmd_id, ctype, time.time())
 
 
 def store_result(db: BackendDb, result: Result, payload: bytes) -> bool:
     """Keep the first final result per (device, command id); True when this one was stored."""
     key = result.id or "unknown-" + _digest(payload)
-    with db.tx() as tx:
-        cur = tx.execute(
-            "INSERT INTO results (device_id, command_id, status, code, message, data, cose, received_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(device_id, command_id) DO UPDATE SET status = excluded.status, code = excluded.code, "
-            "message = excluded.message, data = excluded.data, cose = excluded.cose, received_at = excluded.received_at "
-            "WHERE results.status IN ('sent', 'pending')",
-            (result.device_id, key, result.status, result.code, result.message,
-             json.dumps(_jsonable(result.data), sort_keys=True), payload, time.time()),
-        )  # fmt: skip
-        return cur.rowcount == 1
+    return db.store_final_result(
+        device_id=result.device_id, command_id=key, status=result.status, code=result.code, message=result.message,
+        data=json.dumps(jsonable(result.data), sort_keys=True), cose=payload, now=time.time(),
+    )  # fmt: skip
 
 
 def stored_result(db: BackendDb, device_id: str, cmd_id: str) -> tuple[str, str, str, Any] | None:
-    rows = db.query(
-        "SELECT status, code, message, data FROM results WHERE device_id = ? AND command_id = ?", (device_id, cmd_id)
-    )
-    if not rows:
+    row = db.command_result(device_id, cmd_id)
+    if row is None:
         return None
-    status, code, message, data = rows[0]
+    status, code, message, data = row
     return status, code, message, json.loads(data) if data else None
 
 
@@ -258,14 +253,14 @@ def on_result(
 
 
 def _cert_of(db: BackendDb, device_id: str, kid: bytes) -> x509.Certificate | None:
-    rows = db.query("SELECT cert_pem FROM device_keys WHERE kid = ? AND device_id = ?", (kid, device_id))
-    return x509.load_pem_x509_certificate(rows[0][0]) if rows else None
+    registered = db.device_key(device_id, kid)
+    return x509.load_pem_x509_certificate(registered[0]) if registered else None
 
 
 def key_in_good_standing(db: BackendDb, device_id: str, kid: bytes, revoked: frozenset[int]) -> str | None:
     """Why the device's key ``kid`` may not ask for a certificate (None: it may): the device must still
     be enrolled and the certificate of that key not revoked (a superseded or withdrawn key cannot)."""
-    if not db.query("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)):
+    if not db.is_enrolled(device_id):
         return "the device is not enrolled (deprovisioned?)"
     cert = _cert_of(db, device_id, kid)
     if cert is None:
@@ -287,14 +282,11 @@ def revoke_superseded(
 ) -> list[int]:
     """Revoke every certificate of ``device_id`` registered before the one of key ``kid`` (the keys stay,
     so readings signed with an old key still verify). Returns the serials revoked now."""
-    rows = db.query("SELECT added_at FROM device_keys WHERE kid = ? AND device_id = ?", (kid, device_id))
-    if not rows:
+    registered = db.device_key(device_id, kid)
+    if registered is None:
         return []
-    older = db.query(
-        "SELECT cert_pem FROM device_keys WHERE device_id = ? AND kid != ? AND added_at <= ?",
-        (device_id, kid, rows[0][0]),
-    )
-    serials = sorted({x509.load_pem_x509_certificate(pem).serial_number for (pem,) in older} - revoked)
+    older = db.certs_registered_by(device_id, registered[1], except_kid=kid)
+    serials = sorted({x509.load_pem_x509_certificate(pem).serial_number for pem in older} - revoked)
     if serials:
         revoke(serials)
         db.bump("certificates_revoked", len(serials))
@@ -316,8 +308,7 @@ def issue_renewal(
 
     Answered when we sent that renew_certificate, or when the device asked itself (``asked_by_device``:
     its request verified against its current, unrevoked key; see ``on_result``)."""
-    sent = db.query("SELECT type FROM results WHERE device_id = ? AND command_id = ?", (result.device_id, result.id))
-    if not asked_by_device and (not sent or sent[0][0] != "renew_certificate"):
+    if not asked_by_device and db.sent_command_type(result.device_id, result.id) != "renew_certificate":
         log.warning("%s: CSR for %s, which is not a renew_certificate we sent: ignored", result.device_id, result.id)
         db.bump("renewal_refused")
         return None
@@ -331,12 +322,7 @@ def issue_renewal(
         db.bump("renewal_refused")
         return None
     now = time.time()
-    with db.tx() as tx:
-        tx.execute(
-            "INSERT INTO device_keys (kid, device_id, cert_pem, added_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(kid) DO UPDATE SET cert_pem = excluded.cert_pem",
-            (cose.key_id(public_key), result.device_id, cert_pem, now),
-        )
+    db.add_key(kid=cose.key_id(public_key), device_id=result.device_id, cert_pem=cert_pem, now=now)
     log.info("%s: renewed certificate issued for command %s", result.device_id, result.id)
     body = {DELIVERY_KEY: result.id, "dev": result.device_id, "cert": cert_pem + ca_pem,
             "iat": int(now), "exp": int(now + DELIVERY_TTL_S)}  # fmt: skip
@@ -408,16 +394,3 @@ class CommandClient:
 
 def _digest(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()[:16]
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bytes):
-        try:
-            return value.decode("ascii")  # PEM
-        except UnicodeDecodeError:
-            return value.hex()
-    return value

@@ -10,12 +10,12 @@ transaction, and only then acknowledged with a signed ack.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import queue
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +31,7 @@ from agent import cose, telemetry, topics
 from agent.errors import GlucoagentError, LinkError, SignatureError
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles
 from agent.renewal import RECOVER_KEY
-from backend.db import INT64_MAX, BackendDb, token_hash
+from backend.db import INT64_MAX, BackendDb, jsonable
 from backend.pki import PkiError
 
 log = logging.getLogger(__name__)
@@ -212,26 +212,11 @@ class BackendService:
                 except PkiError as exc:  # answered like any refusal: the box must not wait for a timeout
                     refusal = ("bad_csr", str(exc))
             if refusal is None:
-                db.execute(
-                    "UPDATE tokens SET used_at = coalesce(used_at, ?), device_id = ? WHERE token_hash = ?",
-                    (now, device_id, token_hash(token)),
-                )
                 # A device's patient is never re-pointed here: _check_binding refused a different one.
-                db.execute(
-                    "INSERT INTO devices (device_id, patient_ref, hardware_serial, created_at) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(device_id) DO NOTHING",
-                    (device_id, patient, hw_serial, now),
-                )
-                if BackendDb.open_binding(db, device_id) is None:
-                    db.execute(
-                        "INSERT INTO bindings (device_id, patient_ref, valid_from) VALUES (?, ?, ?)",
-                        (device_id, patient, now),
-                    )
-                db.execute(
-                    "INSERT INTO device_keys (kid, device_id, cert_pem, added_at) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(kid) DO UPDATE SET cert_pem = excluded.cert_pem",
-                    (kid, device_id, cert_pem, now),
-                )
+                BackendDb.enrol_device(
+                    db, token=token, device_id=device_id, patient=patient, hw_serial=hw_serial, kid=kid,
+                    cert_pem=cert_pem, now=now,
+                )  # fmt: skip
         if refusal is not None:  # counted after the transaction: the counter opens its own
             return refuse(*refusal)
         log.info("provisioned %s (hardware %s)", device_id, hw_serial)
@@ -268,8 +253,9 @@ class BackendService:
         why = key_in_good_standing(self.db, device_id, seen[-1], self.keys.revoked())
         if why is not None:
             return refuse("not_recoverable", why)
-        rows = self.db.query("SELECT cert_pem FROM device_keys WHERE kid = ?", (seen[-1],))
-        left = x509.load_pem_x509_certificate(rows[0][0]).not_valid_after_utc.timestamp() - time.time()
+        registered = self.db.device_key(device_id, seen[-1])
+        assert registered is not None  # key_in_good_standing found it
+        left = x509.load_pem_x509_certificate(registered[0]).not_valid_after_utc.timestamp() - time.time()
         if left > RECOVERY_SKEW_S:
             return refuse("not_expired", f"the certificate is valid for {left / 86_400:.1f} more days: renew it over "
                           "the device's own topics")  # fmt: skip
@@ -280,18 +266,13 @@ class BackendService:
             cert_pem = self.keys.sign_csr(csr_pem, device_id)  # checks the CSR's own signature
         except (ValueError, UnsupportedAlgorithm, GlucoagentError) as exc:
             return refuse("bad_csr", f"CSR refused: {exc}")
-        with self.db.tx() as db:
-            db.execute(
-                "INSERT INTO device_keys (kid, device_id, cert_pem, added_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(kid) DO UPDATE SET cert_pem = excluded.cert_pem",
-                (cose.key_id(public_key), device_id, cert_pem, time.time()),
-            )
+        self.db.add_key(kid=cose.key_id(public_key), device_id=device_id, cert_pem=cert_pem, now=time.time())
         log.info("%s re-enrolled over the claim path (certificate expired %.1f days ago)", device_id, -left / 86_400)
         self.db.bump("recovered")
         return {"ok": True, "device_id": device_id, "cert": cert_pem + self.keys.ca_pem}
 
     @staticmethod
-    def _check_binding(db: Any, device_id: str, patient: str) -> tuple[str, str] | None:
+    def _check_binding(db: sqlite3.Connection, device_id: str, patient: str) -> tuple[str, str] | None:
         """A device bound to one patient is never enrolled for another (its buffered readings are P1's)."""
         bound = BackendDb.open_binding(db, device_id)
         if bound is not None and bound[1] != patient:
@@ -303,11 +284,11 @@ class BackendService:
         return None
 
     @staticmethod
-    def _check_token(db: Any, token: str, patient: str, device_id: str, now: float) -> tuple[str, str] | None:
+    def _check_token(
+        db: sqlite3.Connection, token: str, patient: str, device_id: str, now: float
+    ) -> tuple[str, str] | None:
         """(code, message) when the token may not enrol this device; None when it may."""
-        row = db.execute(
-            "SELECT patient_ref, expires_at, used_at, device_id FROM tokens WHERE token_hash = ?", (token_hash(token),)
-        ).fetchone()
+        row = BackendDb.find_token(db, token)
         if row is None:
             return "token_unknown", "no such enrolment token"
         token_patient, expires_at, used_at, used_by = row
@@ -323,24 +304,10 @@ class BackendService:
     def _key_for(
         self, device_id: str, seen: list[bytes] | None = None
     ) -> Callable[[bytes | None], cose.PublicKey | None]:
-        def lookup(kid: bytes | None) -> cose.PublicKey | None:
-            if kid is None:
-                return None
-            if seen is not None:
-                seen.append(kid)
-            cached = self._keys.get((device_id, kid))
-            if cached is not None:
-                return cached
-            rows = self.db.query("SELECT cert_pem FROM device_keys WHERE kid = ? AND device_id = ?", (kid, device_id))
-            if not rows:
-                return None
-            key = x509.load_pem_x509_certificate(rows[0][0]).public_key()
-            if not isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
-                return None
-            self._keys[(device_id, kid)] = key  # keys are only ever added for a (device, kid): safe to keep
-            return key
+        from backend.commands import device_key_lookup
 
-        return lookup
+        # keys are only ever added for a (device, kid): safe to keep for the service's life
+        return device_key_lookup(self.db, device_id, seen, cache=self._keys)
 
     def ingest(self, device_id: str, leaf: str, payload: bytes) -> dict[str, list[int]]:
         """Verify, de-duplicate and store a batch; returns the sequence numbers to acknowledge."""
@@ -376,64 +343,36 @@ class BackendService:
         with self.db.tx() as db:
             binding = BackendDb.open_binding(db, device_id)
             if binding is None:  # erased, or never provisioned here: nothing to attribute the data to
-                db.execute(
-                    "INSERT INTO counters (name, value) VALUES ('unbound_records', ?) "
-                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-                    (len(good),),
-                )
+                BackendDb.count_in(db, "unbound_records", len(good))
                 log.warning("%s: %d record(s) refused: the device has no patient binding", device_id, len(good))
                 return {}
             for rec, raw in good:
                 stream = "h" if rec.kind is telemetry.Kind.HEALTH else "c"
                 row, problem = storable(rec)
                 if problem is not None:
-                    self._quarantine(db, device_id, binding[0], stream, now, problem, raw)
+                    BackendDb.quarantine_record(
+                        db, device_id=device_id, binding_id=binding[0], stream=stream, now=now, reason=problem, raw=raw
+                    )
                     log.warning("%s: record rejected alone: %s", device_id, problem)
                     # Acknowledged: the cloud holds the signed bytes, so the box may let the row go.
                     acks[stream if 0 < rec.seq <= INT64_MAX else "x"].append(rec.seq)
                     continue
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO records "
-                    "(device_id, stream, seq, kind, received_at, wall, clock, fields, cose, binding_id) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (device_id, stream, rec.seq, rec.kind.value, now, rec.wall, rec.clock, row, raw, binding[0]),
-                )
-                if cur.rowcount:
+                stored = BackendDb.insert_record(
+                    db, device_id=device_id, stream=stream, seq=rec.seq, kind=rec.kind.value, received_at=now,
+                    wall=rec.wall, clock=rec.clock, fields=row, cose=raw, binding_id=binding[0],
+                )  # fmt: skip
+                if stored:
                     fresh.append(rec)
                 else:
-                    db.execute(
-                        "INSERT INTO counters (name, value) VALUES ('duplicates', 1) "
-                        "ON CONFLICT(name) DO UPDATE SET value = value + 1"
-                    )
+                    BackendDb.count_in(db, "duplicates")
                 acks[stream].append(rec.seq)
         if self.on_record:
             for rec in fresh:
                 self.on_record(device_id, rec)
         return {k: v for k, v in acks.items() if v}
 
-    @staticmethod
-    def _quarantine(db: Any, device_id: str, binding_id: int, stream: str, now: float, reason: str, raw: bytes) -> None:
-        db.execute(
-            "INSERT OR IGNORE INTO quarantine (digest, device_id, binding_id, stream, received_at, reason, cose) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (hashlib.sha256(raw).hexdigest(), device_id, binding_id, stream, now, reason, raw),
-        )
-        db.execute(
-            "INSERT INTO counters (name, value) VALUES ('rejected_records', 1) "
-            "ON CONFLICT(name) DO UPDATE SET value = value + 1"
-        )
-
     def on_status(self, device_id: str, payload: bytes) -> None:
-        status = payload.decode("utf-8", "replace")[:32]
-        with self.db.tx() as db:
-            db.execute(
-                "UPDATE devices SET status = ?, status_at = ? WHERE device_id = ?", (status, time.time(), device_id)
-            )
-            if status == "online":
-                db.execute(
-                    "UPDATE devices SET confirmed_at = coalesce(confirmed_at, ?) WHERE device_id = ?",
-                    (time.time(), device_id),
-                )
+        self.db.set_status(device_id, payload.decode("utf-8", "replace")[:32], time.time())
 
     def on_result(self, device_id: str, payload: bytes) -> None:
         """Verify against the device's keys, store by command id, answer a renewal's CSR (backend/commands.py)."""
@@ -464,24 +403,10 @@ def storable(rec: telemetry.Record) -> tuple[str, str | None]:
         if not math.isfinite(value):
             return "", f"{name} is not a finite number"
     try:
-        fields = json.dumps(_jsonable(rec.fields), sort_keys=True, allow_nan=False)
+        fields = json.dumps(jsonable(rec.fields), sort_keys=True, allow_nan=False)
     except (ValueError, OverflowError, TypeError, RecursionError) as exc:
         return "", f"a field is out of range: {exc}"
     return fields, None
-
-
-def _jsonable(value: Any) -> Any:
-    from decimal import Decimal
-
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Decimal):
-        return float(value)
-    if isinstance(value, bytes):
-        return value.hex()
-    return value
 
 
 TOKEN_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # noqa: S105 - an alphabet; no 0/O, 1/I: technicians type these
