@@ -3,12 +3,12 @@
 The uplink thread hands each message on the commands topic to ``submit()``; one worker
 thread (``run()``) does the rest, so a slow command never stalls the link:
 
-    decode_command (size, signature, shape, target) -> journal lookup (a known id: the stored
+    agent.wire.inbound.classify (size, signature checked once, shape, target) -> journal lookup (a known id: the stored
     result is sent again, nothing runs) -> expiry rule -> envelope kept in
     ``<state>/commands/pending/`` -> journal *started* -> execute -> signed result into the
     results outbox -> journal *done* with the result -> envelope dropped.
 
-Results are COSE_Sign1 by the device key over ``encode_result(...)``. They wait in
+Results are COSE_Sign1 by the device key over ``agent.wire.result.encode_result(...)``. They wait in
 ``<state>/commands/results/`` until the broker's PUBACK, so a result made while the link is
 down, or just before a crash, is still delivered (the backend keeps the first per id).
 
@@ -38,22 +38,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import cbor2
-
-from agent import __version__, cose, renewal
+from agent import __version__, renewal
 from agent.clock import Clock, ClockQuality
-from agent.commands import (
-    CLOCK_SKEW_S,
-    ID_RE,
-    MAX_COMMAND_BYTES,
-    MAX_LIFETIME_S,
-    Command,
-    check_expiry,
-    decode_command,
-    encode_result,
-)
 from agent.config import SCHEMA, SETTABLE_KEYS, Config, build_config
-from agent.errors import CommandRejected, ConfigError, GlucoagentError, LinkError, SignatureError, StoreError
+from agent.errors import CommandRejected, ConfigError, GlucoagentError, LinkError, StoreError
 from agent.fsutil import atomic_write
 from agent.identity import KEY_FILE, DeviceIdentity, load_key
 from agent.intake import Recorder, Signer
@@ -61,6 +49,11 @@ from agent.meters import MeterWatcher
 from agent.store import CLINICAL, CommandJournal, Store
 from agent.uci import parse_uci, set_option
 from agent.uplink import Uplink
+from agent.wire import cose
+from agent.wire.command import CLOCK_SKEW_S, MAX_COMMAND_BYTES, MAX_LIFETIME_S, Command, check_expiry
+from agent.wire.inbound import Inbound, Refusal, classify
+from agent.wire.renewal import REQUEST_CODE, Delivery
+from agent.wire.result import encode_result
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +66,6 @@ SELF_RENEWAL_MARK = ".selfrenew"  # pending/<request id>.selfrenew: the kid in u
 # Run once more after a crash cut them off. Not sync_time: after a crash (maybe a reboot) the box cannot
 # know how long ago the cloud's time was taken, and setting a stale time marked "synced" is worse.
 IDEMPOTENT = frozenset({"ping", "set_config", "read_now", "resend", "diagnostics"})
-PRE_VERIFICATION = frozenset({"oversize", "bad_signature"})  # nothing in the message can be believed
 QUEUE_MAX = 64
 MAX_UNKNOWN_RESULTS = 50  # refusals of unauthenticated messages kept waiting for the link
 SCRIPT_TIMEOUT_S = 120.0
@@ -212,7 +204,7 @@ class ResultOutbox:
 class _Renewal:
     cmd_id: str
     event: threading.Event = dataclasses.field(default_factory=threading.Event)
-    delivery: renewal.Delivery | None = None
+    delivery: Delivery | None = None
 
 
 class CommandExecutor:
@@ -236,7 +228,7 @@ class CommandExecutor:
         self.ring = LogRing()
         logging.getLogger().addHandler(self.ring)
         self._renewed_at_start = renewed
-        self._queue: queue.Queue[tuple[bytes, float, Path | None]] = queue.Queue(maxsize=QUEUE_MAX)
+        self._queue: queue.Queue[tuple[bytes, float, Path | None, Inbound]] = queue.Queue(maxsize=QUEUE_MAX)
         self._stop = threading.Event()
         self._renewal: _Renewal | None = None
         self._self_renewal: str | None = None  # "renew" | "recover", asked for by the daemon's RenewalSchedule
@@ -262,18 +254,17 @@ class CommandExecutor:
     def submit(self, payload: bytes) -> bool:
         """Uplink thread: store and queue a message for the worker (a certificate delivery goes straight
         to its waiter). False when it could not be stored: then it must not be acknowledged to the broker."""
+        inbound = classify(payload, self.host.identity.command_key, self.device_id)  # the one signature check
         pending = self._renewal
-        if pending is not None:
-            delivery = renewal.is_delivery(payload, self.host.identity.command_key, self.device_id)
-            if delivery is not None and delivery.renewal == pending.cmd_id:
-                pending.delivery = delivery
-                pending.event.set()
-                return True
+        if pending is not None and isinstance(inbound, Delivery) and inbound.renewal == pending.cmd_id:
+            pending.delivery = inbound
+            pending.event.set()
+            return True
         stored = self._store_incoming(payload)
         if stored is None and len(payload) <= MAX_COMMAND_BYTES:
             return False  # not durable: leave it unacknowledged, the broker redelivers after a reconnect
         try:
-            self._queue.put_nowait((payload, time.monotonic(), stored))
+            self._queue.put_nowait((payload, time.monotonic(), stored, inbound))
         except queue.Full:
             log.error("command queue full: a message of %d bytes waits in the inbox for the next start", len(payload))
         return True
@@ -304,12 +295,12 @@ class CommandExecutor:
             log.exception("command recovery failed; serving new commands anyway")
         while not self._stop.is_set():
             try:
-                payload, received, stored = self._queue.get(timeout=0.2)
+                payload, received, stored, inbound = self._queue.get(timeout=0.2)
             except queue.Empty:
                 payload, stored = b"", None
             try:
                 if payload:
-                    self.handle(payload, received)
+                    self.handle(payload, received, inbound)
                     if stored is not None:  # journaled (or refused) now: the inbox copy has done its job
                         stored.unlink(missing_ok=True)
                 if self._self_renewal is not None:
@@ -325,15 +316,15 @@ class CommandExecutor:
             log.warning("deprovisioned: key, certificate and buffer wiped from %s", self.state)
 
     # --- one message ------------------------------------------------------------------------------
-    def handle(self, payload: bytes, received: float | None = None) -> None:
+    def handle(self, payload: bytes, received: float | None = None, inbound: Inbound | None = None) -> None:
+        """One message; ``inbound`` is its classification when the uplink thread made it already."""
         received = time.monotonic() if received is None else received
-        try:
-            cmd = decode_command(payload, self.host.identity.command_key, self.device_id)
-        except CommandRejected as exc:
-            if renewal.is_delivery(payload, self.host.identity.command_key, self.device_id):
-                log.warning("certificate delivery with no renewal waiting for it: ignored")
-                return
-            self._refuse(payload, exc)
+        cmd = classify(payload, self.host.identity.command_key, self.device_id) if inbound is None else inbound
+        if isinstance(cmd, Delivery):
+            log.warning("certificate delivery with no renewal waiting for it: ignored")
+            return
+        if isinstance(cmd, Refusal):
+            self._refuse(payload, cmd.error, cmd.cmd_id or None)
             return
         known = self.journal.lookup(cmd.id)
         if known is not None:
@@ -397,19 +388,8 @@ class CommandExecutor:
 
     def _refuse(self, payload: bytes, exc: CommandRejected, cmd_id: str | None = None) -> None:
         digest = hashlib.sha256(payload).hexdigest()[:16]
-        if cmd_id is None and exc.code not in PRE_VERIFICATION:
-            cmd_id = self._claimed_id(payload)
         log.warning("command %s refused (%s): %s", cmd_id or f"<unknown, sha256 {digest}>", exc.code, exc)
         self._report(cmd_id or "", Outcome("refused", exc.code, str(exc), {"sha256": digest}))
-
-    def _claimed_id(self, payload: bytes) -> str:
-        """The id of a command whose signature verified but whose body was refused ('' if none)."""
-        try:
-            body = cbor2.loads(cose.verify1(payload, lambda _kid: self.host.identity.command_key).payload)
-        except (SignatureError, cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError):
-            return ""
-        cid = body.get("id") if isinstance(body, dict) else None
-        return cid if isinstance(cid, str) and ID_RE.match(cid) else ""
 
     def _clock_trusted(self) -> bool:
         return self.host.clock.quality() is not ClockQuality.UNSET
@@ -468,8 +448,12 @@ class CommandExecutor:
         return before != live
 
     def _rerun(self, cmd_id: str, ctype: str, envelope: bytes) -> None:
+        cmd = classify(envelope, self.host.identity.command_key, self.device_id)
         try:
-            cmd = decode_command(envelope, self.host.identity.command_key, self.device_id)
+            if isinstance(cmd, Refusal):
+                raise cmd.error
+            if not isinstance(cmd, Command):  # a kept envelope is always a command; a delivery is never kept
+                raise CommandRejected("malformed", "a certificate delivery, not a command")  # noqa: TRY301
             check_expiry(
                 cmd, wall=time.time(), clock_trusted=self._clock_trusted(), cloud_floor=self.journal.cloud_floor()
             )
@@ -686,7 +670,7 @@ class CommandExecutor:
             else:
                 log.info("the device certificate expires in %.1f days: asking the cloud for a new one", days)
                 leaf = self._exchange(
-                    request_id, renewal.REQUEST_CODE, f"certificate expires in {days:.1f} days",
+                    request_id, REQUEST_CODE, f"certificate expires in {days:.1f} days",
                     {"not_after": int(schedule.not_after)},
                 )  # fmt: skip
                 code = "renewed"
@@ -709,7 +693,7 @@ class CommandExecutor:
                 cap = renewal.RECOVER_RETRY_MAX_S if quick else renewal.RETRY_MAX_S
                 log.info("next certificate %s attempt in %.0f s", kind, schedule.failed(time.monotonic(), cap))
 
-    def _await_delivery(self, pending: _Renewal) -> renewal.Delivery:
+    def _await_delivery(self, pending: _Renewal) -> Delivery:
         """Publish the CSR (via the outbox) and wait for the certificate delivery ``submit`` routes here."""
         deadline = time.monotonic() + RENEW_TIMEOUT_S
         self.host.uplink.wake()

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from agent.cose import PrivateKey, PublicKey, key_id
 from agent.errors import ConfigError, NotProvisioned
 from agent.fsutil import atomic_write
+from agent.wire.cose import PrivateKey, PublicKey, key_id
 
 KEY_FILE = "device.key"
 CERT_FILE = "device.crt"

@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from agent import cose, telemetry
 from agent.clock import Clock
 from agent.config import AlertsSection
 from agent.errors import BufferFull, StorageUnavailable
 from agent.store import PRIO_ALERT, PRIO_HEALTH, PRIO_RECORD, Intake, Store
+from agent.wire import cose, telemetry
 from drivers.models import GlucoseReading, InsulinDose, RangeFlag, Unit
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from typing import Any
 
 import cbor2
 
-from agent import __version__, topics
+from agent import __version__
 from agent.config import Endpoint
 from agent.errors import GlucoagentError, LinkTimeout, ProvisioningError, TokenRejected
 from agent.fsutil import atomic_write
@@ -38,6 +38,7 @@ from agent.identity import (
 )
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles, Will
 from agent.uplink import STATUS_ONLINE
+from agent.wire import topics
 
 FACTORY_DIR = "factory"
 TOKEN_CODES = {"token_unknown", "token_used", "token_expired"}

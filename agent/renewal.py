@@ -1,6 +1,7 @@
 """Certificate renewal on the box: a new key, a CSR, the new certificate tried, then a crash-safe swap.
 
-The exchange runs over the device's own topics (docs/commands.md, "renew_certificate"):
+The exchange runs over the device's own topics (docs/commands.md, "renew_certificate"); its messages
+are encoded and decoded in agent/wire/renewal.py:
 
 1. the cloud sends the ``renew_certificate`` command;
 2. the box makes a new key (staged in ``<state_dir>/renew/``, mode 0600; the old key and
@@ -40,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -55,20 +55,17 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from agent import cose, topics
-from agent.errors import CommandRejected, GlucoagentError, SignatureError
+from agent.errors import GlucoagentError
 from agent.fsutil import atomic_write, fsync_dir
 from agent.identity import CA_FILE, CERT_FILE, KEY_FILE, build_csr, generate_key, hardware_serial, key_pem
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles
+from agent.wire import cose, topics
+from agent.wire.renewal import encode_recovery_request
 
 log = logging.getLogger(__name__)
 
 RENEW_DIR = "renew"
 COMMIT = "COMMIT"
-DELIVERY_KEY = "renewal"  # the map key that marks a certificate delivery (commands have "id" instead)
-MAX_DELIVERY_BYTES = 16 * 1024
-REQUEST_CODE = "renew_request"  # a renewal the box asks for itself (a pending result on its results topic)
-RECOVER_KEY = "recover"  # the map key that marks a re-enrolment request on the claim path
 FACTORY_DIR = "factory"  # the claim certificate and key the box was flashed with
 RETRY_MIN_S = 10.0  # a failed renewal or recovery is tried again after this, doubling
 RETRY_MAX_S = 6 * 3600.0  # renewal: the certificate is still valid, no hurry
@@ -87,12 +84,6 @@ class RenewalError(GlucoagentError):
         super().__init__(message)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Delivery:
-    renewal: str  # id of the renew_certificate command this answers
-    cert_pem: bytes  # leaf first, then the chain
-
-
 def renew_dir(state_dir: Path) -> Path:
     return state_dir / RENEW_DIR
 
@@ -103,36 +94,6 @@ def stage_key(state_dir: Path, key_type: str) -> tuple[cose.PrivateKey, bytes]:
     key = generate_key(key_type)
     atomic_write(renew_dir(state_dir) / KEY_FILE, key_pem(key))
     return key, build_csr(key, hardware_serial())
-
-
-def decode_delivery(data: bytes, command_key: cose.PublicKey, device_id: str) -> Delivery:
-    """Verify and parse a certificate delivery (pure). Raises CommandRejected."""
-    if len(data) > MAX_DELIVERY_BYTES:
-        raise CommandRejected("oversize", f"delivery of {len(data)} bytes exceeds {MAX_DELIVERY_BYTES}")
-    try:
-        verified = cose.verify1(data, lambda _kid: command_key)
-        body = cbor2.loads(verified.payload)
-    except SignatureError as exc:
-        raise CommandRejected("bad_signature", str(exc)) from None
-    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise CommandRejected("malformed", f"payload is not CBOR: {exc}") from None
-    if not isinstance(body, Mapping) or not isinstance(body.get(DELIVERY_KEY), str):
-        raise CommandRejected("malformed", "not a certificate delivery")
-    if body.get("dev") != device_id:
-        raise CommandRejected("wrong_device", "certificate delivery for another device")
-    cert, exp = body.get("cert"), body.get("exp")
-    if not isinstance(cert, bytes) or not cert:
-        raise CommandRejected("malformed", "cert must be a byte string")
-    if not isinstance(exp, int | float) or isinstance(exp, bool) or (isinstance(exp, float) and not math.isfinite(exp)):
-        raise CommandRejected("malformed", "exp must be a number")
-    return Delivery(body[DELIVERY_KEY], cert)
-
-
-def is_delivery(data: bytes, command_key: cose.PublicKey, device_id: str) -> Delivery | None:
-    try:
-        return decode_delivery(data, command_key, device_id)
-    except CommandRejected:
-        return None
 
 
 def _spki(key: cose.PublicKey | object) -> bytes:
@@ -288,13 +249,6 @@ class RenewalSchedule:
 
 
 # --- re-enrolment over the claim path ----------------------------------------------------------------
-def recovery_request(request_id: str, device_id: str, old_key: cose.PrivateKey, csr: bytes, now: float) -> bytes:
-    """The claim-path request: the CSR for the new key, signed (COSE) with the old device key."""
-    inner = cbor2.dumps({"req": request_id, "dev": device_id, "csr": csr, "iat": int(now)}, canonical=True)
-    signed = cose.sign1(old_key, inner, kid=cose.key_id(old_key.public_key()))
-    return cbor2.dumps({"v": 1, "req": request_id, RECOVER_KEY: signed})
-
-
 def recover(
     state_dir: Path,
     running: LinkSettings,
@@ -317,7 +271,7 @@ def recover(
     request_id = new_request_id()
     settings = dataclasses.replace(running, client_id=f"claim-{request_id}", tls=claim, clean_start=True, will=None)
     try:
-        request = recovery_request(request_id, device_id, old_key, csr, time.time())
+        request = encode_recovery_request(request_id, device_id, old_key, csr, time.time())
         reply = _ask_over_claim(settings, request_id, request, timeout_s, stop)
         chain = _accepted_chain(reply, device_id)
         leaf = check_certificate(chain, key, device_id, (state_dir / CA_FILE).read_bytes())

@@ -25,13 +25,13 @@ from typing import Any
 import cbor2
 import tenacity
 
-from agent import cose
 from agent.config import Config, Endpoint
 from agent.errors import GlucoagentError, LinkError, SignatureError, StoreError
 from agent.identity import DeviceIdentity
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles, Will
 from agent.store import CLINICAL, HEALTH, OutboxRow, Store
-from agent.topics import DeviceTopics
+from agent.wire.ack import decode_ack
+from agent.wire.topics import DeviceTopics
 
 log = logging.getLogger(__name__)
 STATUS_ONLINE = b"online"
@@ -75,24 +75,6 @@ def _cbor_head(n: int) -> int:
 def batch_size(cose_lengths: list[int]) -> int:
     """Exactly ``len(encode_batch(rows))`` for rows of these COSE sizes."""
     return _cbor_head(len(cose_lengths)) + sum(_cbor_head(n) + n for n in cose_lengths)
-
-
-def decode_ack(data: bytes, command_key: cose.PublicKey, device_id: str) -> dict[str, list[int]]:
-    """Verify and parse a backend ack: COSE_Sign1 by the cloud key over {"dev", "c", "h"}."""
-    verified = cose.verify1(data, lambda _kid: command_key)
-    try:
-        body = cbor2.loads(verified.payload)
-    except (cbor2.CBORDecodeError, ValueError) as exc:
-        raise SignatureError(f"ack payload is not CBOR: {exc}") from exc
-    if not isinstance(body, dict) or body.get("dev") != device_id:
-        raise SignatureError("ack is not addressed to this device")
-    out: dict[str, list[int]] = {}
-    for stream in (CLINICAL, HEALTH):
-        seqs = body.get(stream, [])
-        if not isinstance(seqs, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seqs):
-            raise SignatureError(f"ack field {stream!r} is not a list of integers")
-        out[stream] = seqs
-    return out
 
 
 class _Attempts:

@@ -45,8 +45,8 @@ from types import TracebackType
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from agent import topics
 from agent.errors import GlucoagentError
+from agent.wire import topics
 from backend.pki import BACKEND_CN, CLAIM_CN, ClientCreds, FleetPki
 
 __all__ = [

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.commands import COMMANDS
+from agent.wire.command import COMMANDS
 
 
 def cmd_command(args: argparse.Namespace) -> int:

@@ -30,11 +30,11 @@ import cbor2
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from agent import cose, topics
-from agent.commands import COMMANDS, MAX_LIFETIME_S
 from agent.errors import GlucoagentError, LinkTimeout, SignatureError
 from agent.mqtt import LinkSettings, MqttLink
-from agent.renewal import DELIVERY_KEY, REQUEST_CODE
+from agent.wire import cose, topics
+from agent.wire.command import COMMANDS, MAX_LIFETIME_S
+from agent.wire.renewal import DELIVERY_KEY, REQUEST_CODE
 from backend.db import BackendDb, jsonable
 
 log = logging.getLogger(__name__)

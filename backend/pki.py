@@ -31,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import GlucoagentError
 from agent.fsutil import atomic_write
-from agent.topics import DEVICE_ID_RE
+from agent.wire.topics import DEVICE_ID_RE
 
 __all__ = [
     "BACKEND_CN",

@@ -27,10 +27,10 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from agent import cose, telemetry, topics
 from agent.errors import GlucoagentError, LinkError, SignatureError
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles
-from agent.renewal import RECOVER_KEY
+from agent.wire import cose, telemetry, topics
+from agent.wire.renewal import RECOVER_KEY
 from backend.db import INT64_MAX, BackendDb, jsonable
 from backend.pki import PkiError
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from agent import telemetry
 from agent.config import AlertsSection
 from agent.intake import Recorder
 from agent.store import CLINICAL, PRIO_RECORD, Intake, Store
+from agent.wire import telemetry
 from bench.common import best_of, make_signer, written_bytes
 from bench.table import Row
 from drivers.models import GlucoseReading, RangeFlag

@@ -35,8 +35,8 @@ from agent.config import AlertsSection
 from agent.identity import load_identity
 from agent.intake import Recorder, Signer
 from agent.store import Store
-from agent.topics import DeviceTopics
 from agent.uplink import encode_batch
+from agent.wire.topics import DeviceTopics
 from backend.broker import tls_client
 from bench.bench_store import in_range
 from bench.table import Row

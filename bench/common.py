@@ -8,9 +8,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from agent import cose
 from agent.clock import Clock
 from agent.intake import Signer
+from agent.wire import cose
 
 
 def make_signer(device_id: str = "gd-bench0000") -> Signer:

@@ -16,8 +16,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent import telemetry
 from agent.clitools import dispatch
+from agent.wire import telemetry
 from backend.db import BackendDb
 from drivers.models import GlucoseReading
 from drivers.readings_json import dumps

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from agent import telemetry
+from agent.wire import telemetry
 from backend.broker import Broker
 from backend.db import BackendDb
 from backend.home import BackendHome

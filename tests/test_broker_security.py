@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent import topics
+from agent.wire import topics
 from backend.broker import Broker, render_acl, tls_context
 from backend.pki import FleetPki, PkiError, generate_key, make_csr
 from testbed.rogue_ca import RogueCa

@@ -17,12 +17,14 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import cose, renewal
 from agent.command_exec import LogRing, redact
-from agent.commands import COMMANDS, MAX_COMMAND_BYTES, Command, check_expiry, decode_command, encode_result
 from agent.config import SCHEMA, SETTABLE_KEYS
 from agent.errors import CommandRejected
 from agent.store import CLINICAL, PRIO_RECORD, Intake, Store
+from agent.wire import cose
+from agent.wire import renewal as wire_renewal
+from agent.wire.command import COMMANDS, MAX_COMMAND_BYTES, Command, check_expiry, decode_command
+from agent.wire.result import encode_result
 from backend.commands import CommandError, parse_args, sign_command
 
 KEY = ed25519.Ed25519PrivateKey.generate()
@@ -212,22 +214,22 @@ def test_fuzz_corrupted_envelopes_never_verify(tail: bytes, pos: int, flip: int)
 @given(bodies())
 def test_fuzz_certificate_deliveries_only_raise_command_rejected(b: Any) -> None:
     if isinstance(b, dict) and b.pop("id", None) is not None:
-        b[renewal.DELIVERY_KEY] = "cmd-00000001"
+        b[wire_renewal.DELIVERY_KEY] = "cmd-00000001"
         b["cert"] = b.get("args") if isinstance(b.get("args"), bytes) else b"pem"
     try:
-        d = renewal.decode_delivery(env(b), KEY.public_key(), DEV)
+        d = wire_renewal.decode_delivery(env(b), KEY.public_key(), DEV)
     except CommandRejected:
         return
     assert isinstance(d.cert_pem, bytes) and d.renewal == "cmd-00000001"
 
 
 def test_delivery_signed_by_another_key_is_refused() -> None:
-    b = {renewal.DELIVERY_KEY: "cmd-00000001", "dev": DEV, "cert": b"pem", "iat": NOW, "exp": NOW + 60}
-    assert renewal.decode_delivery(env(b), KEY.public_key(), DEV).cert_pem == b"pem"
+    b = {wire_renewal.DELIVERY_KEY: "cmd-00000001", "dev": DEV, "cert": b"pem", "iat": NOW, "exp": NOW + 60}
+    assert wire_renewal.decode_delivery(env(b), KEY.public_key(), DEV).cert_pem == b"pem"
     with pytest.raises(CommandRejected):
-        renewal.decode_delivery(env(b, OTHER), KEY.public_key(), DEV)
+        wire_renewal.decode_delivery(env(b, OTHER), KEY.public_key(), DEV)
     with pytest.raises(CommandRejected):
-        renewal.decode_delivery(env({**b, "dev": "gd-ffffffffffff"}), KEY.public_key(), DEV)
+        wire_renewal.decode_delivery(env({**b, "dev": "gd-ffffffffffff"}), KEY.public_key(), DEV)
 
 
 # --- backend CLI arguments, configuration, redaction --------------------------------------------------

@@ -27,9 +27,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from agent import cose, topics
 from agent.identity import load_key
 from agent.mqtt import MqttLink
+from agent.wire import cose, topics
 from backend.commands import Result, record_sent, stored_result, verify_result
 from backend.service import link_settings
 from drivers.readings_json import dumps

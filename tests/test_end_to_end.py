@@ -17,8 +17,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from agent import cose, telemetry
 from agent.errors import SignatureError
+from agent.wire import cose, telemetry
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
 from testbed.harness import LocalSystem, device_config
@@ -90,7 +90,7 @@ def test_status_reports_the_running_agent(system: LocalSystem) -> None:
 
 
 def test_acks_are_signed_by_the_cloud(system: LocalSystem) -> None:
-    from agent.uplink import decode_ack
+    from agent.wire.ack import decode_ack
     from backend.service import sign_ack
 
     key = system.home.command_key

@@ -21,8 +21,8 @@ import pytest
 from cryptography import x509
 from support import TcpProxy
 
-from agent import cose, telemetry, topics
 from agent.clock import ClockQuality
+from agent.wire import cose, telemetry, topics
 from backend.broker import tls_client
 from backend.db import StoredRecord
 from drivers.readings_json import dumps

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from agent import cose, telemetry
+from agent.wire import cose, telemetry
 from backend.db import StoredRecord
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records

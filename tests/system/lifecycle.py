@@ -10,9 +10,9 @@ from typing import Any
 import cbor2
 from support import MqttProbe
 
-from agent import cose, telemetry, topics
 from agent.clock import Clock, ClockQuality, Timestamp
 from agent.identity import load_identity
+from agent.wire import cose, telemetry, topics
 from backend.pki import ClientCreds
 from testbed.harness import LocalSystem
 

@@ -21,7 +21,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import topics
+from agent.wire import topics
 from backend.broker import BROKER_USER, MAX_PACKET_SIZE, Broker, ClientCreds
 from backend.pki import FleetPki
 

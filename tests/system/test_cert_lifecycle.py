@@ -30,11 +30,13 @@ import cbor2
 import pytest
 from cryptography import x509
 
-from agent import cose, renewal
+from agent import renewal
 from agent.errors import TlsError
 from agent.fsutil import atomic_write
 from agent.identity import build_csr, generate_key, key_pem, load_key
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles
+from agent.wire import cose
+from agent.wire import renewal as wire_renewal
 from backend.broker import Broker
 from backend.db import BackendDb
 from backend.home import BackendHome
@@ -348,7 +350,7 @@ def test_the_backend_refuses_a_re_enrolment_without_proof_or_for_a_valid_or_revo
 
         def ask(signing_key: object, device_id: str = box.device_id) -> dict[str, object]:
             rid = renewal.new_request_id()
-            request = renewal.recovery_request(rid, device_id, signing_key, csr, time.time())  # type: ignore[arg-type]
+            request = wire_renewal.encode_recovery_request(rid, device_id, signing_key, csr, time.time())  # type: ignore[arg-type]
             return service.provision(rid, request)
 
         other = ask(generate_key("ed25519"))

@@ -21,8 +21,8 @@ import pytest
 from lifecycle import BACKEND, device_id_of, signed, upload
 from support import fill_buffer
 
-from agent import telemetry
 from agent.identity import load_identity
+from agent.wire import telemetry
 from backend.db import BackendDb, patient_hmac
 from backend.home import BackendHome
 from testbed.harness import GLUCOAGENT, LocalSystem, spawn, stop_process

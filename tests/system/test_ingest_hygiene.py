@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from lifecycle import device_id_of, signed, upload
 from support import MqttProbe
 
-from agent import topics
+from agent.wire import topics
 from backend.service import MAX_PAYLOAD
 from testbed.harness import GLUCOAGENT, LocalSystem
 

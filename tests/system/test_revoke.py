@@ -16,7 +16,7 @@ from typing import Any
 import cbor2
 import pytest
 
-from agent import topics
+from agent.wire import topics
 from backend import cli
 from backend.broker import Broker
 from backend.home import BackendHome

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import telemetry
+from agent.wire import telemetry
 from backend.db import BackendDb, patient_hmac
 from backend.service import RetentionSweeper, storable
 

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import cose
 from agent.errors import SignatureError
+from agent.wire import cose
 
 # file -> (verifies under our policy?, why). Policy: tag 18 required, alg protected, Ed25519/ES256 only.
 EXPECTED = {
@@ -46,7 +46,9 @@ def _public_key(jwk: dict[str, str]) -> cose.PublicKey | None:
         return ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(jwk["x_hex"]))
     x = bytes.fromhex(jwk["x_hex"]) if "x_hex" in jwk else _b64(jwk["x"])
     y = bytes.fromhex(jwk["y_hex"]) if "y_hex" in jwk else _b64(jwk["y"])
-    return ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP256R1()).public_key()
+    return ec.EllipticCurvePublicNumbers(
+        int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP256R1()
+    ).public_key()
 
 
 @pytest.fixture(scope="module")

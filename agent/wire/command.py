@@ -1,10 +1,10 @@
-"""Cloud-to-device commands: verify, check, journal, execute once, report (docs/commands.md).
+"""The command envelope (docs/commands.md): the cloud's encoder, the box's checks, the expiry rule.
 
 Envelope: COSE_Sign1 by the cloud's command key (pinned at provisioning) over a
 CBOR map ``{id, dev, type, args, iat, exp}``. Checks, in order: size, signature,
-shape, target device, expiry, replay. The journal (in the buffer database)
-records a command as *started* before it runs and *done* with its result after,
-so a redelivered or crash-interrupted command is never run twice.
+shape, target device, expiry (replay is the journal's job, agent/command_exec.py).
+``agent.wire.inbound.classify`` verifies an incoming message once and calls
+``command_from_body`` here on the verified payload.
 
 Expiry: the box keeps a *cloud time floor*, the highest ``iat`` of any verified
 command (persisted). A command is expired when ``exp`` is below that floor, always;
@@ -23,8 +23,8 @@ from typing import Any
 
 import cbor2
 
-from agent import cose
 from agent.errors import CommandRejected, SignatureError
+from agent.wire import cose
 
 MAX_COMMAND_BYTES = 16 * 1024
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
@@ -111,24 +111,23 @@ def _check_args(ctype: str, args: Any) -> dict[str, Any]:
     return out
 
 
-def decode_command(data: bytes, command_key: cose.PublicKey, device_id: str) -> Command:
-    """Verify and parse an envelope (pure: no clock, no journal). Raises CommandRejected."""
-    if len(data) > MAX_COMMAND_BYTES:
-        raise CommandRejected("oversize", f"command of {len(data)} bytes exceeds {MAX_COMMAND_BYTES}")
-    try:
-        cose.parse_sign1(data)
-    except SignatureError as exc:  # not even a COSE_Sign1: garbage, not a forgery
-        raise CommandRejected("malformed", f"not a COSE_Sign1: {exc}") from None
-    try:
-        verified = cose.verify1(data, lambda _kid: command_key)
-    except SignatureError as exc:
-        raise CommandRejected("bad_signature", str(exc)) from None
-    try:
-        body = cbor2.loads(verified.payload)
-    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise CommandRejected("malformed", f"payload is not CBOR: {exc}") from None
-    if not isinstance(body, Mapping):
-        raise CommandRejected("malformed", "payload must be a map")
+def encode_command(
+    key: cose.PrivateKey,
+    cmd_id: str,
+    device_id: str,
+    ctype: str,
+    args: Mapping[str, Any],
+    *,
+    issued_at: int,
+    expires_at: int,
+) -> bytes:
+    """The envelope the cloud sends. Arguments are not validated here: the box is the judge."""
+    body = {"id": cmd_id, "dev": device_id, "type": ctype, "args": dict(args), "iat": issued_at, "exp": expires_at}
+    return cose.sign1(key, cbor2.dumps(body, canonical=True))
+
+
+def command_from_body(body: Mapping[Any, Any], device_id: str) -> Command:
+    """Check the verified payload map of an envelope (shape, target, lifetime, arguments)."""
     cid, dev, ctype = body.get("id"), body.get("dev"), body.get("type")
     iat, exp = body.get("iat"), body.get("exp")
     if not isinstance(cid, str) or not ID_RE.match(cid):
@@ -149,6 +148,34 @@ def decode_command(data: bytes, command_key: cose.PublicKey, device_id: str) -> 
     return Command(cid, dev, ctype, args, float(iat), float(exp))
 
 
+def verified_body(data: bytes, command_key: cose.PublicKey, max_bytes: int = MAX_COMMAND_BYTES) -> Mapping[Any, Any]:
+    """Size, structure and signature (checked once), then the payload as a CBOR map. Raises CommandRejected."""
+    if not isinstance(data, bytes | bytearray):
+        raise CommandRejected("malformed", f"bytes expected, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise CommandRejected("oversize", f"command of {len(data)} bytes exceeds {max_bytes}")
+    try:
+        cose.parse_sign1(data)
+    except SignatureError as exc:  # not even a COSE_Sign1: garbage, not a forgery
+        raise CommandRejected("malformed", f"not a COSE_Sign1: {exc}") from None
+    try:
+        verified = cose.verify1(data, lambda _kid: command_key)
+    except SignatureError as exc:
+        raise CommandRejected("bad_signature", str(exc)) from None
+    try:
+        body = cbor2.loads(verified.payload)
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise CommandRejected("malformed", f"payload is not CBOR: {exc}") from None
+    if not isinstance(body, Mapping):
+        raise CommandRejected("malformed", "payload must be a map")
+    return body
+
+
+def decode_command(data: bytes, command_key: cose.PublicKey, device_id: str) -> Command:
+    """Verify and parse an envelope (pure: no clock, no journal). Raises CommandRejected."""
+    return command_from_body(verified_body(data, command_key), device_id)
+
+
 def check_expiry(cmd: Command, *, wall: float, clock_trusted: bool, cloud_floor: float) -> None:
     """The expiry rule (module docstring). Raises CommandRejected('expired').
 
@@ -163,12 +190,3 @@ def check_expiry(cmd: Command, *, wall: float, clock_trusted: bool, cloud_floor:
             raise CommandRejected("expired", f"command expired {wall - cmd.expires_at:.0f}s ago")
         if cmd.issued_at > wall + CLOCK_SKEW_S:
             raise CommandRejected("not_yet_valid", "command issued in the future by this box's clock")
-
-
-def encode_result(
-    cmd_id: str, device_id: str, status: str, code: str, message: str, data: Mapping[str, Any] | None = None
-) -> bytes:
-    return cbor2.dumps(
-        {"id": cmd_id, "dev": device_id, "status": status, "code": code, "message": message, "data": dict(data or {})},
-        canonical=True,
-    )
