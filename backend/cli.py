@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.clitools import dispatch
+from agent.errors import GlucoagentError
 
 log = logging.getLogger("glucoagent-backend")
 
@@ -204,6 +204,21 @@ def cmd_erase(args: argparse.Namespace) -> int:
     detail = ", ".join(f"{n} {t}" for t, n in sorted(deleted.items())) or "nothing stored"
     print(f"erased: {sum(deleted.values())} rows ({detail}); audit record kept without the patient reference")
     return 0
+
+
+def dispatch(args: argparse.Namespace, prog: str) -> int:
+    """Run ``args.func(args)``; an expected failure -> one line ``PROG: error: ...`` and its exit code.
+    Not ``agent.clitools.dispatch``: the cloud imports only ``agent.wire`` and the error root (the layering)."""
+    try:
+        return int(args.func(args))
+    except GlucoagentError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

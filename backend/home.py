@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.errors import GlucoagentError
-from agent.fsutil import atomic_write
 from agent.mqtt import TlsFiles
 from backend.broker import Broker, reload_broker
 from backend.db import BackendDb
+from backend.files import atomic_write
 from backend.pki import FleetPki
 from backend.service import CERT_DAYS, BackendKeys, BackendService, link_settings
 

@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import GlucoagentError
-from agent.fsutil import atomic_write
 from agent.wire.topics import DEVICE_ID_RE
+from backend.files import atomic_write
 
 __all__ = [
     "BACKEND_CN",
