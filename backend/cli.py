@@ -43,8 +43,8 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from backend.broker import CrlKeeper
     from backend.home import BackendHome
+    from backend.revocation import CrlKeeper
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     home = BackendHome(args.home)
@@ -94,9 +94,9 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     """Revoke every certificate the cloud issued to a device, reload the broker, disconnect the device."""
     from cryptography import x509
 
-    from backend.broker import disconnect_identity, reload_broker
     from backend.home import BackendHome
     from backend.pki import PkiError
+    from backend.revocation import disconnect_identity, reload_broker
 
     home = BackendHome(args.home)
     home.ensure()

@@ -15,10 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.errors import GlucoagentError
 from agent.mqtt import TlsFiles
-from backend.broker import Broker, reload_broker
+from backend.broker import Broker
 from backend.db import BackendDb
 from backend.files import atomic_write
 from backend.pki import FleetPki
+from backend.revocation import reload_broker
 from backend.service import CERT_DAYS, BackendKeys, BackendService, link_settings
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ from agent.intake import Recorder, Signer
 from agent.store import Store
 from agent.uplink import encode_batch
 from agent.wire.topics import DeviceTopics
-from backend.broker import tls_client
+from backend.mqtt_client import tls_client
 from bench.bench_store import in_range
 from bench.table import Row
 from drivers.simulators.records import random_records

@@ -24,7 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.wire import topics
-from backend.broker import Broker, render_acl, tls_context
+from backend.broker import Broker
+from backend.broker_config import render_acl
+from backend.mqtt_client import tls_context
 from backend.pki import FleetPki, PkiError, generate_key, make_csr
 from testbed.rogue_ca import RogueCa
 

@@ -23,8 +23,8 @@ from support import TcpProxy
 
 from agent.clock import ClockQuality
 from agent.wire import cose, telemetry, topics
-from backend.broker import tls_client
 from backend.db import StoredRecord
+from backend.mqtt_client import tls_client
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
 from testbed.harness import LocalSystem, device_config

@@ -22,8 +22,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.wire import topics
-from backend.broker import BROKER_USER, MAX_PACKET_SIZE, Broker, ClientCreds
-from backend.pki import FleetPki
+from backend.broker import Broker
+from backend.broker_config import BROKER_USER, MAX_PACKET_SIZE
+from backend.pki import ClientCreds, FleetPki
 
 NOT_AUTHORIZED = 0x87
 BAD_AUTHENTICATION_METHOD = 0x8C

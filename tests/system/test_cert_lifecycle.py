@@ -40,7 +40,7 @@ from agent.wire import renewal as wire_renewal
 from backend.broker import Broker
 from backend.db import BackendDb
 from backend.home import BackendHome
-from backend.pki import CRL_DAYS
+from backend.certs import CRL_DAYS
 from backend.service import new_token
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
