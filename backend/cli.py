@@ -28,7 +28,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     from backend.home import BackendHome
-    from backend.service import new_token
+    from backend.provisioning import new_token
 
     home = BackendHome(args.home)
     home.ensure()
@@ -53,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     service = home.service(args.host, args.port)
     stop = threading.Event()
     if args.retention_days is not None:
-        from backend.service import RetentionSweeper
+        from backend.retention import RetentionSweeper
 
         sweeper = RetentionSweeper(service.db, args.retention_days, args.retention_interval)
         threading.Thread(target=sweeper.run, args=(stop,), name="retention", daemon=True).start()

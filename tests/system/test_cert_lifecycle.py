@@ -38,10 +38,10 @@ from agent.mqtt import LinkSettings, MqttLink, TlsFiles
 from agent.wire import cose
 from agent.wire import renewal as wire_renewal
 from backend.broker import Broker
+from backend.certs import CRL_DAYS
 from backend.db import BackendDb
 from backend.home import BackendHome
-from backend.certs import CRL_DAYS
-from backend.service import new_token
+from backend.provisioning import new_token
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
 from testbed.clockshim import build_clock_shim
