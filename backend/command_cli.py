@@ -18,7 +18,7 @@ from agent.wire.command import COMMANDS
 def cmd_command(args: argparse.Namespace) -> int:
     from backend.commands import CommandClient, Result, parse_args, sign_command
     from backend.home import BackendHome
-    from backend.service import link_settings
+    from backend.mqtt_client import link_settings
 
     home = BackendHome(args.home)
     home.ensure()

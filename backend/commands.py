@@ -31,11 +31,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from agent.errors import GlucoagentError, LinkTimeout, SignatureError
-from agent.mqtt import LinkSettings, MqttLink
 from agent.wire import cose, topics
 from agent.wire.command import COMMANDS, MAX_LIFETIME_S
 from agent.wire.renewal import DELIVERY_KEY, REQUEST_CODE
 from backend.db import BackendDb, jsonable
+from backend.mqtt_client import BackendLink, LinkSettings
 
 log = logging.getLogger(__name__)
 DEFAULT_TTL_S = 3600.0
@@ -336,7 +336,7 @@ class CommandClient:
     def __init__(self, db: BackendDb, settings: LinkSettings) -> None:
         self.db = db
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self.link = MqttLink(settings, on_message=lambda t, p: self._inbox.put((t, p)))
+        self.link = BackendLink(settings, on_message=lambda t, p: self._inbox.put((t, p)))
 
     def __enter__(self) -> CommandClient:
         self.link.connect()

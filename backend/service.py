@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
-import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,10 +23,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.errors import GlucoagentError, LinkError
-from agent.mqtt import LinkSettings, MqttLink, TlsFiles
 from agent.wire import cose, telemetry, topics
 from backend.db import BackendDb
 from backend.ingest import IngestMixin
+from backend.mqtt_client import BackendLink, LinkSettings
 from backend.provisioning import ProvisioningMixin
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ class BackendService(ProvisioningMixin, IngestMixin):
         self.initial_config = initial_config
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._stop = threading.Event()
-        self.link: MqttLink | None = None
+        self.link: BackendLink | None = None
         self.ready = threading.Event()
         self._keys: dict[tuple[str, bytes], cose.PublicKey] = {}
         self.on_record: Callable[[str, telemetry.Record], None] | None = None
@@ -86,7 +85,7 @@ class BackendService(ProvisioningMixin, IngestMixin):
     def run(self) -> None:
         delay = 0.5
         while not self._stop.is_set():
-            link = MqttLink(self.settings, on_message=lambda t, p: self._inbox.put((t, p)))
+            link = BackendLink(self.settings, on_message=lambda t, p: self._inbox.put((t, p)))
             try:
                 link.connect()
                 link.subscribe(
@@ -171,9 +170,3 @@ class BackendService(ProvisioningMixin, IngestMixin):
             revoke=self.keys.revoke,
             revoked=self.keys.revoked,
         )
-
-
-
-def link_settings(host: str, port: int, tls: TlsFiles) -> LinkSettings:
-    return LinkSettings(host=host, port=port, client_id=f"backend-{secrets.token_hex(4)}", tls=tls, clean_start=True)
-
