@@ -1,12 +1,12 @@
 """The cloud side of commands: sign, send, receive verified results, and issue renewed certificates.
 
-- ``sign_command``: COSE_Sign1 by the command key over ``{id, dev, type, args, iat, exp}``.
-- ``parse_args``: ``key=value`` words from the command line, typed by ``agent.commands.COMMANDS``.
-- ``verify_result``: a result is believed only if it verifies against a key registered for
-  the device that published it (backend db ``device_keys``).
+- ``sign_command``: a fresh command id and lifetime, encoded by ``agent.wire.command.encode_command``.
+- ``parse_args``: ``key=value`` words from the command line, typed by ``agent.wire.command.COMMANDS``.
+- ``verify_result``: a result is believed only if it verifies (``agent.wire.result.decode_result``)
+  against a key registered for the device that published it (backend db ``device_keys``).
 - ``on_result``: what ``BackendService.on_result`` does: verify, store by command id (a pending
   renewal result is followed by the final one; duplicates are ignored), and answer a
-  renewal's CSR with a certificate delivery (agent/renewal.py) when we did send that command,
+  renewal's CSR with a certificate delivery (``agent.wire.renewal.encode_delivery``) when we did send that command,
   or when the box asked for it itself (``renew_request``) with its current, unrevoked key.
   A final ``renewed`` result signed with the new key proves the new pair logged in and is in
   use: then every older certificate of the device is revoked (``revoke_superseded``).
@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -26,21 +25,20 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import cbor2
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from agent.errors import GlucoagentError, LinkTimeout, SignatureError
 from agent.wire import cose, topics
-from agent.wire.command import COMMANDS, MAX_LIFETIME_S
-from agent.wire.renewal import DELIVERY_KEY, REQUEST_CODE
+from agent.wire.command import COMMANDS, MAX_LIFETIME_S, encode_command
+from agent.wire.renewal import REQUEST_CODE, encode_delivery
+from agent.wire.result import Result, decode_result
 from backend.db import BackendDb, jsonable
 from backend.mqtt_client import BackendLink, LinkSettings
 
 log = logging.getLogger(__name__)
 DEFAULT_TTL_S = 3600.0
 DELIVERY_TTL_S = 300.0
-STATUSES = ("ok", "failed", "refused", "pending")
 FINAL_RENEWAL_CODES = ("renewed", "recovered")  # the box runs on the new pair: older certificates go
 
 
@@ -54,22 +52,14 @@ class ResultTimeout(LinkTimeout):
     """No final result within the wait; the broker keeps the command for the box until it expires."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Result:
-    id: str
-    device_id: str
-    status: str
-    code: str
-    message: str
-    data: Mapping[str, Any]
-
-    def as_json(self) -> str:
-        return json.dumps(
-            {"id": self.id, "device": self.device_id, "status": self.status, "code": self.code,
-             "message": self.message, "data": jsonable(self.data)},
-            indent=2,
-            sort_keys=True,
-        )  # fmt: skip
+def result_json(result: Result) -> str:
+    """What ``glucoagent-backend command`` prints: the verified result, bytes as text (PEM) or hex."""
+    return json.dumps(
+        {"id": result.id, "device": result.device_id, "status": result.status, "code": result.code,
+         "message": result.message, "data": jsonable(result.data)},
+        indent=2,
+        sort_keys=True,
+    )  # fmt: skip
 
 
 def new_command_id() -> str:
@@ -91,15 +81,9 @@ def sign_command(
         raise CommandError(f"--ttl: expected 0 < ttl <= {MAX_LIFETIME_S}, got {ttl_s}")
     now = time.time() if now is None else now
     cmd_id = cmd_id or new_command_id()
-    body = {
-        "id": cmd_id,
-        "dev": device_id,
-        "type": ctype,
-        "args": dict(args or {}),
-        "iat": int(now),
-        "exp": int(now + ttl_s),
-    }
-    return cmd_id, cose.sign1(key, cbor2.dumps(body, canonical=True))
+    return cmd_id, encode_command(
+        key, cmd_id, device_id, ctype, args or {}, issued_at=int(now), expires_at=int(now + ttl_s)
+    )
 
 
 def parse_args(ctype: str, words: Sequence[str]) -> dict[str, Any]:
@@ -171,28 +155,8 @@ def device_key_lookup(
 
 
 def verify_result(db: BackendDb, device_id: str, payload: bytes, seen: list[bytes] | None = None) -> Result:
-    """Verify a result against the device's registered keys; raises SignatureError."""
-    verified = cose.verify1(payload, device_key_lookup(db, device_id, seen))
-    try:
-        body = cbor2.loads(verified.payload)
-    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise SignatureError(f"result payload is not CBOR: {exc}") from None
-    if not isinstance(body, dict):
-        raise SignatureError("result payload is not a map")
-    if body.get("dev") != device_id:
-        raise SignatureError(f"result names device {body.get('dev')!r}, published by {device_id}")
-    fields = [body.get(k) for k in ("id", "status", "code", "message")]
-    if not all(isinstance(f, str) for f in fields) or body.get("status") not in STATUSES:
-        raise SignatureError("result fields id/status/code/message malformed")
-    data = body.get("data", {})
-    return Result(
-        str(fields[0]),
-        device_id,
-        str(fields[1]),
-        str(fields[2]),
-        str(fields[3]),
-        data if isinstance(data, dict) else {},
-    )
+    """Verify a result against the device's registered keys (``agent.wire.result``); raises SignatureError."""
+    return decode_result(payload, device_key_lookup(db, device_id, seen), device_id)
 
 
 # --- the service side ------------------------------------------------------------------------------
@@ -324,9 +288,10 @@ def issue_renewal(
     now = time.time()
     db.add_key(kid=cose.key_id(public_key), device_id=result.device_id, cert_pem=cert_pem, now=now)
     log.info("%s: renewed certificate issued for command %s", result.device_id, result.id)
-    body = {DELIVERY_KEY: result.id, "dev": result.device_id, "cert": cert_pem + ca_pem,
-            "iat": int(now), "exp": int(now + DELIVERY_TTL_S)}  # fmt: skip
-    return cose.sign1(command_key, cbor2.dumps(body, canonical=True))
+    return encode_delivery(
+        command_key, result.id, result.device_id, cert_pem + ca_pem,
+        issued_at=int(now), expires_at=int(now + DELIVERY_TTL_S),
+    )  # fmt: skip
 
 
 # --- the command-line client ---------------------------------------------------------------------

@@ -95,6 +95,7 @@ class IngestMixin:
                 self.on_record(device_id, rec)
         return {k: v for k, v in acks.items() if v}
 
+
 def storable(rec: telemetry.Record) -> tuple[str, str | None]:
     """(fields as JSON, None) when every field fits its column; ("", why) when one does not.
 
@@ -111,5 +112,3 @@ def storable(rec: telemetry.Record) -> tuple[str, str | None]:
     except (ValueError, OverflowError, TypeError, RecursionError) as exc:
         return "", f"a field is out of range: {exc}"
     return fields, None
-
-

@@ -16,8 +16,9 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from agent.errors import GlucoagentError, SignatureError
-from agent.wire import cose, topics
+from agent.errors import GlucoagentError
+from agent.wire import cose
+from agent.wire import renewal as wire_renewal
 from agent.wire.renewal import RECOVER_KEY
 from backend.commands import device_key_lookup, key_in_good_standing
 from backend.db import BackendDb
@@ -44,8 +45,6 @@ def new_token() -> str:
 def device_id_for(public_key: cose.PublicKey) -> str:
     """Device ids derive from the device key: a re-run of provisioning maps to the same id."""
     return "gd-" + cose.key_id(public_key)[:6].hex()
-
-
 
 
 class ProvisioningMixin:
@@ -120,24 +119,18 @@ class ProvisioningMixin:
         """Re-enrolment of a box whose certificate expired (agent/renewal.py ``recover``): no token, but the
         request is signed with the device's registered key; the new certificate keeps the device id,
         and with it the patient binding, and the old key stays registered for readings signed with it."""
-        if not isinstance(signed, bytes):
-            return refuse("bad_request", "recover must be a COSE_Sign1")
         try:
-            body = cbor2.loads(cose.parse_sign1(signed)[3])  # unverified: only to learn which device it claims
-            device_id = body["dev"] if isinstance(body, dict) else None
-            if not isinstance(device_id, str) or not topics.DEVICE_ID_RE.match(device_id):
-                return refuse("bad_request", "recover names no valid device")
-            seen: list[bytes] = []
-            body = cbor2.loads(cose.verify1(signed, device_key_lookup(self.db, device_id, seen, cache=self._keys)).payload)
-        except (SignatureError, cbor2.CBORDecodeError, ValueError, TypeError, KeyError):
-            return refuse("bad_signature", "the request is not signed with a key registered for that device")
-        csr_pem = body.get("csr") if isinstance(body, dict) else None
-        if not isinstance(csr_pem, bytes) or body.get("req") != request_id:
-            return refuse("bad_request", "signed request id or CSR missing")
-        why = key_in_good_standing(self.db, device_id, seen[-1], self.keys.revoked())
+            device_id = wire_renewal.claimed_device(signed)
+            request = wire_renewal.decode_recovery(
+                signed, request_id, device_key_lookup(self.db, device_id, cache=self._keys)
+            )
+        except wire_renewal.RecoveryRefused as exc:
+            return refuse(exc.code, str(exc))
+        csr_pem, kid = request.csr_pem, request.kid
+        why = key_in_good_standing(self.db, device_id, kid, self.keys.revoked())
         if why is not None:
             return refuse("not_recoverable", why)
-        registered = self.db.device_key(device_id, seen[-1])
+        registered = self.db.device_key(device_id, kid)
         assert registered is not None  # key_in_good_standing found it
         left = x509.load_pem_x509_certificate(registered[0]).not_valid_after_utc.timestamp() - time.time()
         if left > RECOVERY_SKEW_S:
@@ -183,4 +176,3 @@ class ProvisioningMixin:
         if token_patient != patient:
             return "patient_mismatch", "the patient reference does not match the one the token was issued for"
         return None
-

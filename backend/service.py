@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.errors import GlucoagentError, LinkError
 from agent.wire import cose, telemetry, topics
+from agent.wire.ack import encode_ack
 from backend.db import BackendDb
 from backend.ingest import IngestMixin
 from backend.mqtt_client import BackendLink, LinkSettings
@@ -55,10 +56,6 @@ class BackendKeys:
         return self.command_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-
-
-def sign_ack(command_key: ed25519.Ed25519PrivateKey, device_id: str, acks: dict[str, list[int]]) -> bytes:
-    return cose.sign1(command_key, cbor2.dumps({"dev": device_id, **acks}, canonical=True))
 
 
 class BackendService(ProvisioningMixin, IngestMixin):
@@ -146,7 +143,7 @@ class BackendService(ProvisioningMixin, IngestMixin):
         if leaf in (topics.TELEMETRY, topics.HEALTH):
             acks = self.ingest(device_id, leaf, payload)
             if acks:
-                self.publish(topics.DeviceTopics(device_id).acks, sign_ack(self.keys.command_key, device_id, acks))
+                self.publish(topics.DeviceTopics(device_id).acks, encode_ack(self.keys.command_key, device_id, acks))
         elif leaf == topics.STATUS:
             self.on_status(device_id, payload)
         elif leaf == topics.RESULTS:

@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.identity import load_key
 from agent.wire import cose, topics
-from backend.commands import Result, record_sent, stored_result, verify_result
+from agent.wire.result import Result
+from backend.commands import record_sent, stored_result, verify_result
 from backend.mqtt_client import BackendLink, link_settings
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
