@@ -7,7 +7,7 @@ Layout of the PKI directory (keys mode 0600, every write atomic: temp file, fsyn
     claim.key claim.crt        factory claim identity (CN ``claim``): provisioning topics only
     backend.key backend.crt    reference cloud (CN ``backend``): every fleet topic
     crl.pem                    revocation list, always present (empty at first)
-    clients/                   certificates issued by ``issue_client_cert`` (tests, demo)
+    clients/                   device credentials written by ``write_device_creds``
 
 The broker takes the certificate CN as the MQTT user name (``use_identity_as_username``),
 so a CN *is* an identity: device certificates carry the device id, and the reserved names
@@ -212,26 +212,6 @@ class FleetPki:
         with self._lock:
             cert = self._issuer.issue(device_id, public_key, now - BACKDATE, now + dt.timedelta(days=days))
         return cert_to_pem(cert)
-
-    def issue_client_cert(
-        self,
-        cn: str,
-        key_type: KeyType = "ed25519",
-        not_before: dt.datetime | None = None,
-        not_after: dt.datetime | None = None,
-    ) -> ClientCreds:
-        """A client key and certificate for ``cn`` written under ``clients/`` (tests, demo).
-
-        Unlike ``sign_device_csr`` any CN and any validity window is allowed, so tests can
-        make expired, not-yet-valid or reserved-name certificates.
-        """
-        now = now_utc()
-        not_before = not_before or now - BACKDATE
-        not_after = not_after or now + dt.timedelta(days=IDENTITY_DAYS)
-        key = generate_key(key_type)
-        with self._lock:
-            cert = self._issuer.issue(cn, key.public_key(), not_before, not_after)
-        return self._write_client(cn, key, cert)
 
     def write_device_creds(self, device_id: str, key: PrivateKey, cert_pem: bytes) -> ClientCreds:
         """Store a device's key and certificate under ``clients/`` and return them as creds."""

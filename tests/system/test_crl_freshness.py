@@ -26,6 +26,7 @@ from cryptography import x509
 
 from backend.broker import Broker
 from backend.home import BackendHome
+from testbed.client_certs import issue_client_cert
 from testbed.clockshim import build_clock_shim
 
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
@@ -111,7 +112,7 @@ def test_device_still_logs_in_31_and_400_days_after_init(
     home, broker, clocks = running
     init = dt.datetime.now(dt.UTC)
     dev_id = f"gd-{uuid.uuid4().hex[:12]}"
-    creds = home.pki.issue_client_cert(dev_id, not_after=init + dt.timedelta(days=800))  # outlives the test's span
+    creds = issue_client_cert(home.pki, dev_id, not_after=init + dt.timedelta(days=800))  # outlives the test's span
     assert _logs_in_within(mqtt_probe, creds, broker, dev_id, 30)
 
     for days in (31, 400):
@@ -128,7 +129,7 @@ def test_broker_and_service_started_400_days_after_init(tmp_path: Path, mqtt_pro
     home.ensure()
     init = dt.datetime.now(dt.UTC)
     dev_id = f"gd-{uuid.uuid4().hex[:12]}"
-    creds = home.pki.issue_client_cert(dev_id, not_after=init + dt.timedelta(days=800))
+    creds = issue_client_cert(home.pki, dev_id, not_after=init + dt.timedelta(days=800))
     # Both processes (and mosquitto, started by `broker` as a child, maybe after dropping root) read
     # the clock offset through a path relative to their working directory, the broker's run dir.
     home.broker_dir.mkdir(parents=True)

@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
-RIG = ("harness", "faultproxy", "clockshim", "soak", "demo", "rogue_ca")
+RIG = ("harness", "faultproxy", "clockshim", "soak", "demo", "rogue_ca", "client_certs")
 
 
 def test_wheel_holds_no_test_rig(tmp_path: Path) -> None:
