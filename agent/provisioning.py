@@ -21,8 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cbor2
-
 from agent import __version__
 from agent.config import Endpoint
 from agent.errors import GlucoagentError, LinkTimeout, ProvisioningError, TokenRejected
@@ -37,8 +35,8 @@ from agent.identity import (
     save_credentials,
 )
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles, Will
-from agent.uplink import STATUS_ONLINE
 from agent.wire import topics
+from agent.wire.provisioning import STATUS_OFFLINE, STATUS_ONLINE, check_reply, decode_reply, encode_request
 
 FACTORY_DIR = "factory"
 TOKEN_CODES = {"token_unknown", "token_used", "token_expired"}
@@ -165,10 +163,7 @@ def provision(
 
     def on_message(topic: str, payload: bytes) -> None:
         if topic == topics.provision_response(request_id):
-            try:
-                reply.update(cbor2.loads(payload))
-            except (cbor2.CBORDecodeError, ValueError, TypeError):
-                reply.update({"ok": False, "code": "bad_reply", "message": "unreadable reply"})
+            reply.update(decode_reply(payload))
             got_reply.set()
 
     settings = LinkSettings(
@@ -187,15 +182,9 @@ def provision(
             codes = link.subscribe([topics.provision_response(request_id)])
             if any(c >= 0x80 for c in codes):
                 raise ProvisioningError(f"broker refused the provisioning reply topic (codes {codes})")
-            request = {
-                "v": 1,
-                "req": request_id,
-                "csr": csr,
-                "token": token,
-                "patient": patient,
-                "hw": {"serial": hw, "machine": platform.machine(), "agent": __version__},
-            }
-            mid = link.publish(topics.provision_request(request_id), cbor2.dumps(request))
+            hw_info = {"serial": hw, "machine": platform.machine(), "agent": __version__}
+            request = encode_request(request_id, csr, token, patient, hw_info)
+            mid = link.publish(topics.provision_request(request_id), request)
             deadline = time.monotonic() + timeout_s
             while not got_reply.is_set():
                 if time.monotonic() > deadline:
@@ -233,17 +222,6 @@ def provision(
     return str(reply["device_id"])
 
 
-def check_reply(reply: dict[str, Any]) -> None:
-    """An accepting reply must carry every part, with the right types, before anything is written."""
-    if not isinstance(reply.get("device_id"), str) or not topics.DEVICE_ID_RE.match(reply["device_id"]):
-        raise ProvisioningError("the provisioning service's reply has no valid device id")
-    for name in ("cert", "ca", "command_key"):
-        if not isinstance(reply.get(name), bytes) or b"-----BEGIN" not in reply[name]:
-            raise ProvisioningError(f"the provisioning service's reply has no valid {name}")
-    if not isinstance(reply.get("config", {}), dict):
-        raise ProvisioningError("the provisioning service's reply has an invalid initial config")
-
-
 def confirm(state_dir: Path, *, protocol: str = "mqttv5", timeout_s: float = 10.0) -> None:
     """Log in as the device and publish ``online``: proves the new credentials work end to end."""
     ident = load_identity(state_dir)
@@ -256,7 +234,7 @@ def confirm(state_dir: Path, *, protocol: str = "mqttv5", timeout_s: float = 10.
             client_id=ident.device_id,
             tls=TlsFiles(ca=ident.ca_path, cert=ident.cert_path, key=ident.key_path),
             protocol=protocol,
-            will=Will(dev.status, b"offline"),
+            will=Will(dev.status, STATUS_OFFLINE),
         )
     )
     link.connect()
@@ -268,7 +246,7 @@ def confirm(state_dir: Path, *, protocol: str = "mqttv5", timeout_s: float = 10.
                 raise LinkTimeout("the broker did not acknowledge the confirmation")
         if not ok:
             raise GlucoagentError("the broker refused the device's status message (ACL?)")
-        link.publish(dev.status, b"offline", retain=True)  # until the daemon runs and says online
+        link.publish(dev.status, STATUS_OFFLINE, retain=True)  # until the daemon runs and says online
         link.loop(0.2)
     finally:
         link.disconnect()

@@ -49,7 +49,6 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import cbor2
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -60,6 +59,7 @@ from agent.fsutil import atomic_write, fsync_dir
 from agent.identity import CA_FILE, CERT_FILE, KEY_FILE, build_csr, generate_key, hardware_serial, key_pem
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles
 from agent.wire import cose, topics
+from agent.wire.provisioning import decode_reply
 from agent.wire.renewal import encode_recovery_request
 
 log = logging.getLogger(__name__)
@@ -293,13 +293,7 @@ def _ask_over_claim(
     def on_message(topic: str, payload: bytes) -> None:
         if topic != topics.provision_response(request_id):
             return
-        try:
-            answer = cbor2.loads(payload)
-        except (cbor2.CBORDecodeError, ValueError, TypeError):
-            answer = None
-        reply.update(
-            answer if isinstance(answer, dict) else {"ok": False, "code": "bad_reply", "message": "unreadable"}
-        )
+        reply.update(decode_reply(payload))
         got.set()
 
     link = MqttLink(settings, on_message=on_message)

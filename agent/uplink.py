@@ -31,11 +31,10 @@ from agent.identity import DeviceIdentity
 from agent.mqtt import LinkSettings, MqttLink, TlsFiles, Will
 from agent.store import CLINICAL, HEALTH, OutboxRow, Store
 from agent.wire.ack import decode_ack
+from agent.wire.provisioning import STATUS_OFFLINE, STATUS_ONLINE
 from agent.wire.topics import DeviceTopics
 
 log = logging.getLogger(__name__)
-STATUS_ONLINE = b"online"
-STATUS_OFFLINE = b"offline"
 _IDLE_WAIT_S = 0.2  # longest wait on the socket when there is nothing to do
 TOO_LARGE = "record_too_large"  # condition (and alert) while a record is too large for any message
 

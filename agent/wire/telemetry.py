@@ -251,8 +251,11 @@ def decode(payload: bytes) -> Record:
         raise TelemetryError(f"missing or bad header entry: {exc}") from exc
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
         raise TelemetryError("seq must be a positive integer")
-    if not isinstance(base_time, int | float) or not isinstance(boot, bytes):
+    if not _float_number(base_time) or not isinstance(boot, bytes):
         raise TelemetryError("bad base time or boot id")
+    if not _float_number(mono) or not isinstance(clock, str):
+        raise TelemetryError("bad monotonic time or clock quality")
+    assert isinstance(base_time, int | float) and isinstance(mono, int | float)
     return Record(
         device_id=base_name[len(URN_PREFIX) : -1],
         seq=seq,
@@ -263,6 +266,18 @@ def decode(payload: bytes) -> Record:
         monotonic=float(mono),
         fields=fields,
     )
+
+
+def _float_number(value: object) -> bool:
+    """A number a float holds (a CBOR bignum such as 10**400 does not: OverflowError otherwise). Infinity and
+    NaN pass: the cloud quarantines such a record with its reason (backend/service.py ``storable``)."""
+    if not isinstance(value, int | float):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def wall_datetime(wall: float) -> dt.datetime:

@@ -155,3 +155,12 @@ def test_any_flipped_byte_is_refused(pos: int, flip: int) -> None:
     data[pos] ^= flip
     with pytest.raises(SignatureError):
         cose.verify1(bytes(data), lambda kid: _KEY.public_key() if kid == b"k" else None)
+
+
+def test_sign1_golden_bytes_without_the_conformance_vectors() -> None:
+    """Our own encoding of a tagged COSE_Sign1 (kid unprotected, content type protected) is byte-stable."""
+    from wire_golden import COSE_PLAIN, KEY
+
+    assert cose.sign1(KEY, b"hello", kid=b"k1", content_type=112) == COSE_PLAIN
+    verified = cose.verify1(COSE_PLAIN, lambda kid: KEY.public_key() if kid == b"k1" else None)
+    assert (verified.payload, verified.kid, verified.alg) == (b"hello", b"k1", cose.ALG_EDDSA)
