@@ -11,15 +11,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import cbor2
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from agent.errors import GlucoagentError
 from agent.wire import cose
+from agent.wire import provisioning as wire_provisioning
 from agent.wire import renewal as wire_renewal
-from agent.wire.renewal import RECOVER_KEY
 from backend.commands import device_key_lookup, key_in_good_standing
 from backend.db import BackendDb
 from backend.pki import PkiError
@@ -57,19 +56,15 @@ class ProvisioningMixin:
         def refuse(code: str, message: str) -> dict[str, Any]:
             log.warning("provisioning %s refused: %s (%s)", request_id, code, message)
             self.db.bump(f"provision_{code}")
-            return {"ok": False, "code": code, "message": message}
+            return wire_provisioning.refusal(code, message)
 
         try:
-            req = cbor2.loads(payload)
-        except (cbor2.CBORDecodeError, ValueError, TypeError):
-            return refuse("bad_request", "request is not CBOR")
-        if not isinstance(req, dict) or req.get("req") != request_id:
-            return refuse("bad_request", "request id does not match its topic")
-        if RECOVER_KEY in req:
-            return self.recover(request_id, req[RECOVER_KEY], refuse)
-        token, patient, csr_pem, hw = req.get("token"), req.get("patient"), req.get("csr"), req.get("hw", {})
-        if not (isinstance(token, str) and isinstance(patient, str) and isinstance(csr_pem, bytes) and patient):
-            return refuse("bad_request", "token, patient and csr are required")
+            req = wire_provisioning.decode_request(payload, request_id)
+        except wire_provisioning.RequestRefused as exc:
+            return refuse(exc.code, str(exc))
+        if isinstance(req, wire_provisioning.RecoverRequest):
+            return self.recover(request_id, req.signed, refuse)
+        token, patient, csr_pem, hw = req.token, req.patient, req.csr_pem, req.hw
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
             if not csr.is_signature_valid:
@@ -84,7 +79,7 @@ class ProvisioningMixin:
             kind = getattr(getattr(public_key, "curve", None), "name", None) or type(public_key).__name__
             return refuse(UNSUPPORTED_KEY, f"device key {kind} is not supported: use Ed25519 or EC P-256")
         device_id = device_id_for(public_key)
-        hw_serial = str(hw.get("serial", "")) if isinstance(hw, dict) else ""
+        hw_serial = str(hw.get("serial", ""))
         now = time.time()
         kid = cose.key_id(public_key)
         cert_pem = b""

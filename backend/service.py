@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import cbor2
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.errors import GlucoagentError, LinkError
 from agent.wire import cose, telemetry, topics
+from agent.wire import provisioning as wire_provisioning
 from agent.wire.ack import encode_ack
 from backend.db import BackendDb
 from backend.ingest import IngestMixin
@@ -134,7 +134,7 @@ class BackendService(ProvisioningMixin, IngestMixin):
             return
         parts = topic.split("/")
         if topic.startswith(f"{topics.PREFIX}/prov/") and parts[-1] == "request":
-            self.publish(topics.provision_response(parts[-2]), cbor2.dumps(self.provision(parts[-2], payload)))
+            self.publish(topics.provision_response(parts[-2]), wire_provisioning.encode_reply(self.provision(parts[-2], payload)))
             return
         device_id = topics.device_of(topic)
         if device_id is None:
