@@ -43,7 +43,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: setup
-	$(BIN)/glucoagent-backend demo
+	$(BIN)/python -m testbed.demo
 
 test: setup lint
 	@if [ -d "$(VECTORS)" ]; then export GLUCOAGENT_VECTORS="$$(cd $(VECTORS) && pwd)"; \
@@ -54,8 +54,8 @@ test: setup lint
 	  $(BIN)/pytest -q -p no:cacheprovider tests
 
 lint: setup
-	$(BIN)/ruff check agent drivers backend bench openwrt tests
-	$(BIN)/mypy --strict agent drivers backend bench openwrt
+	$(BIN)/ruff check agent drivers backend bench openwrt testbed tests
+	$(BIN)/mypy --strict agent drivers backend bench openwrt testbed
 
 bench: setup
 	$(BIN)/python -m bench.run
@@ -65,7 +65,7 @@ bench: setup
 SOAK_MINUTES ?= 30
 SOAK_KILLS ?= $(shell echo $$(( $(SOAK_MINUTES) * 100 )))
 soak: setup
-	$(BIN)/python -m backend.soak --minutes $(SOAK_MINUTES)
+	$(BIN)/python -m testbed.soak --minutes $(SOAK_MINUTES)
 	GLUCOAGENT_CRASH_KILLS=$(SOAK_KILLS) $(BIN)/pytest -q -p no:cacheprovider tests/test_crash.py
 
 # OpenWrt's own uci, opkg, apk, jshn, built once into ~/.cache/glucoagent (GLUCOAGENT_TOOLS_CACHE).

@@ -1,3 +1,3 @@
-"""Reference cloud: provisioning CA, ingest verifier, command signer."""
+"""Reference cloud: provisioning CA, ingest verifier, command signer. The test rig lives in ``testbed/``."""
 
-__all__: list[str] = []  # import the submodules: backend.service, backend.harness, backend.cli
+__all__: list[str] = []  # import the submodules: backend.service, backend.cli

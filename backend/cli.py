@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.clitools import dispatch
+from agent.errors import GlucoagentError
 
 log = logging.getLogger("glucoagent-backend")
 
@@ -28,7 +28,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     from backend.home import BackendHome
-    from backend.service import new_token
+    from backend.provisioning import new_token
 
     home = BackendHome(args.home)
     home.ensure()
@@ -43,8 +43,8 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from backend.broker import CrlKeeper
     from backend.home import BackendHome
+    from backend.revocation import CrlKeeper
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     home = BackendHome(args.home)
@@ -53,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     service = home.service(args.host, args.port)
     stop = threading.Event()
     if args.retention_days is not None:
-        from backend.service import RetentionSweeper
+        from backend.retention import RetentionSweeper
 
         sweeper = RetentionSweeper(service.db, args.retention_days, args.retention_interval)
         threading.Thread(target=sweeper.run, args=(stop,), name="retention", daemon=True).start()
@@ -94,20 +94,20 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     """Revoke every certificate the cloud issued to a device, reload the broker, disconnect the device."""
     from cryptography import x509
 
-    from backend.broker import disconnect_identity, reload_broker
     from backend.home import BackendHome
     from backend.pki import PkiError
+    from backend.revocation import disconnect_identity, reload_broker
 
     home = BackendHome(args.home)
     home.ensure()
     db = home.db()
     try:
-        rows = db.query("SELECT cert_pem FROM device_keys WHERE device_id = ?", (args.device,))
+        pems = db.device_certs(args.device)
     finally:
         db.close()
-    if not rows:
+    if not pems:
         raise PkiError(f"no certificate was issued to a device {args.device!r} by this backend")
-    serials = [x509.load_pem_x509_certificate(bytes(pem)).serial_number for (pem,) in rows]
+    serials = [x509.load_pem_x509_certificate(pem).serial_number for pem in pems]
     home.pki.revoke(*serials)
     print(f"revoked {len(serials)} certificate(s) of {args.device}")
     if not reload_broker(home.broker_dir, home.pki):
@@ -116,12 +116,6 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     disconnect_identity(home.pki.backend, args.host, args.port, args.device)
     print(f"broker reloaded its CRL and closed every connection of {args.device}")
     return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from backend.demo import run_demo
-
-    return run_demo(records=args.records, timeout_s=args.timeout, run_root=args.run_root)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,12 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8883)
     p.set_defaults(func=cmd_revoke)
 
-    p = sub.add_parser("demo", help="run the whole system on this machine and show readings arriving verified")
-    p.add_argument("--records", type=int, default=20, help="readings in the simulated meter")
-    p.add_argument("--timeout", type=float, default=60.0)
-    p.add_argument("--run-root", type=Path, default=Path("runs"))
-    p.set_defaults(func=cmd_demo)
-
     try:
         from backend.command_cli import add_parser as add_command_parser
     except ImportError:
@@ -216,6 +204,21 @@ def cmd_erase(args: argparse.Namespace) -> int:
     detail = ", ".join(f"{n} {t}" for t, n in sorted(deleted.items())) or "nothing stored"
     print(f"erased: {sum(deleted.values())} rows ({detail}); audit record kept without the patient reference")
     return 0
+
+
+def dispatch(args: argparse.Namespace, prog: str) -> int:
+    """Run ``args.func(args)``; an expected failure -> one line ``PROG: error: ...`` and its exit code.
+    Not ``agent.clitools.dispatch``: the cloud imports only ``agent.wire`` and the error root (the layering)."""
+    try:
+        return int(args.func(args))
+    except GlucoagentError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

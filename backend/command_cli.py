@@ -16,9 +16,10 @@ from agent.wire.command import COMMANDS
 
 
 def cmd_command(args: argparse.Namespace) -> int:
-    from backend.commands import CommandClient, Result, parse_args, sign_command
+    from agent.wire.result import Result
+    from backend.commands import CommandClient, parse_args, result_json, sign_command
     from backend.home import BackendHome
-    from backend.service import link_settings
+    from backend.mqtt_client import link_settings
 
     home = BackendHome(args.home)
     home.ensure()
@@ -35,7 +36,7 @@ def cmd_command(args: argparse.Namespace) -> int:
             result = client.send(args.device, envelope, cmd_id, args.type, timeout_s=args.timeout, progress=progress)
     finally:
         db.close()
-    print(result.as_json())
+    print(result_json(result))
     return 0 if result.status == "ok" else 1
 
 

@@ -1,12 +1,12 @@
 """The cloud side of commands: sign, send, receive verified results, and issue renewed certificates.
 
-- ``sign_command``: COSE_Sign1 by the command key over ``{id, dev, type, args, iat, exp}``.
-- ``parse_args``: ``key=value`` words from the command line, typed by ``agent.commands.COMMANDS``.
-- ``verify_result``: a result is believed only if it verifies against a key registered for
-  the device that published it (backend db ``device_keys``).
+- ``sign_command``: a fresh command id and lifetime, encoded by ``agent.wire.command.encode_command``.
+- ``parse_args``: ``key=value`` words from the command line, typed by ``agent.wire.command.COMMANDS``.
+- ``verify_result``: a result is believed only if it verifies (``agent.wire.result.decode_result``)
+  against a key registered for the device that published it (backend db ``device_keys``).
 - ``on_result``: what ``BackendService.on_result`` does: verify, store by command id (a pending
   renewal result is followed by the final one; duplicates are ignored), and answer a
-  renewal's CSR with a certificate delivery (agent/renewal.py) when we did send that command,
+  renewal's CSR with a certificate delivery (``agent.wire.renewal.encode_delivery``) when we did send that command,
   or when the box asked for it itself (``renew_request``) with its current, unrevoked key.
   A final ``renewed`` result signed with the new key proves the new pair logged in and is in
   use: then every older certificate of the device is revoked (``revoke_superseded``).
@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -26,21 +25,20 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import cbor2
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from agent.errors import GlucoagentError, LinkTimeout, SignatureError
-from agent.mqtt import LinkSettings, MqttLink
 from agent.wire import cose, topics
-from agent.wire.command import COMMANDS, MAX_LIFETIME_S
-from agent.wire.renewal import DELIVERY_KEY, REQUEST_CODE
-from backend.db import BackendDb
+from agent.wire.command import COMMANDS, MAX_LIFETIME_S, encode_command
+from agent.wire.renewal import REQUEST_CODE, encode_delivery
+from agent.wire.result import Result, decode_result
+from backend.db import BackendDb, jsonable
+from backend.mqtt_client import BackendLink, LinkSettings
 
 log = logging.getLogger(__name__)
 DEFAULT_TTL_S = 3600.0
 DELIVERY_TTL_S = 300.0
-STATUSES = ("ok", "failed", "refused", "pending")
 FINAL_RENEWAL_CODES = ("renewed", "recovered")  # the box runs on the new pair: older certificates go
 
 
@@ -54,22 +52,14 @@ class ResultTimeout(LinkTimeout):
     """No final result within the wait; the broker keeps the command for the box until it expires."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Result:
-    id: str
-    device_id: str
-    status: str
-    code: str
-    message: str
-    data: Mapping[str, Any]
-
-    def as_json(self) -> str:
-        return json.dumps(
-            {"id": self.id, "device": self.device_id, "status": self.status, "code": self.code,
-             "message": self.message, "data": _jsonable(self.data)},
-            indent=2,
-            sort_keys=True,
-        )  # fmt: skip
+def result_json(result: Result) -> str:
+    """What ``glucoagent-backend command`` prints: the verified result, bytes as text (PEM) or hex."""
+    return json.dumps(
+        {"id": result.id, "device": result.device_id, "status": result.status, "code": result.code,
+         "message": result.message, "data": jsonable(result.data)},
+        indent=2,
+        sort_keys=True,
+    )  # fmt: skip
 
 
 def new_command_id() -> str:
@@ -91,15 +81,9 @@ def sign_command(
         raise CommandError(f"--ttl: expected 0 < ttl <= {MAX_LIFETIME_S}, got {ttl_s}")
     now = time.time() if now is None else now
     cmd_id = cmd_id or new_command_id()
-    body = {
-        "id": cmd_id,
-        "dev": device_id,
-        "type": ctype,
-        "args": dict(args or {}),
-        "iat": int(now),
-        "exp": int(now + ttl_s),
-    }
-    return cmd_id, cose.sign1(key, cbor2.dumps(body, canonical=True))
+    return cmd_id, encode_command(
+        key, cmd_id, device_id, ctype, args or {}, issued_at=int(now), expires_at=int(now + ttl_s)
+    )
 
 
 def parse_args(ctype: str, words: Sequence[str]) -> dict[str, Any]:
@@ -144,82 +128,57 @@ def _csr_key(csr_pem: object) -> cose.PublicKey:
 
 
 def device_key_lookup(
-    db: BackendDb, device_id: str, seen: list[bytes] | None = None
+    db: BackendDb,
+    device_id: str,
+    seen: list[bytes] | None = None,
+    cache: dict[tuple[str, bytes], cose.PublicKey] | None = None,
 ) -> Callable[[bytes | None], cose.PublicKey | None]:
-    """kid -> the device's registered public key; ``seen`` collects the kid asked for (the signer's)."""
+    """kid -> the device's registered public key (ingest, results and re-enrolment all verify through
+    this); ``seen`` collects the kid asked for (the signer's); ``cache`` keeps keys found."""
 
     def lookup(kid: bytes | None) -> cose.PublicKey | None:
         if kid is None:
             return None
         if seen is not None:
             seen.append(kid)
-        rows = db.query("SELECT cert_pem FROM device_keys WHERE kid = ? AND device_id = ?", (kid, device_id))
-        if not rows:
+        if cache is not None and (device_id, kid) in cache:
+            return cache[(device_id, kid)]
+        cert = _cert_of(db, device_id, kid)
+        key = cert.public_key() if cert is not None else None
+        if not isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
             return None
-        key = x509.load_pem_x509_certificate(rows[0][0]).public_key()
-        return key if isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey) else None
+        if cache is not None:
+            cache[(device_id, kid)] = key
+        return key
 
     return lookup
 
 
 def verify_result(db: BackendDb, device_id: str, payload: bytes, seen: list[bytes] | None = None) -> Result:
-    """Verify a result against the device's registered keys; raises SignatureError."""
-    verified = cose.verify1(payload, device_key_lookup(db, device_id, seen))
-    try:
-        body = cbor2.loads(verified.payload)
-    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise SignatureError(f"result payload is not CBOR: {exc}") from None
-    if not isinstance(body, dict):
-        raise SignatureError("result payload is not a map")
-    if body.get("dev") != device_id:
-        raise SignatureError(f"result names device {body.get('dev')!r}, published by {device_id}")
-    fields = [body.get(k) for k in ("id", "status", "code", "message")]
-    if not all(isinstance(f, str) for f in fields) or body.get("status") not in STATUSES:
-        raise SignatureError("result fields id/status/code/message malformed")
-    data = body.get("data", {})
-    return Result(
-        str(fields[0]),
-        device_id,
-        str(fields[1]),
-        str(fields[2]),
-        str(fields[3]),
-        data if isinstance(data, dict) else {},
-    )
+    """Verify a result against the device's registered keys (``agent.wire.result``); raises SignatureError."""
+    return decode_result(payload, device_key_lookup(db, device_id, seen), device_id)
 
 
 # --- the service side ------------------------------------------------------------------------------
 def record_sent(db: BackendDb, device_id: str, cmd_id: str, ctype: str) -> None:
     """Remember what we sent (a renewal CSR is only answered for a renew_certificate we sent)."""
-    with db.tx() as tx:
-        tx.execute(
-            "INSERT OR IGNORE INTO results (device_id, command_id, type, status, sent_at) VALUES (?, ?, ?, 'sent', ?)",
-            (device_id, cmd_id, ctype, time.time()),
-        )
+    db.record_command_sent(device_id, cmd_id, ctype, time.time())
 
 
 def store_result(db: BackendDb, result: Result, payload: bytes) -> bool:
     """Keep the first final result per (device, command id); True when this one was stored."""
     key = result.id or "unknown-" + _digest(payload)
-    with db.tx() as tx:
-        cur = tx.execute(
-            "INSERT INTO results (device_id, command_id, status, code, message, data, cose, received_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(device_id, command_id) DO UPDATE SET status = excluded.status, code = excluded.code, "
-            "message = excluded.message, data = excluded.data, cose = excluded.cose, received_at = excluded.received_at "
-            "WHERE results.status IN ('sent', 'pending')",
-            (result.device_id, key, result.status, result.code, result.message,
-             json.dumps(_jsonable(result.data), sort_keys=True), payload, time.time()),
-        )  # fmt: skip
-        return cur.rowcount == 1
+    return db.store_final_result(
+        device_id=result.device_id, command_id=key, status=result.status, code=result.code, message=result.message,
+        data=json.dumps(jsonable(result.data), sort_keys=True), cose=payload, now=time.time(),
+    )  # fmt: skip
 
 
 def stored_result(db: BackendDb, device_id: str, cmd_id: str) -> tuple[str, str, str, Any] | None:
-    rows = db.query(
-        "SELECT status, code, message, data FROM results WHERE device_id = ? AND command_id = ?", (device_id, cmd_id)
-    )
-    if not rows:
+    row = db.command_result(device_id, cmd_id)
+    if row is None:
         return None
-    status, code, message, data = rows[0]
+    status, code, message, data = row
     return status, code, message, json.loads(data) if data else None
 
 
@@ -258,14 +217,14 @@ def on_result(
 
 
 def _cert_of(db: BackendDb, device_id: str, kid: bytes) -> x509.Certificate | None:
-    rows = db.query("SELECT cert_pem FROM device_keys WHERE kid = ? AND device_id = ?", (kid, device_id))
-    return x509.load_pem_x509_certificate(rows[0][0]) if rows else None
+    registered = db.device_key(device_id, kid)
+    return x509.load_pem_x509_certificate(registered[0]) if registered else None
 
 
 def key_in_good_standing(db: BackendDb, device_id: str, kid: bytes, revoked: frozenset[int]) -> str | None:
     """Why the device's key ``kid`` may not ask for a certificate (None: it may): the device must still
     be enrolled and the certificate of that key not revoked (a superseded or withdrawn key cannot)."""
-    if not db.query("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)):
+    if not db.is_enrolled(device_id):
         return "the device is not enrolled (deprovisioned?)"
     cert = _cert_of(db, device_id, kid)
     if cert is None:
@@ -287,14 +246,11 @@ def revoke_superseded(
 ) -> list[int]:
     """Revoke every certificate of ``device_id`` registered before the one of key ``kid`` (the keys stay,
     so readings signed with an old key still verify). Returns the serials revoked now."""
-    rows = db.query("SELECT added_at FROM device_keys WHERE kid = ? AND device_id = ?", (kid, device_id))
-    if not rows:
+    registered = db.device_key(device_id, kid)
+    if registered is None:
         return []
-    older = db.query(
-        "SELECT cert_pem FROM device_keys WHERE device_id = ? AND kid != ? AND added_at <= ?",
-        (device_id, kid, rows[0][0]),
-    )
-    serials = sorted({x509.load_pem_x509_certificate(pem).serial_number for (pem,) in older} - revoked)
+    older = db.certs_registered_by(device_id, registered[1], except_kid=kid)
+    serials = sorted({x509.load_pem_x509_certificate(pem).serial_number for pem in older} - revoked)
     if serials:
         revoke(serials)
         db.bump("certificates_revoked", len(serials))
@@ -316,8 +272,7 @@ def issue_renewal(
 
     Answered when we sent that renew_certificate, or when the device asked itself (``asked_by_device``:
     its request verified against its current, unrevoked key; see ``on_result``)."""
-    sent = db.query("SELECT type FROM results WHERE device_id = ? AND command_id = ?", (result.device_id, result.id))
-    if not asked_by_device and (not sent or sent[0][0] != "renew_certificate"):
+    if not asked_by_device and db.sent_command_type(result.device_id, result.id) != "renew_certificate":
         log.warning("%s: CSR for %s, which is not a renew_certificate we sent: ignored", result.device_id, result.id)
         db.bump("renewal_refused")
         return None
@@ -331,16 +286,12 @@ def issue_renewal(
         db.bump("renewal_refused")
         return None
     now = time.time()
-    with db.tx() as tx:
-        tx.execute(
-            "INSERT INTO device_keys (kid, device_id, cert_pem, added_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(kid) DO UPDATE SET cert_pem = excluded.cert_pem",
-            (cose.key_id(public_key), result.device_id, cert_pem, now),
-        )
+    db.add_key(kid=cose.key_id(public_key), device_id=result.device_id, cert_pem=cert_pem, now=now)
     log.info("%s: renewed certificate issued for command %s", result.device_id, result.id)
-    body = {DELIVERY_KEY: result.id, "dev": result.device_id, "cert": cert_pem + ca_pem,
-            "iat": int(now), "exp": int(now + DELIVERY_TTL_S)}  # fmt: skip
-    return cose.sign1(command_key, cbor2.dumps(body, canonical=True))
+    return encode_delivery(
+        command_key, result.id, result.device_id, cert_pem + ca_pem,
+        issued_at=int(now), expires_at=int(now + DELIVERY_TTL_S),
+    )  # fmt: skip
 
 
 # --- the command-line client ---------------------------------------------------------------------
@@ -350,7 +301,7 @@ class CommandClient:
     def __init__(self, db: BackendDb, settings: LinkSettings) -> None:
         self.db = db
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self.link = MqttLink(settings, on_message=lambda t, p: self._inbox.put((t, p)))
+        self.link = BackendLink(settings, on_message=lambda t, p: self._inbox.put((t, p)))
 
     def __enter__(self) -> CommandClient:
         self.link.connect()
@@ -408,16 +359,3 @@ class CommandClient:
 
 def _digest(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()[:16]
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bytes):
-        try:
-            return value.decode("ascii")  # PEM
-        except UnicodeDecodeError:
-            return value.hex()
-    return value

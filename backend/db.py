@@ -1,4 +1,5 @@
-"""The reference cloud's own SQLite: devices, keys, enrolment tokens, received records.
+"""The reference cloud's own SQLite: devices, keys, enrolment tokens, received records. Every query the
+cloud makes is a method here (the tables themselves are in ``backend/schema.py``).
 
 Patient binding over time (docs/provisioning.md): ``bindings`` holds who a device
 identity is bound to, from when to when; every stored record carries the binding
@@ -18,56 +19,13 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS devices (
-        device_id TEXT PRIMARY KEY, patient_ref TEXT NOT NULL, hardware_serial TEXT NOT NULL,
-        created_at REAL NOT NULL, confirmed_at REAL, status TEXT, status_at REAL)""",
-    """CREATE TABLE IF NOT EXISTS device_keys (
-        kid BLOB PRIMARY KEY, device_id TEXT NOT NULL, cert_pem BLOB NOT NULL, added_at REAL NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS tokens (
-        token_hash TEXT PRIMARY KEY, patient_ref TEXT NOT NULL, expires_at REAL NOT NULL,
-        used_at REAL, device_id TEXT)""",
-    """CREATE TABLE IF NOT EXISTS records (
-        device_id TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL,
-        received_at REAL NOT NULL, wall REAL NOT NULL, clock TEXT NOT NULL, fields TEXT NOT NULL,
-        cose BLOB NOT NULL, PRIMARY KEY (device_id, stream, seq))""",
-    # A device identity's patient over time. A device key is bound once: a new patient needs a
-    # deprovisioned box (new key, new device id), so an open binding is never re-pointed.
-    """CREATE TABLE IF NOT EXISTS bindings (
-        id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, patient_ref TEXT NOT NULL,
-        valid_from REAL NOT NULL, valid_to REAL)""",
-    """CREATE INDEX IF NOT EXISTS bindings_device ON bindings (device_id, valid_to)""",
-    # Validly signed records the cloud cannot store as data (a field out of range): kept whole,
-    # so acknowledging them loses nothing, and counted.
-    """CREATE TABLE IF NOT EXISTS quarantine (
-        digest TEXT PRIMARY KEY, device_id TEXT NOT NULL, binding_id INTEGER, stream TEXT NOT NULL,
-        received_at REAL NOT NULL, reason TEXT NOT NULL, cose BLOB NOT NULL)""",
-    # Erasure audit: who, when, how many rows; the patient only as a keyed hash (never the reference).
-    """CREATE TABLE IF NOT EXISTS erasures (
-        id INTEGER PRIMARY KEY, at REAL NOT NULL, operator TEXT NOT NULL, patient_hmac TEXT NOT NULL,
-        devices INTEGER NOT NULL, rows INTEGER NOT NULL, detail TEXT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)""",
-    # Commands sent and their results (backend/commands.py): a row is 'sent', maybe 'pending' (a
-    # renewal's CSR), then final ('ok' / 'failed' / 'refused'), and a final result is never replaced.
-    """CREATE TABLE IF NOT EXISTS results (
-        device_id TEXT NOT NULL, command_id TEXT NOT NULL, type TEXT, status TEXT NOT NULL,
-        code TEXT, message TEXT, data TEXT, cose BLOB, sent_at REAL, received_at REAL,
-        PRIMARY KEY (device_id, command_id))""",
-)
-# The first results table held raw payloads keyed by a digest; an old database keeps it aside.
-_OLD_RESULTS = "ALTER TABLE results RENAME TO results_raw_v1"
-# Databases from before bindings: every device gets the binding it was provisioned with, and its
-# records that binding (the first attribution of those rows, not a rewrite of one).
-_MIGRATE_BINDINGS = (
-    "INSERT INTO bindings (device_id, patient_ref, valid_from) SELECT device_id, patient_ref, created_at "
-    "FROM devices WHERE device_id NOT IN (SELECT device_id FROM bindings)",
-    "UPDATE records SET binding_id = (SELECT id FROM bindings b WHERE b.device_id = records.device_id "
-    "AND b.valid_to IS NULL) WHERE binding_id IS NULL",
-)
+from backend.schema import MIGRATE_BINDINGS, OLD_RESULTS, SCHEMA
+
 DB_FILE_MODE = 0o600
 INT64_MAX = 2**63 - 1
 
@@ -86,6 +44,19 @@ class StoredRecord:
     wall: float
     clock: str
     fields: dict[str, Any]
+
+
+def jsonable(value: Any) -> Any:
+    """A CBOR value as JSON for a TEXT column: Decimal -> float, a PEM byte string -> its text, other bytes -> hex."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.decode("ascii") if value.startswith(b"-----BEGIN ") and value.isascii() else value.hex()
+    return value
 
 
 def restrict_db_files(path: Path) -> None:
@@ -114,12 +85,12 @@ class BackendDb:
         with self.tx() as db:
             columns = {row[1] for row in db.execute("PRAGMA table_info(results)")}
             if "body" in columns:
-                db.execute(_OLD_RESULTS)
+                db.execute(OLD_RESULTS)
             for stmt in SCHEMA:
                 db.execute(stmt)
             if "binding_id" not in {row[1] for row in db.execute("PRAGMA table_info(records)")}:
                 db.execute("ALTER TABLE records ADD COLUMN binding_id INTEGER")
-                for stmt in _MIGRATE_BINDINGS:  # once, when the column arrives: no scan at every start
+                for stmt in MIGRATE_BINDINGS:  # once, when the column arrives: no scan at every start
                     db.execute(stmt)
         restrict_db_files(path)
 
@@ -143,6 +114,36 @@ class BackendDb:
             self._db.close()
 
     # tokens ------------------------------------------------------------------------------
+    @staticmethod
+    def find_token(db: sqlite3.Connection, token: str) -> tuple[str, float, float | None, str | None] | None:
+        """(patient, expires at, used at, used by device) of an enrolment token; None when unknown."""
+        row = db.execute(
+            "SELECT patient_ref, expires_at, used_at, device_id FROM tokens WHERE token_hash = ?", (token_hash(token),)
+        ).fetchone()
+        return (str(row[0]), float(row[1]), row[2], row[3]) if row else None
+
+    @staticmethod
+    def enrol_device(
+        db: sqlite3.Connection, *, token: str, device_id: str, patient: str, hw_serial: str, kid: bytes,
+        cert_pem: bytes, now: float,
+    ) -> None:  # fmt: skip
+        """Provisioning's writes, in the caller's transaction: the token spent, the device, its open
+        binding (never re-pointed: the caller refused a different patient) and its key."""
+        db.execute(
+            "UPDATE tokens SET used_at = coalesce(used_at, ?), device_id = ? WHERE token_hash = ?",
+            (now, device_id, token_hash(token)),
+        )
+        db.execute(
+            "INSERT INTO devices (device_id, patient_ref, hardware_serial, created_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(device_id) DO NOTHING",
+            (device_id, patient, hw_serial, now),
+        )
+        if BackendDb.open_binding(db, device_id) is None:
+            db.execute(
+                "INSERT INTO bindings (device_id, patient_ref, valid_from) VALUES (?, ?, ?)", (device_id, patient, now)
+            )
+        BackendDb.register_key(db, kid=kid, device_id=device_id, cert_pem=cert_pem, now=now)
+
     def add_token(self, token: str, patient_ref: str, ttl_s: float) -> None:
         with self.tx() as db:
             db.execute(
@@ -157,6 +158,15 @@ class BackendDb:
                 "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
                 (name, by),
             )
+
+    @staticmethod
+    def count_in(db: sqlite3.Connection, name: str, by: int = 1) -> None:
+        """``bump`` inside the caller's transaction."""
+        db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            (name, by),
+        )
 
     def counter(self, name: str) -> int:
         rows = self.query("SELECT value FROM counters WHERE name = ?", (name,))
@@ -176,6 +186,117 @@ class BackendDb:
             StoredRecord(d, s, q, k, r, w, c, json.loads(f))
             for d, s, q, k, r, w, c, f in self.query(sql, tuple(params))
         ]
+
+    @staticmethod
+    def insert_record(
+        db: sqlite3.Connection, *, device_id: str, stream: str, seq: int, kind: str, received_at: float,
+        wall: float, clock: str, fields: str, cose: bytes, binding_id: int,
+    ) -> bool:  # fmt: skip
+        """Store a verified record once per (device, stream, seq); False when it was already there."""
+        cur = db.execute(
+            "INSERT OR IGNORE INTO records "
+            "(device_id, stream, seq, kind, received_at, wall, clock, fields, cose, binding_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (device_id, stream, seq, kind, received_at, wall, clock, fields, cose, binding_id),
+        )
+        return bool(cur.rowcount)
+
+    @staticmethod
+    def quarantine_record(
+        db: sqlite3.Connection, *, device_id: str, binding_id: int, stream: str, now: float, reason: str, raw: bytes
+    ) -> None:
+        """Keep a validly signed record the cloud cannot store as data, whole, and count it."""
+        db.execute(
+            "INSERT OR IGNORE INTO quarantine (digest, device_id, binding_id, stream, received_at, reason, cose) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (hashlib.sha256(raw).hexdigest(), device_id, binding_id, stream, now, reason, raw),
+        )
+        BackendDb.count_in(db, "rejected_records")
+
+    # devices and their keys ------------------------------------------------------------------
+    def is_enrolled(self, device_id: str) -> bool:
+        return bool(self.query("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)))
+
+    def set_status(self, device_id: str, status: str, now: float) -> None:
+        """The device's last will / birth message; the first "online" confirms the enrolment."""
+        with self.tx() as db:
+            db.execute("UPDATE devices SET status = ?, status_at = ? WHERE device_id = ?", (status, now, device_id))
+            if status == "online":
+                db.execute(
+                    "UPDATE devices SET confirmed_at = coalesce(confirmed_at, ?) WHERE device_id = ?", (now, device_id)
+                )
+
+    def device_key(self, device_id: str, kid: bytes) -> tuple[bytes, float] | None:
+        """The one device-key lookup: (certificate PEM, registered at) of key ``kid`` of ``device_id``."""
+        rows = self.query(
+            "SELECT cert_pem, added_at FROM device_keys WHERE kid = ? AND device_id = ?", (kid, device_id)
+        )
+        return (bytes(rows[0][0]), float(rows[0][1])) if rows else None
+
+    def device_certs(self, device_id: str) -> list[bytes]:
+        """PEMs of every certificate ever registered for the device (revoke takes them all)."""
+        return [
+            bytes(pem) for (pem,) in self.query("SELECT cert_pem FROM device_keys WHERE device_id = ?", (device_id,))
+        ]
+
+    def certs_registered_by(self, device_id: str, when: float, *, except_kid: bytes) -> list[bytes]:
+        """PEMs of the device's other certificates registered at or before ``when`` (superseded by a renewal)."""
+        rows = self.query(
+            "SELECT cert_pem FROM device_keys WHERE device_id = ? AND kid != ? AND added_at <= ?",
+            (device_id, except_kid, when),
+        )
+        return [bytes(pem) for (pem,) in rows]
+
+    @staticmethod
+    def register_key(db: sqlite3.Connection, *, kid: bytes, device_id: str, cert_pem: bytes, now: float) -> None:
+        """A device key and its certificate, next to the device's older keys (readings signed with those
+        still verify); the same key again only refreshes its certificate."""
+        db.execute(
+            "INSERT INTO device_keys (kid, device_id, cert_pem, added_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(kid) DO UPDATE SET cert_pem = excluded.cert_pem",
+            (kid, device_id, cert_pem, now),
+        )
+
+    def add_key(self, *, kid: bytes, device_id: str, cert_pem: bytes, now: float) -> None:
+        with self.tx() as db:
+            self.register_key(db, kid=kid, device_id=device_id, cert_pem=cert_pem, now=now)
+
+    # command results ----------------------------------------------------------------------------
+    def record_command_sent(self, device_id: str, command_id: str, ctype: str, now: float) -> None:
+        with self.tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO results (device_id, command_id, type, status, sent_at) "
+                "VALUES (?, ?, ?, 'sent', ?)",
+                (device_id, command_id, ctype, now),
+            )
+
+    def sent_command_type(self, device_id: str, command_id: str) -> str | None:
+        rows = self.query("SELECT type FROM results WHERE device_id = ? AND command_id = ?", (device_id, command_id))
+        return rows[0][0] if rows else None
+
+    def store_final_result(
+        self, *, device_id: str, command_id: str, status: str, code: str, message: str, data: str, cose: bytes,
+        now: float,
+    ) -> bool:  # fmt: skip
+        """Keep the first final result per (device, command id); True when this one was stored."""
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO results (device_id, command_id, status, code, message, data, cose, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(device_id, command_id) DO UPDATE SET status = excluded.status, code = excluded.code, "
+                "message = excluded.message, data = excluded.data, cose = excluded.cose, "
+                "received_at = excluded.received_at WHERE results.status IN ('sent', 'pending')",
+                (device_id, command_id, status, code, message, data, cose, now),
+            )
+            return cur.rowcount == 1
+
+    def command_result(self, device_id: str, command_id: str) -> tuple[str, str, str, str | None] | None:
+        """(status, code, message, data as JSON) of a command; None when nothing is known of it."""
+        rows = self.query(
+            "SELECT status, code, message, data FROM results WHERE device_id = ? AND command_id = ?",
+            (device_id, command_id),
+        )
+        return (rows[0][0], rows[0][1], rows[0][2], rows[0][3]) if rows else None
 
     def patient_of(self, device_id: str) -> str | None:
         rows = self.query("SELECT patient_ref FROM devices WHERE device_id = ?", (device_id,))
@@ -202,9 +323,6 @@ class BackendDb:
         return rows[0][0] if rows else None
 
     # deletion -----------------------------------------------------------------------------
-    def tables(self) -> list[str]:
-        return [r[0] for r in self.query("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-
     def erase_patient(self, patient_ref: str, *, operator: str, salt: bytes) -> dict[str, int]:
         """Delete every row of a patient in every table; leave an audit row without the reference.
 

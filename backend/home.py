@@ -14,12 +14,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.errors import GlucoagentError
-from agent.fsutil import atomic_write
-from agent.mqtt import TlsFiles
-from backend.broker import Broker, reload_broker
+from backend.broker import Broker
 from backend.db import BackendDb
-from backend.pki import FleetPki
-from backend.service import CERT_DAYS, BackendKeys, BackendService, link_settings
+from backend.files import atomic_write
+from backend.mqtt_client import link_settings
+from backend.pki import ClientCreds, FleetPki
+from backend.revocation import reload_broker
+from backend.service import CERT_DAYS, BackendKeys, BackendService
 
 log = logging.getLogger(__name__)
 COMMAND_KEY = "command.key"
@@ -103,9 +104,8 @@ class BackendHome:
     def broker(self, port: int | None = None, extra_conf: Sequence[str] = ()) -> Broker:
         return Broker(self.pki, self.broker_dir, port=port, extra_conf=extra_conf)
 
-    def backend_tls(self) -> TlsFiles:
-        creds = self.pki.backend
-        return TlsFiles(ca=creds.ca, cert=creds.cert, key=creds.key)
+    def backend_tls(self) -> ClientCreds:
+        return self.pki.backend
 
     def service(self, host: str, port: int, db: BackendDb | None = None) -> BackendService:
         return BackendService(db or self.db(), self.keys(), link_settings(host, port, self.backend_tls()), INITIAL_CONFIG)

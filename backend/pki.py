@@ -7,7 +7,7 @@ Layout of the PKI directory (keys mode 0600, every write atomic: temp file, fsyn
     claim.key claim.crt        factory claim identity (CN ``claim``): provisioning topics only
     backend.key backend.crt    reference cloud (CN ``backend``): every fleet topic
     crl.pem                    revocation list, always present (empty at first)
-    clients/                   certificates issued by ``issue_client_cert`` (tests, demo)
+    clients/                   device credentials written by ``write_device_creds``
 
 The broker takes the certificate CN as the MQTT user name (``use_identity_as_username``),
 so a CN *is* an identity: device certificates carry the device id, and the reserved names
@@ -19,19 +19,33 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import ipaddress
 import threading
 from pathlib import Path
-from typing import Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.errors import GlucoagentError
-from agent.fsutil import atomic_write
 from agent.wire.topics import DEVICE_ID_RE
+from backend.certs import (
+    BACKDATE,
+    Issuer,
+    KeyType,
+    PkiError,
+    PrivateKey,
+    cert_to_pem,
+    common_name,
+    device_public_key,
+    generate_key,
+    key_to_pem,
+    last_update_of,
+    make_csr,
+    next_update_of,
+    now_utc,
+    number_of,
+    revocation_date,
+)
+from backend.files import atomic_write
 
 __all__ = [
     "BACKEND_CN",
@@ -41,25 +55,19 @@ __all__ = [
     "FleetPki",
     "KeyType",
     "PkiError",
-    "RogueCa",
     "generate_key",
     "make_csr",
 ]
 
-KeyType = Literal["ed25519", "p256"]
-PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
 CLAIM_CN = "claim"
 BACKEND_CN = "backend"
 RESERVED_CNS = frozenset({CLAIM_CN, BACKEND_CN})
 SERVER_HOSTS = ("localhost", "127.0.0.1")
 
-CA_DAYS = 3650
 SERVER_DAYS = 825
 IDENTITY_DAYS = 825
-CRL_DAYS = 30
 CRL_REISSUE_AGE = dt.timedelta(days=1)  # the running service re-issues the CRL daily: 29 days of slack
-BACKDATE = dt.timedelta(minutes=5)  # tolerate small clock skew between CA and peers
 
 CA_KEY, CA_CERT = "ca.key", "ca.crt"
 SERVER_KEY, SERVER_CERT = "server.key", "server.crt"
@@ -69,12 +77,6 @@ CRL_FILE = "crl.pem"
 CLIENTS_DIR = "clients"
 CERT_MODE = 0o644
 KEY_MODE = 0o600
-
-
-class PkiError(GlucoagentError):
-    """A CSR or certificate request the CA refuses, or a PKI directory that is incomplete."""
-
-    exit_code = 80
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,194 +96,13 @@ class ClientCreds:
 
     @property
     def common_name(self) -> str:
-        return _common_name(self.certificate().subject)
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _common_name(name: x509.Name) -> str:
-    attrs = name.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(attrs[0].value) if attrs else ""
-
-
-def generate_key(key_type: KeyType = "ed25519") -> PrivateKey:
-    if key_type == "ed25519":
-        return ed25519.Ed25519PrivateKey.generate()
-    if key_type == "p256":
-        return ec.generate_private_key(ec.SECP256R1())
-    raise PkiError(f"key type: expected ed25519 or p256, got {key_type!r}")
-
-
-def key_to_pem(key: PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def cert_to_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def make_csr(key: PrivateKey, cn: str = "") -> bytes:
-    """A CSR as a device builds one (the CA ignores the subject and sets CN = device id)."""
-    subject = _name(cn) if cn else x509.Name([])
-    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-    return (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(subject)
-        .sign(key, algorithm)
-        .public_bytes(serialization.Encoding.PEM)
-    )
-
-
-def _device_public_key(public_key: object) -> ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey:
-    if isinstance(public_key, ed25519.Ed25519PublicKey):
-        return public_key
-    if isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ec.SECP256R1):
-        return public_key
-    raise PkiError(f"unsupported device key {type(public_key).__name__}: expected Ed25519 or EC P-256")
-
-
-class _Issuer:
-    """A CA key and certificate that sign leaf certificates and CRLs."""
-
-    def __init__(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
-        self.key = key
-        self.cert = cert
-
-    @classmethod
-    def new(cls, cn: str) -> _Issuer:
-        """A self-signed EC P-256 CA named ``cn``."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = _now()
-        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(cn))
-            .issuer_name(_name(cn))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(now + dt.timedelta(days=CA_DAYS))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_key_usage(cert_sign=True), critical=True)
-            .add_extension(ski, critical=False)
-            .sign(key, hashes.SHA256())
-        )
-        return cls(key, cert)
-
-    def issue(
-        self,
-        cn: str,
-        public_key: ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey,
-        not_before: dt.datetime,
-        not_after: dt.datetime,
-        *,
-        server_hosts: tuple[str, ...] = (),
-    ) -> x509.Certificate:
-        eku = ExtendedKeyUsageOID.SERVER_AUTH if server_hosts else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(_name(cn))
-            .issuer_name(self.cert.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(cert_sign=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(self._aki(), critical=False)
-        )
-        if server_hosts:
-            builder = builder.add_extension(x509.SubjectAlternativeName(_san(server_hosts)), critical=False)
-        return builder.sign(self.key, hashes.SHA256())
-
-    def _aki(self) -> x509.AuthorityKeyIdentifier:
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key())
-
-    def crl(self, revoked: dict[int, dt.datetime], number: int) -> x509.CertificateRevocationList:
-        now = _now()
-        builder = (
-            x509.CertificateRevocationListBuilder()
-            .issuer_name(self.cert.subject)
-            .last_update(now - BACKDATE)
-            .next_update(now + dt.timedelta(days=CRL_DAYS))
-            .add_extension(x509.CRLNumber(number), critical=False)
-            .add_extension(self._aki(), critical=False)
-        )
-        for serial, when in sorted(revoked.items()):
-            builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
-            )
-        return builder.sign(self.key, hashes.SHA256())
-
-
-def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=not cert_sign,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=cert_sign,
-        crl_sign=cert_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-def _san(hosts: tuple[str, ...]) -> list[x509.GeneralName]:
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    return names
-
-
-def _revocation_date(entry: x509.RevokedCertificate) -> dt.datetime:
-    # cryptography >= 42 has the tz-aware ``*_utc`` twin and deprecates the naive one; 41 has only the naive one.
-    when = getattr(entry, "revocation_date_utc", None)
-    if when is None:
-        when = entry.revocation_date.replace(tzinfo=dt.UTC)
-    return when
-
-
-def _crl_last_update(crl: x509.CertificateRevocationList) -> dt.datetime:
-    when = getattr(crl, "last_update_utc", None)  # cryptography >= 42; 41 has only the naive one
-    return when if when is not None else crl.last_update.replace(tzinfo=dt.UTC)
-
-
-def _crl_next_update(crl: x509.CertificateRevocationList) -> dt.datetime:
-    when = getattr(crl, "next_update_utc", None)
-    if when is None:
-        naive = crl.next_update
-        if naive is None:
-            raise PkiError("the CRL has no nextUpdate")
-        when = naive.replace(tzinfo=dt.UTC)
-    return when
-
-
-def _crl_number(crl: x509.CertificateRevocationList) -> int:
-    try:
-        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except x509.ExtensionNotFound:
-        return 0
+        return common_name(self.certificate().subject)
 
 
 class FleetPki:
     """The fleet CA and its standing identities, kept in one directory. Thread-safe."""
 
-    def __init__(self, directory: Path, issuer: _Issuer) -> None:
+    def __init__(self, directory: Path, issuer: Issuer) -> None:
         self.directory = directory
         self._issuer = issuer
         self._lock = threading.Lock()
@@ -300,9 +121,9 @@ class FleetPki:
             raise PkiError(f"{directory}: a fleet CA exists already (use FleetPki.load)")
         directory.mkdir(parents=True, exist_ok=True)
         directory.chmod(0o700)
-        issuer = _Issuer.new("glucoagent fleet CA")
+        issuer = Issuer.new("glucoagent fleet CA")
         pki = cls(directory, issuer)
-        now = _now()
+        now = now_utc()
         identities = [
             (SERVER_KEY, SERVER_CERT, "localhost", SERVER_DAYS, SERVER_HOSTS),
             (CLAIM_KEY, CLAIM_CERT, CLAIM_CN, IDENTITY_DAYS, ()),
@@ -329,7 +150,7 @@ class FleetPki:
         for name in (SERVER_KEY, SERVER_CERT, CLAIM_KEY, CLAIM_CERT, BACKEND_KEY, BACKEND_CERT):
             if not (directory / name).exists():
                 raise PkiError(f"{directory}: {name} is missing")
-        return cls(directory, _Issuer(key, cert))
+        return cls(directory, Issuer(key, cert))
 
     # --- paths and standing identities ----------------------------------------------------------
     @property
@@ -384,33 +205,13 @@ class FleetPki:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError as exc:
             raise PkiError(f"malformed CSR: {exc}") from exc
-        public_key = _device_public_key(csr.public_key())
+        public_key = device_public_key(csr.public_key())
         if not csr.is_signature_valid:
             raise PkiError("CSR signature does not verify: the requester does not hold the key")
-        now = _now()
+        now = now_utc()
         with self._lock:
             cert = self._issuer.issue(device_id, public_key, now - BACKDATE, now + dt.timedelta(days=days))
         return cert_to_pem(cert)
-
-    def issue_client_cert(
-        self,
-        cn: str,
-        key_type: KeyType = "ed25519",
-        not_before: dt.datetime | None = None,
-        not_after: dt.datetime | None = None,
-    ) -> ClientCreds:
-        """A client key and certificate for ``cn`` written under ``clients/`` (tests, demo).
-
-        Unlike ``sign_device_csr`` any CN and any validity window is allowed, so tests can
-        make expired, not-yet-valid or reserved-name certificates.
-        """
-        now = _now()
-        not_before = not_before or now - BACKDATE
-        not_after = not_after or now + dt.timedelta(days=IDENTITY_DAYS)
-        key = generate_key(key_type)
-        with self._lock:
-            cert = self._issuer.issue(cn, key.public_key(), not_before, not_after)
-        return self._write_client(cn, key, cert)
 
     def write_device_creds(self, device_id: str, key: PrivateKey, cert_pem: bytes) -> ClientCreds:
         """Store a device's key and certificate under ``clients/`` and return them as creds."""
@@ -427,10 +228,10 @@ class FleetPki:
         """Add the serials to the CRL and rewrite ``crl.pem`` (the broker reads it on reload)."""
         with self._lock:
             crl = self._load_crl()
-            revoked = {entry.serial_number: _revocation_date(entry) for entry in crl} if crl else {}
+            revoked = {entry.serial_number: revocation_date(entry) for entry in crl} if crl else {}
             for number in (serial, *more):
-                revoked.setdefault(number, _now())
-            self._write_crl(revoked, (_crl_number(crl) if crl else 0) + 1)
+                revoked.setdefault(number, now_utc())
+            self._write_crl(revoked, (number_of(crl) if crl else 0) + 1)
 
     def refresh_crl_if_due(self, max_age: dt.timedelta = CRL_REISSUE_AGE) -> bool:
         """Re-issue the CRL (same entries, next number, nextUpdate ``CRL_DAYS`` ahead) once it is ``max_age`` old.
@@ -440,17 +241,17 @@ class FleetPki:
         """
         with self._lock:
             crl = self._load_crl()
-            if crl is not None and _crl_last_update(crl) + BACKDATE + max_age > _now():
+            if crl is not None and last_update_of(crl) + BACKDATE + max_age > now_utc():
                 return False
-            revoked = {entry.serial_number: _revocation_date(entry) for entry in crl} if crl else {}
-            self._write_crl(revoked, (_crl_number(crl) if crl else 0) + 1)
+            revoked = {entry.serial_number: revocation_date(entry) for entry in crl} if crl else {}
+            self._write_crl(revoked, (number_of(crl) if crl else 0) + 1)
             return True
 
     def crl_next_update(self) -> dt.datetime:
         crl = self._load_crl()
         if crl is None:
             raise PkiError(f"{self.crl_path} is missing")
-        return _crl_next_update(crl)
+        return next_update_of(crl)
 
     def revoked_serials(self) -> frozenset[int]:
         crl = self._load_crl()
@@ -477,29 +278,3 @@ class FleetPki:
     def _write_pair(key_path: Path, key: PrivateKey, cert_path: Path, cert: x509.Certificate) -> None:
         atomic_write(key_path, key_to_pem(key), KEY_MODE)
         atomic_write(cert_path, cert_to_pem(cert), CERT_MODE)
-
-
-class RogueCa:
-    """A CA the fleet does not trust, for tests: its certificates must be refused by the broker."""
-
-    def __init__(self, directory: Path, fleet: FleetPki, *, same_name: bool = True) -> None:
-        """``same_name`` gives the rogue CA the fleet CA's subject, so only the signature tells them apart."""
-        self.directory = directory
-        self.fleet_ca = fleet.ca_path
-        self._issuer = _Issuer.new(_common_name(fleet.ca_cert.subject) if same_name else "rogue CA")
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(directory / CA_CERT, cert_to_pem(self._issuer.cert), CERT_MODE)
-
-    @property
-    def ca_path(self) -> Path:
-        return self.directory / CA_CERT
-
-    def issue_client_cert(self, cn: str, key_type: KeyType = "ed25519") -> ClientCreds:
-        """A client certificate signed by the rogue CA; the creds pin the *fleet* CA for the server."""
-        now = _now()
-        key = generate_key(key_type)
-        cert = self._issuer.issue(cn, key.public_key(), now - BACKDATE, now + dt.timedelta(days=30))
-        stem = f"{cn}-{cert.serial_number:x}"
-        atomic_write(self.directory / f"{stem}.key", key_to_pem(key), KEY_MODE)
-        atomic_write(self.directory / f"{stem}.crt", cert_to_pem(cert), CERT_MODE)
-        return ClientCreds(self.directory / f"{stem}.crt", self.directory / f"{stem}.key", self.fleet_ca)

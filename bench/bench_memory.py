@@ -9,11 +9,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from backend.harness import LocalSystem, device_config
 from bench.common import rss_kib
 from bench.table import Row
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
+from testbed.harness import LocalSystem, device_config
 
 # The modules a running agent has loaded (its own packages excepted) are "the same libraries".
 _LIST_LIBRARIES = (

@@ -18,13 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from subprocess import Popen
 
-from backend.harness import LocalSystem, device_config
 from bench.common import rss_kib
 from bench.table import Row
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
 from openwrt.build_ipk import build_ipk
 from openwrt.mipsroot import GUEST_QEMU, build_root, install_ipk, run_in_root
+from testbed.harness import LocalSystem, device_config
 
 N = 50
 #: What the agent imports that costs memory (same list as bench_memory's bare interpreter).

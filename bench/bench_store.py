@@ -103,8 +103,8 @@ def _bytes_per_reading(tmp: Path, rounds: int = 100, per_read: int = 20) -> floa
 
 def _rss_with_backlog(tmp: Path, count: int) -> float:
     """Resident memory of the running agent while it drains ``count`` queued readings."""
-    from backend.harness import LocalSystem, device_config
     from bench.common import rss_kib
+    from testbed.harness import LocalSystem, device_config
 
     with LocalSystem(tmp / f"rss-{count}") as system:
         state = system.device_dir()

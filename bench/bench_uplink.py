@@ -37,11 +37,11 @@ from agent.intake import Recorder, Signer
 from agent.store import Store
 from agent.uplink import encode_batch
 from agent.wire.topics import DeviceTopics
-from backend.broker import tls_client
-from backend.harness import LocalSystem, device_config, stop_process
+from backend.mqtt_client import tls_client
 from bench.bench_store import in_range
 from bench.table import Row
 from drivers.simulators.records import random_records
+from testbed.harness import LocalSystem, device_config, stop_process
 
 BACKLOG = 10_000
 BATCH = 50  # mqtt.batch_records default: the baseline publishes the agent's batches

@@ -24,8 +24,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.wire import topics
-from backend.broker import Broker, render_acl, tls_context
-from backend.pki import FleetPki, PkiError, RogueCa, generate_key, make_csr
+from backend.broker import Broker
+from backend.broker_config import render_acl
+from backend.mqtt_client import tls_context
+from backend.pki import FleetPki, PkiError, generate_key, make_csr
+from testbed.client_certs import issue_client_cert
+from testbed.rogue_ca import RogueCa
 
 NOT_AUTHORIZED = 0x87
 Probe = Any  # conftest.MqttProbe
@@ -252,11 +256,11 @@ def test_certificate_outside_its_validity_is_refused(
     start: int, end: int, pki: FleetPki, mqtt_probe: ProbeFactory
 ) -> None:
     now = dt.datetime.now(dt.UTC)
-    creds = pki.issue_client_cert(
-        _uid(), not_before=now + dt.timedelta(days=start), not_after=now + dt.timedelta(days=end)
+    creds = issue_client_cert(
+        pki, _uid(), not_before=now + dt.timedelta(days=start), not_after=now + dt.timedelta(days=end)
     )
     assert mqtt_probe(creds).connect() is False
-    fresh = pki.issue_client_cert(_uid())
+    fresh = issue_client_cert(pki, _uid())
     assert mqtt_probe(fresh).connect() is True
 
 

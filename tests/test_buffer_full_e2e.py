@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from backend.harness import LocalSystem, device_config
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
+from testbed.harness import LocalSystem, device_config
 
 
 def test_full_buffer_stops_intake_then_recovers_everything(tmp_path: Path) -> None:

@@ -10,10 +10,10 @@ import os
 import time
 from pathlib import Path
 
-from backend.clockshim import build_clock_shim
-from backend.harness import LocalSystem, device_config
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
+from testbed.clockshim import build_clock_shim
+from testbed.harness import LocalSystem, device_config
 
 YEARS_25 = 25 * 365 * 86_400
 

@@ -28,13 +28,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.identity import load_key
-from agent.mqtt import MqttLink
 from agent.wire import cose, topics
-from backend.commands import Result, record_sent, stored_result, verify_result
-from backend.harness import BIN, LocalSystem, device_config
-from backend.service import link_settings
+from agent.wire.result import Result
+from backend.commands import record_sent, stored_result, verify_result
+from backend.mqtt_client import BackendLink, link_settings
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
+from testbed.harness import BIN, LocalSystem, device_config
 
 PATIENT = "patient-cmd-5521"
 BACKEND_CLI = str(BIN / "glucoagent-backend")
@@ -93,7 +93,7 @@ class Cloud:
         home = box.system.home
         settings = link_settings("localhost", box.system.broker.port, home.backend_tls())
         self.dev = topics.DeviceTopics(box.device_id)
-        self.link = MqttLink(settings, on_message=lambda t, p: self.messages.put(p) if t == self.dev.results else None)
+        self.link = BackendLink(settings, on_message=lambda t, p: self.messages.put(p) if t == self.dev.results else None)
         self.link.connect()
         assert self.link.subscribe([self.dev.results]) == [1]
 

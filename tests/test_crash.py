@@ -16,9 +16,9 @@ import sqlite3
 import time
 from pathlib import Path
 
-from backend.harness import LocalSystem, device_config
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
+from testbed.harness import LocalSystem, device_config
 
 KILLS = int(os.environ.get("GLUCOAGENT_CRASH_KILLS", "200"))
 TOTAL = 240  # readings the meter ends up holding

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.errors import SignatureError
 from agent.wire import cose, telemetry
-from backend.harness import LocalSystem, device_config
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
+from testbed.harness import LocalSystem, device_config
 
 PATIENT = "patient-e2e-7731"
 
@@ -90,11 +90,10 @@ def test_status_reports_the_running_agent(system: LocalSystem) -> None:
 
 
 def test_acks_are_signed_by_the_cloud(system: LocalSystem) -> None:
-    from agent.wire.ack import decode_ack
-    from backend.service import sign_ack
+    from agent.wire.ack import decode_ack, encode_ack
 
     key = system.home.command_key
-    good = sign_ack(key, "gd-abc", {"c": [1, 2]})
+    good = encode_ack(key, "gd-abc", {"c": [1, 2]})
     assert decode_ack(good, key.public_key(), "gd-abc")["c"] == [1, 2]
     with pytest.raises(SignatureError):
         decode_ack(good, key.public_key(), "gd-other")

@@ -23,11 +23,11 @@ from support import TcpProxy
 
 from agent.clock import ClockQuality
 from agent.wire import cose, telemetry, topics
-from backend.broker import tls_client
 from backend.db import StoredRecord
-from backend.harness import LocalSystem, device_config
+from backend.mqtt_client import tls_client
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
+from testbed.harness import LocalSystem, device_config
 
 INTERVAL_S = 10  # the smallest agent.health_interval_s the configuration accepts
 READINGS = 10

@@ -1,4 +1,4 @@
-"""Bad networks between the box and the cloud, made for real with a TCP proxy (backend/faultproxy.py).
+"""Bad networks between the box and the cloud, made for real with a TCP proxy (testbed/faultproxy.py).
 
 Real processes throughout: the Ultra 2 simulator on a pty, ``glucoagent run``, the
 proxy, mosquitto with mutual TLS and the reference backend. The device's
@@ -27,9 +27,9 @@ import pytest
 from support import TcpProxy
 
 from agent.mqtt import PINGRESP_WAIT
-from backend.harness import LocalSystem, device_config, stop_process
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
+from testbed.harness import LocalSystem, device_config, stop_process
 
 KEEPALIVE_S = 5
 BACKOFF_MIN_S = 0.5

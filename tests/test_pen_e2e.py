@@ -8,7 +8,7 @@ import random
 from decimal import Decimal
 from pathlib import Path
 
-from backend.harness import LocalSystem, device_config
+from testbed.harness import LocalSystem, device_config
 
 
 def test_doses_arrive_verified_exactly_once(tmp_path: Path) -> None:

@@ -36,8 +36,8 @@ from agent.errors import (
     TokenRejected,
 )
 from agent.identity import is_provisioned
-from backend.harness import GLUCOAGENT, LocalSystem
-from backend.pki import RogueCa
+from testbed.harness import GLUCOAGENT, LocalSystem
+from testbed.rogue_ca import RogueCa
 
 PATIENT = "patient-prov-4410"
 STEPS = 6

@@ -27,11 +27,11 @@ from cryptography import x509
 
 from agent.wire import cose, telemetry
 from backend.db import StoredRecord
-from backend.harness import LocalSystem
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
 from openwrt import build_ipk as B
 from openwrt.mipsroot import GUEST_QEMU, build_root, install_ipk, run_in_root
+from testbed.harness import LocalSystem
 
 pytestmark = pytest.mark.slow
 

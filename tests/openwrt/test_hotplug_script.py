@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from agent.meters import HOTPLUG_DIR, hotplug_note, take_hotplug_notes
-from backend.harness import LocalSystem, device_config
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
 from openwrt import hosttools
+from testbed.harness import LocalSystem, device_config
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "openwrt" / "files" / "glucoagent.hotplug"

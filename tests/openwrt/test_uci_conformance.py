@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 
 from agent.errors import ConfigError
 from agent.uci import UciSection, dump_uci, parse_uci, quote, set_option
-from backend.harness import device_config
 from openwrt import hosttools
+from testbed.harness import device_config
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "openwrt" / "files" / "glucoagent.config"

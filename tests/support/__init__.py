@@ -1,6 +1,6 @@
 """Test support code: a fault-injecting TCP proxy and helpers shared by the link and provisioning tests."""
 
-from backend.faultproxy import TcpProxy  # shared with `make soak`
+from testbed.faultproxy import TcpProxy  # shared with `make soak`
 
 from .buffer import fill_buffer
 from .probe import MqttProbe

@@ -16,7 +16,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from backend.broker import client_id_for, tls_client
+from backend.broker_config import client_id_for
+from backend.mqtt_client import tls_client
 from backend.pki import ClientCreds
 
 WAIT_S = 5.0

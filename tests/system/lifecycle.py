@@ -13,8 +13,8 @@ from support import MqttProbe
 from agent.clock import Clock, ClockQuality, Timestamp
 from agent.identity import load_identity
 from agent.wire import cose, telemetry, topics
-from backend.harness import LocalSystem
 from backend.pki import ClientCreds
+from testbed.harness import LocalSystem
 
 BACKEND = str(Path(sys.executable).parent / "glucoagent-backend")
 

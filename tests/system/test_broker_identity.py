@@ -22,8 +22,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.wire import topics
-from backend.broker import BROKER_USER, MAX_PACKET_SIZE, Broker, ClientCreds
-from backend.pki import FleetPki
+from backend.broker import Broker
+from backend.broker_config import BROKER_USER, MAX_PACKET_SIZE
+from backend.pki import ClientCreds, FleetPki
+from testbed.client_certs import issue_client_cert
 
 NOT_AUTHORIZED = 0x87
 BAD_AUTHENTICATION_METHOD = 0x8C
@@ -147,7 +149,7 @@ def test_client_id_must_match_the_certificate(
 ) -> None:
     dev = _uid()
     cn, client_id = cn.format(dev=dev), client_id.format(dev=dev)
-    creds = {"claim": pki.claim, "backend": pki.backend}.get(cn) or pki.issue_client_cert(cn)
+    creds = {"claim": pki.claim, "backend": pki.backend}.get(cn) or issue_client_cert(pki, cn)
     probe = mqtt_probe(creds, client_id=client_id)
     assert probe.connect() is accepted, (cn, client_id)
     if not accepted:

@@ -2,7 +2,7 @@
 
 - renewal revokes the old certificate once the new one is in use: a TLS login with it is refused;
 - the box renews by itself when its clock passes notAfter - agent.renew_before_days (the agent's
-  wall clock moved by the LD_PRELOAD shim backend/clockshim.py; libfaketime cannot run Python 3.11
+  wall clock moved by the LD_PRELOAD shim testbed/clockshim.py; libfaketime cannot run Python 3.11
   here), keeping its device id, readings flowing exactly once; SIGKILL before or after its swap
   leaves one working pair and the renewal completes;
 - a box whose certificate expired while it was offline re-enrols over the claim path with proof of
@@ -38,14 +38,14 @@ from agent.mqtt import LinkSettings, MqttLink, TlsFiles
 from agent.wire import cose
 from agent.wire import renewal as wire_renewal
 from backend.broker import Broker
-from backend.clockshim import build_clock_shim
+from backend.certs import CRL_DAYS
 from backend.db import BackendDb
-from backend.harness import BIN, GLUCOAGENT, LocalSystem, device_config, spawn, stop_process
 from backend.home import BackendHome
-from backend.pki import CRL_DAYS
-from backend.service import new_token
+from backend.provisioning import new_token
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
+from testbed.clockshim import build_clock_shim
+from testbed.harness import BIN, GLUCOAGENT, LocalSystem, device_config, spawn, stop_process
 
 PATIENT = "patient-lifecycle-7"
 BACKEND_CLI = str(BIN / "glucoagent-backend")

@@ -1,7 +1,7 @@
 """The CRL never lapses while the backend service runs (issue 12: every login failed 30 days after init).
 
 The broker (libfaketime) and `glucoagent-backend serve` (the suite's clock shim: libfaketime cannot
-run Python 3.11 here, see backend/clockshim.py) keep running while their wall clock moves to
+run Python 3.11 here, see testbed/clockshim.py) keep running while their wall clock moves to
 init + 31 days, then to init + 400 days. The CRL written at init says nextUpdate = init + 30 days;
 past it OpenSSL refuses every client certificate. The service must re-issue it and make the broker
 reload it, so a device keeps logging in.
@@ -25,8 +25,9 @@ import pytest
 from cryptography import x509
 
 from backend.broker import Broker
-from backend.clockshim import build_clock_shim
 from backend.home import BackendHome
+from testbed.client_certs import issue_client_cert
+from testbed.clockshim import build_clock_shim
 
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 FAKETIME_FILE = "faketime.rc"  # relative: read from the broker's run dir, its cwd (it may have dropped root)
@@ -111,7 +112,7 @@ def test_device_still_logs_in_31_and_400_days_after_init(
     home, broker, clocks = running
     init = dt.datetime.now(dt.UTC)
     dev_id = f"gd-{uuid.uuid4().hex[:12]}"
-    creds = home.pki.issue_client_cert(dev_id, not_after=init + dt.timedelta(days=800))  # outlives the test's span
+    creds = issue_client_cert(home.pki, dev_id, not_after=init + dt.timedelta(days=800))  # outlives the test's span
     assert _logs_in_within(mqtt_probe, creds, broker, dev_id, 30)
 
     for days in (31, 400):
@@ -128,7 +129,7 @@ def test_broker_and_service_started_400_days_after_init(tmp_path: Path, mqtt_pro
     home.ensure()
     init = dt.datetime.now(dt.UTC)
     dev_id = f"gd-{uuid.uuid4().hex[:12]}"
-    creds = home.pki.issue_client_cert(dev_id, not_after=init + dt.timedelta(days=800))
+    creds = issue_client_cert(home.pki, dev_id, not_after=init + dt.timedelta(days=800))
     # Both processes (and mosquitto, started by `broker` as a child, maybe after dropping root) read
     # the clock offset through a path relative to their working directory, the broker's run dir.
     home.broker_dir.mkdir(parents=True)

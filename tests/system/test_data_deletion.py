@@ -24,8 +24,8 @@ from support import fill_buffer
 from agent.identity import load_identity
 from agent.wire import telemetry
 from backend.db import BackendDb, patient_hmac
-from backend.harness import GLUCOAGENT, LocalSystem, spawn, stop_process
 from backend.home import BackendHome
+from testbed.harness import GLUCOAGENT, LocalSystem, spawn, stop_process
 
 ERASED = "patient-erase-0001"
 KEPT = "patient-keep-0002"

@@ -23,8 +23,8 @@ from lifecycle import device_id_of, signed, upload
 from support import MqttProbe
 
 from agent.wire import topics
-from backend.harness import GLUCOAGENT, LocalSystem
 from backend.service import MAX_PAYLOAD
+from testbed.harness import GLUCOAGENT, LocalSystem
 
 PATIENT = "patient-ingest-0001"
 

@@ -32,9 +32,9 @@ from agent.intake import Recorder, Signer
 from agent.mqtt import LinkSettings, MqttLink, PacketTooLarge, TlsFiles, publish_packet_size
 from agent.store import CLINICAL, Store
 from agent.uplink import TOO_LARGE, Uplink
-from backend.harness import LocalSystem, device_config
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
+from testbed.harness import LocalSystem, device_config
 
 MAX_PACKET = 4096  # a reading is ~300 bytes: the default batch of 50 is ~4x this
 OVERSIZE_LINE = "oversize packet"

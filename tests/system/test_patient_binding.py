@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from lifecycle import device_id_of, signed, upload
 
-from backend.harness import GLUCOAGENT, LocalSystem
+from testbed.harness import GLUCOAGENT, LocalSystem
 
 P1 = "patient-bind-0001"
 P2 = "patient-bind-0002"

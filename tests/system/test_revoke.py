@@ -21,7 +21,7 @@ from backend import cli
 from backend.broker import Broker
 from backend.home import BackendHome
 from backend.pki import ClientCreds, generate_key, make_csr
-from backend.service import new_token
+from backend.provisioning import new_token
 
 ADMINISTRATIVE_ACTION = 0x98
 Probe = Any  # conftest.MqttProbe

@@ -14,9 +14,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from backend.harness import LocalSystem, device_config
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
+from testbed.harness import LocalSystem, device_config
 
 WAIT_S = float(os.environ.get("GLUCOAGENT_STANDBY_S", "20"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -10,7 +10,8 @@ import pytest
 
 from agent.wire import telemetry
 from backend.db import BackendDb, patient_hmac
-from backend.service import RetentionSweeper, storable
+from backend.ingest import storable
+from backend.retention import RetentionSweeper
 
 
 def record(seq: int = 1, wall: float = 1.7e9, mono: float = 1.0, **fields: object) -> telemetry.Record:

@@ -1,4 +1,4 @@
-"""`make demo`: the whole loop on one machine, on the embedded defaults.
+"""`make demo` (``python -m testbed.demo``): the whole loop on one machine, on the embedded defaults.
 
 Starts mosquitto (mutual TLS, per-device ACLs), the reference backend, a
 simulated OneTouch Ultra 2 on a pseudo-terminal; provisions a fresh device
@@ -9,16 +9,20 @@ duplicates 0``. Everything goes under one run directory; everything started is s
 
 from __future__ import annotations
 
+import argparse
+import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from agent.clitools import dispatch
 from agent.wire import telemetry
 from backend.db import BackendDb
-from backend.harness import LocalSystem, device_config
 from drivers.models import GlucoseReading
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
+from testbed.harness import LocalSystem, device_config
 
 PATIENT = "demo-patient-0001"
 PROTOCOL = "onetouch-ultra2"
@@ -115,3 +119,19 @@ def _summary(db: BackendDb, meter_records: list[GlucoseReading]) -> int:
     _say(f"\nalerts raised by the device (hypo/hyper, signed like readings): {len(alerts)}")
     _say(f"delivered {delivered}/{len(expected)}, lost {lost}, duplicates {duplicates}")
     return 0 if lost == 0 and duplicates == 0 else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m testbed.demo",
+        description="Run the whole system on this machine and show readings arriving verified.",
+    )
+    parser.add_argument("--records", type=int, default=20, help="readings in the simulated meter")
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--run-root", type=Path, default=Path("runs"))
+    parser.set_defaults(func=lambda a: run_demo(records=a.records, timeout_s=a.timeout, run_root=a.run_root))
+    return dispatch(parser.parse_args(argv), "glucoagent-demo")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

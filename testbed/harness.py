@@ -21,7 +21,8 @@ from agent.wire import telemetry
 from backend.broker import Broker
 from backend.db import BackendDb
 from backend.home import BackendHome
-from backend.service import BackendService, new_token
+from backend.provisioning import new_token
+from backend.service import BackendService
 
 BIN = Path(sys.executable).parent
 GLUCOAGENT = str(BIN / "glucoagent")
