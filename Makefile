@@ -56,6 +56,7 @@ test: setup lint
 lint: setup
 	$(BIN)/ruff check agent drivers backend bench openwrt testbed tests
 	$(BIN)/mypy --strict agent drivers backend bench openwrt testbed
+	$(BIN)/lint-imports --no-cache
 
 bench: setup
 	$(BIN)/python -m bench.run
