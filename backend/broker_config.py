@@ -15,7 +15,6 @@ The ACL confines each identity (see docs/security.md):
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import secrets
@@ -179,9 +178,8 @@ def broker_account() -> pwd.struct_passwd | None:
 
 def install_file(path: Path, data: bytes, mode: int, account: pwd.struct_passwd | None) -> None:
     """Atomically replace ``path`` (mode and owner set before the rename: a key is never exposed)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
+    # A name of its own: two writers of one file (the CRL keeper and a revocation) must not share a temp file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         os.write(fd, data)

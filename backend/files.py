@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from pathlib import Path
 
 from agent.errors import StorageUnavailable
@@ -13,7 +14,8 @@ from agent.errors import StorageUnavailable
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data``: a crash leaves the old or the new file; a secret is never readable by others."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    # A name of its own: two writers of one file (the CRL keeper and a revocation) must not share a temp file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):

@@ -17,9 +17,12 @@ default on the box) or EC P-256. Only APIs present in cryptography 41 are used.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import fcntl
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography import x509
@@ -74,6 +77,7 @@ SERVER_KEY, SERVER_CERT = "server.key", "server.crt"
 CLAIM_KEY, CLAIM_CERT = "claim.key", "claim.crt"
 BACKEND_KEY, BACKEND_CERT = "backend.key", "backend.crt"
 CRL_FILE = "crl.pem"
+CRL_LOCK_FILE = ".crl.lock"
 CLIENTS_DIR = "clients"
 CERT_MODE = 0o644
 KEY_MODE = 0o600
@@ -224,9 +228,17 @@ class FleetPki:
         return ClientCreds(folder / f"{stem}.crt", folder / f"{stem}.key", self.ca_path)
 
     # --- revocation -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _crl_update(self) -> Iterator[None]:
+        """One CRL read-modify-write at a time, across threads *and* processes: ``serve``'s CRL keeper
+        re-issuing while ``glucoagent-backend revoke`` adds a serial must never drop the revocation."""
+        with self._lock, open(self.directory / CRL_LOCK_FILE, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def revoke(self, serial: int, *more: int) -> None:
         """Add the serials to the CRL and rewrite ``crl.pem`` (the broker reads it on reload)."""
-        with self._lock:
+        with self._crl_update():
             crl = self._load_crl()
             revoked = {entry.serial_number: revocation_date(entry) for entry in crl} if crl else {}
             for number in (serial, *more):
@@ -239,7 +251,7 @@ class FleetPki:
         True when it was re-issued. Past its nextUpdate a CRL makes OpenSSL refuse every client
         certificate, so the running service calls this often (backend/broker.py ``CrlKeeper``).
         """
-        with self._lock:
+        with self._crl_update():
             crl = self._load_crl()
             if crl is not None and last_update_of(crl) + BACKDATE + max_age > now_utc():
                 return False
