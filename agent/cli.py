@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent import __version__
-from agent.clitools import dispatch
 from agent.config import AgentSection, Config, load_config, with_state_dir
-from agent.errors import GlucoagentError
+from agent.errors import GlucoagentError, dispatch
 from drivers.cli import add_parsers as add_driver_parsers
 
 DEFAULT_CONFIG = Path("/etc/config/glucoagent")
@@ -39,7 +38,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from agent.provisioning import ClaimFiles, provision
+    from agent.identity.provisioning import ClaimFiles, provision
 
     cfg = _config(args)
     claim = ClaimFiles.default(cfg.agent.state_dir)
@@ -100,11 +99,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_deprovision(args: argparse.Namespace) -> int:
-    from agent.command_exec import wipe_state
-    from agent.identity import is_provisioned
+    from agent.buffer.store import Store
+    from agent.identity.credentials import is_provisioned
+    from agent.identity.wipe import wipe_state
     from agent.snapshot import read_snapshot
     from agent.status import SNAPSHOT_EVERY_S
-    from agent.store import Store
 
     cfg = _config(args)
     state = cfg.agent.state_dir

@@ -12,18 +12,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from agent import renewal
+from agent.buffer.intake import Recorder
+from agent.buffer.store import Store, open_store
 from agent.clock import Clock
-from agent.command_exec import CommandExecutor
+from agent.commands.executor import CommandExecutor
 from agent.config import Config
 from agent.errors import GlucoagentError, StorageUnavailable
-from agent.identity import DeviceIdentity, load_identity
-from agent.intake import Recorder, Signer
+from agent.identity import renewal
+from agent.identity.credentials import DeviceIdentity, load_identity
+from agent.identity.signer import Signer
+from agent.link.uplink import Uplink
 from agent.meters import MeterWatcher
 from agent.snapshot import clear_snapshot, write_snapshot
 from agent.status import SNAPSHOT_EVERY_S, store_state
-from agent.store import Store, open_store
-from agent.uplink import Uplink
 
 log = logging.getLogger(__name__)
 PURGE_EVERY_S = 3600.0  # delivered records past buffer.retention_s go at most this late
@@ -73,7 +74,7 @@ class Daemon:
         self._stop = threading.Event()
 
     def on_command(self, payload: bytes) -> bool:
-        """Uplink thread: hand the message to the command worker (agent/command_exec.py); False = not stored."""
+        """Uplink thread: hand the message to the command worker (agent/commands/executor.py); False = not stored."""
         return self.commands.submit(payload)
 
     def health_sample(self) -> dict[str, str | int | float | bool]:
@@ -126,7 +127,7 @@ class Daemon:
     def check_renewal(self) -> None:
         """Start a renewal (or, expired and refused by the broker, a re-enrolment) when the certificate is due.
 
-        One comparison per tick: the deadline is computed from notAfter once (agent/renewal.py)."""
+        One comparison per tick: the deadline is computed from notAfter once (agent/identity/renewal.py)."""
         action = self.commands.schedule.action(time.time(), time.monotonic(), self.uplink.connected)
         if action is not None:
             self.commands.start_renewal(action)

@@ -1,18 +1,22 @@
 """The agent's exception hierarchy (the drivers have their own root: drivers/errors.py).
 
-Every class is either *transient* (the operation may succeed if retried: a
-link drop, a busy port) or *fatal* (retrying cannot help: bad config, a
-rejected token). The raise site decides by picking the class; tenacity retry
-predicates look only at ``transient``. Each class carries its CLI exit code.
+Each class carries its CLI exit code; ``dispatch`` is what every command line of the project does
+with one (one line on stderr, never a traceback). Retrying is decided where retrying is the job
+(the uplink's reconnect backoff, the renewal schedule), not by a flag on the error class.
 """
 
 from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from drivers.errors import DriverError
 
 
 class GlucoagentError(Exception):
     """Root of every error this project raises on purpose."""
 
-    transient: bool = False
     exit_code: int = 1
 
 
@@ -26,8 +30,6 @@ class StoreError(GlucoagentError):
 class BufferFull(StoreError):
     """Intake refused: the buffer is at its configured limit. ``accepted``: what was stored before it filled."""
 
-    transient = True
-
     def __init__(self, message: str, accepted: list[int] | None = None) -> None:
         self.accepted = accepted or []
         super().__init__(message)
@@ -35,8 +37,6 @@ class BufferFull(StoreError):
 
 class StorageUnavailable(StoreError):
     """Disk full, read-only file system or an I/O error: the write did not happen."""
-
-    transient = True
 
 
 class StoreCorrupt(StoreError):
@@ -47,7 +47,6 @@ class StoreCorrupt(StoreError):
 class LinkError(GlucoagentError):
     """The MQTT link failed."""
 
-    transient = True
     exit_code = 40
 
 
@@ -62,7 +61,6 @@ class DnsError(LinkError):
 class TlsError(LinkError):
     """TLS handshake failed: wrong CA, bad certificate, host name mismatch."""
 
-    transient = False
     exit_code = 43
 
 
@@ -79,7 +77,6 @@ class LinkTimeout(LinkError):
 class NotAuthorized(LinkError):
     """The broker refused our identity (CONNACK not authorised / bad credentials)."""
 
-    transient = False
     exit_code = 46
 
 
@@ -119,3 +116,18 @@ class CommandRejected(GlucoagentError):
     def __init__(self, code: str, message: str) -> None:
         self.code = code
         super().__init__(message)
+
+
+def dispatch(args: argparse.Namespace, prog: str) -> int:
+    """Run ``args.func(args)``; an agent or driver error -> ``PROG: error: ...`` and its class's exit code
+    (20 for a meter or pen reader that failed, 10 for a driver's bad input such as an unknown protocol)."""
+    try:
+        return int(args.func(args))
+    except (GlucoagentError, DriverError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.clitools import dispatch
+from agent.errors import dispatch
 
 log = logging.getLogger("glucoagent-backend")
 

@@ -31,7 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from agent.errors import GlucoagentError, LinkTimeout, SignatureError
-from agent.mqtt import LinkSettings, MqttLink
+from agent.link.mqtt import LinkSettings, MqttLink
 from agent.wire import cose, topics
 from agent.wire.command import COMMANDS, MAX_LIFETIME_S
 from agent.wire.renewal import DELIVERY_KEY, REQUEST_CODE

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.errors import GlucoagentError
 from agent.fsutil import atomic_write
-from agent.mqtt import TlsFiles
+from agent.link.mqtt import TlsFiles
 from backend.broker import Broker, reload_broker
 from backend.db import BackendDb
 from backend.pki import FleetPki

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from agent.errors import GlucoagentError, LinkError, SignatureError
-from agent.mqtt import LinkSettings, MqttLink, TlsFiles
+from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles
 from agent.wire import cose, telemetry, topics
 from agent.wire.renewal import RECOVER_KEY
 from backend.db import INT64_MAX, BackendDb, token_hash

@@ -27,8 +27,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from agent.identity import load_key
-from agent.mqtt import MqttLink
+from agent.identity.credentials import load_key
+from agent.link.mqtt import MqttLink
 from agent.wire import cose, topics
 from backend.commands import Result, record_sent, stored_result, verify_result
 from backend.harness import BIN, LocalSystem, device_config

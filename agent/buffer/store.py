@@ -19,11 +19,15 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.errors import BufferFull, StorageUnavailable, StoreCorrupt, StoreError
 from agent.fsutil import atomic_write
+
+if TYPE_CHECKING:  # intake.py imports this module
+    from agent.buffer.intake import Intake
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +72,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Intake:
-    """One record to accept. ``build(seq)`` signs it once its sequence number is known."""
-
-    kind: str
-    priority: int
-    build: Callable[[int], bytes]
-    record_key: str | None = None  # ledger key for meter/pen records
-
-    @property
-    def stream(self) -> str:
-        return HEALTH if self.priority == PRIO_HEALTH else CLINICAL
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -287,11 +277,15 @@ class Store:
                 "INSERT INTO outbox (stream, seq, kind, priority, accepted_at, cose) VALUES (?, ?, ?, ?, ?, ?)", rows
             )
             db.executemany("INSERT INTO ledger (source, record_key, seq) VALUES (?, ?, ?)", ledger)
-            db.executemany("UPDATE meta SET value = ? WHERE key = ?", [(v, f"next_seq_{k}") for k, v in counters.items()])
+            db.executemany(
+                "UPDATE meta SET value = ? WHERE key = ?", [(v, f"next_seq_{k}") for k, v in counters.items()]
+            )
             if complete_keys is not None and source is not None and not truncated:
                 self._prune_ledger(db, source, set(complete_keys))
         if truncated:
-            raise BufferFull(f"buffer full: {len(seqs)} records stored, the rest refused (limit {self.max_records})", seqs)
+            raise BufferFull(
+                f"buffer full: {len(seqs)} records stored, the rest refused (limit {self.max_records})", seqs
+            )
         return seqs
 
     def _make_room(self, db: sqlite3.Connection, items: Sequence[Intake], *, partial: bool = False) -> int:

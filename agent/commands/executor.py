@@ -23,11 +23,9 @@ Every refusal is logged and answered with a signed result; nothing here stops th
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import hashlib
 import logging
-import os
 import queue
 import re
 import shlex
@@ -38,17 +36,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent import __version__, renewal
+from agent import __version__
+from agent.buffer.intake import Recorder
+from agent.buffer.store import CLINICAL, CommandJournal, Store
 from agent.clock import Clock, ClockQuality
 from agent.config import SCHEMA, SETTABLE_KEYS, Config, build_config
 from agent.errors import CommandRejected, ConfigError, GlucoagentError, LinkError, StoreError
 from agent.fsutil import atomic_write
-from agent.identity import KEY_FILE, DeviceIdentity, load_key
-from agent.intake import Recorder, Signer
+from agent.identity import recovery, renewal
+from agent.identity.credentials import KEY_FILE, DeviceIdentity, load_key
+from agent.identity.signer import Signer
+from agent.identity.wipe import wipe_state
+from agent.link.uplink import Uplink
 from agent.meters import MeterWatcher
-from agent.store import CLINICAL, CommandJournal, Store
 from agent.uci import parse_uci, set_option
-from agent.uplink import Uplink
 from agent.wire import cose
 from agent.wire.command import CLOCK_SKEW_S, MAX_COMMAND_BYTES, MAX_LIFETIME_S, Command, check_expiry
 from agent.wire.inbound import Inbound, Refusal, classify
@@ -642,7 +643,7 @@ class CommandExecutor:
             log.info("certificate renewed: reconnecting with the new certificate")
             link.close()
 
-    # --- renewals the box starts by itself (agent/renewal.py RenewalSchedule) ---------------------
+    # --- renewals the box starts by itself (agent/identity/renewal.py RenewalSchedule) ---------------------
     def start_renewal(self, kind: str) -> None:
         """Daemon thread: have the worker renew (``renew``) or re-enrol over the claim path (``recover``)."""
         self._self_renewal = kind
@@ -661,7 +662,7 @@ class CommandExecutor:
                     "the device certificate expired %.1f days ago (the box was offline): re-enrolling over the "
                     "claim path with proof of the old key; device id, patient and unsent readings are kept", -days
                 )
-                leaf = renewal.recover(
+                leaf = recovery.recover(
                     self.state, h.uplink.settings, self.device_id, h.signer.key, h.cfg.agent.key_type,
                     stop=self._stop.is_set,
                 )  # fmt: skip
@@ -711,50 +712,3 @@ def _run_script(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
 
 def _tail(proc: subprocess.CompletedProcess[bytes]) -> str:
     return redact((proc.stderr or proc.stdout or b"").decode("utf-8", "replace").strip()[-200:])
-
-
-def wipe_state(cfg: Config) -> None:
-    """What `glucoagent deprovision` wipes: everything in the state directory but the factory files, and the buffer.
-
-    Each file is overwritten in place, then unlinked (docs/security.md "Deletion"): an unlink alone
-    leaves the bytes in the file's blocks, readable through any other link or open descriptor and
-    from the raw storage. The key goes first: without it nothing else signs or proves anything.
-    """
-    state = cfg.agent.state_dir
-    factory = state / "factory"
-    children = sorted(state.iterdir() if state.exists() else [], key=lambda p: p.name != "device.key")
-    for child in children:
-        if child == factory:
-            continue  # the factory claim certificate stays: the box can be enrolled again
-        shred(child)
-    if cfg.buffer_path.parent != state:
-        for p in cfg.buffer_path.parent.glob(cfg.buffer_path.name + "*"):
-            shred(p)
-
-
-WIPE_CHUNK = 65_536
-
-
-def shred(path: Path) -> None:
-    """Overwrite a file's bytes with zeros in place (fsync), then unlink; a directory recursively."""
-    if path.is_dir() and not path.is_symlink():
-        for child in path.iterdir():
-            shred(child)
-        with contextlib.suppress(FileNotFoundError, OSError):
-            path.rmdir()
-        return
-    if path.is_file() and not path.is_symlink():
-        try:
-            fd = os.open(path, os.O_WRONLY)
-        except FileNotFoundError:
-            return
-        try:
-            left = os.fstat(fd).st_size
-            zeros = bytes(WIPE_CHUNK)
-            while left > 0:
-                left -= os.write(fd, zeros[: min(left, WIPE_CHUNK)])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
