@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from agent.buffer.intake import Intake
 from agent.buffer.store import CLINICAL, PRIO_RECORD, Store
-from agent.commands.executor import LogRing, redact
+from agent.commands.logring import LogRing, redact
 from agent.config import SCHEMA, SETTABLE_KEYS
 from agent.errors import CommandRejected
 from agent.wire import cose
