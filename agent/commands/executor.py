@@ -34,7 +34,7 @@ from agent.clock import Clock, ClockQuality
 from agent.commands.handlers import HANDLERS
 from agent.commands.logring import LogRing
 from agent.commands.ports import INTERRUPTED, Context, Host, Interruption, Link, Outcome
-from agent.commands.renewals import Renewer
+from agent.commands.renewals import KID_MARK, Renewer
 from agent.commands.spool import Inbox, ResultOutbox
 from agent.errors import CommandRejected, GlucoagentError, StoreError
 from agent.fsutil import atomic_write
@@ -218,7 +218,8 @@ class CommandExecutor:
         self.outbox.put(cmd_id, result)
         self.link.wake()
         self.journal.finish(cmd_id, result)
-        (self.pending_dir / f"{cmd_id}.cose").unlink(missing_ok=True)
+        for suffix in (".cose", KID_MARK):  # the envelope and a renewal's old kid: settled now
+            (self.pending_dir / f"{cmd_id}{suffix}").unlink(missing_ok=True)
         level = logging.INFO if outcome.status == "ok" else logging.WARNING
         log.log(level, "command %s (%s) %s: %s (%s)", cmd_id, ctype, outcome.status, outcome.code, outcome.message)
         if HANDLERS[ctype].stops_agent and outcome.status == "ok":
@@ -263,7 +264,9 @@ class CommandExecutor:
 
     # --- start-up recovery ------------------------------------------------------------------------
     def recover(self) -> None:
+        settled: set[str] = set()
         for cmd_id, ctype in self.journal.interrupted():
+            settled.add(cmd_id)
             log.warning("command %s (%s) was cut off by a stop or crash", cmd_id, ctype)
             handler = HANDLERS.get(ctype)
             envelope = self.pending_dir / f"{cmd_id}.cose"
@@ -284,8 +287,11 @@ class CommandExecutor:
             if self.journal.lookup(orphan.stem) is None:
                 orphan.unlink(missing_ok=True)
         for stored in self._leftover:  # acknowledged to the broker before the last stop, never handled
-            log.warning("handling a command received before the last stop: %s", stored.name)
-            self.handle(stored.read_bytes())  # the journal turns one already handled into a replay
+            payload = stored.read_bytes()
+            inbound = classify(payload, self.identity.command_key, self.device_id)
+            if not (isinstance(inbound, Command) and inbound.id in settled):  # its result was made just above
+                log.warning("handling a command received before the last stop: %s", stored.name)
+                self.handle(payload, inbound=inbound)  # the journal turns one already handled into a replay
             stored.unlink(missing_ok=True)
 
     def _rerun(self, cmd_id: str, ctype: str, envelope: bytes) -> None:
