@@ -29,7 +29,8 @@ import threading
 import time
 from pathlib import Path
 
-from agent.buffer.store import CommandJournal, Store
+from agent.buffer.journal import CommandJournal
+from agent.buffer.store import Store
 from agent.clock import Clock, ClockQuality
 from agent.commands.handlers import HANDLERS
 from agent.commands.logring import LogRing
