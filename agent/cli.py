@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -15,10 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent import __version__
-from agent.clitools import dispatch
 from agent.config import AgentSection, Config, load_config, with_state_dir
 from agent.errors import GlucoagentError
 from drivers.cli import add_parsers as add_driver_parsers
+from drivers.errors import DriverError
 
 DEFAULT_CONFIG = Path("/etc/config/glucoagent")
 log = logging.getLogger("glucoagent")
@@ -39,7 +40,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from agent.provisioning import ClaimFiles, provision
+    from agent.identity.provisioning import ClaimFiles, provision
 
     cfg = _config(args)
     claim = ClaimFiles.default(cfg.agent.state_dir)
@@ -100,11 +101,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_deprovision(args: argparse.Namespace) -> int:
-    from agent.command_exec import wipe_state
-    from agent.identity import is_provisioned
+    from agent.buffer.store import Store
+    from agent.identity.credentials import is_provisioned
+    from agent.identity.wipe import wipe_state
     from agent.snapshot import read_snapshot
     from agent.status import SNAPSHOT_EVERY_S
-    from agent.store import Store
 
     cfg = _config(args)
     state = cfg.agent.state_dir
@@ -175,6 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_driver_parsers(sub)  # simulate, decode: drivers/cli.py
     return parser
+
+
+def dispatch(args: argparse.Namespace, prog: str) -> int:
+    """Run ``args.func(args)``; an agent or driver error -> ``PROG: error: ...`` and its class's exit code
+    (20 for a meter or pen reader that failed, 10 for a driver's bad input such as an unknown protocol)."""
+    try:
+        return int(args.func(args))
+    except (GlucoagentError, DriverError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

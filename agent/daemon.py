@@ -4,28 +4,32 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from agent import renewal
+from agent.buffer.intake import Recorder
+from agent.buffer.store import Store, open_store
 from agent.clock import Clock
-from agent.command_exec import CommandExecutor
+from agent.commands.executor import CommandExecutor
 from agent.config import Config
 from agent.errors import GlucoagentError, StorageUnavailable
-from agent.identity import DeviceIdentity, load_identity
-from agent.intake import Recorder, Signer
+from agent.identity import renewal
+from agent.identity.credentials import DeviceIdentity, load_identity
+from agent.identity.signer import Signer
+from agent.link.uplink import Uplink
 from agent.meters import MeterWatcher
 from agent.snapshot import clear_snapshot, write_snapshot
 from agent.status import SNAPSHOT_EVERY_S, store_state
-from agent.store import Store, open_store
-from agent.uplink import Uplink
 
 log = logging.getLogger(__name__)
+APPLY_WAIT_S = 10.0  # a configuration change the daemon's loop must take within this
 PURGE_EVERY_S = 3600.0  # delivered records past buffer.retention_s go at most this late
 _START = time.monotonic()
 
@@ -69,11 +73,18 @@ class Daemon:
             cfg, self.identity, self.store, on_command=self.on_command, raise_condition=self.recorder.raise_condition
         )
         self.watcher = MeterWatcher(cfg, self.recorder, self.clock, on_stored=self.uplink.wake)
-        self.commands = CommandExecutor(self, renewed=renewed)
+        schedule = renewal.RenewalSchedule(
+            renewal.cert_not_after(self.identity.cert_path), cfg.agent.renew_before_days * 86_400.0
+        )
         self._stop = threading.Event()
+        self._calls: queue.Queue[Callable[[], None]] = queue.Queue()  # run on the daemon's own thread
+        self._poke = threading.Event()  # a call is waiting, or stop
+        self.commands = CommandExecutor(
+            self, self.uplink, self.store, self.clock, self.identity, schedule, renewed=renewed
+        )
 
     def on_command(self, payload: bytes) -> bool:
-        """Uplink thread: hand the message to the command worker (agent/command_exec.py); False = not stored."""
+        """Uplink thread: hand the message to the command worker (agent/commands/executor.py); False = not stored."""
         return self.commands.submit(payload)
 
     def health_sample(self) -> dict[str, str | int | float | bool]:
@@ -100,6 +111,51 @@ class Daemon:
 
     def stop(self, *_: Any) -> None:
         self._stop.set()
+        self._poke.set()
+
+    # --- what the command executor may ask of the daemon (agent/commands/ports.py Host) -------------
+    def request_stop(self) -> None:
+        self.stop()
+
+    def apply_config(self, cfg: Config) -> None:
+        """Worker thread: hand the new configuration to the daemon's thread and wait until it runs with it."""
+        done = threading.Event()
+
+        def apply() -> None:
+            self.cfg = self.uplink.cfg = self.watcher.cfg = cfg
+            self.recorder.limits = cfg.alerts
+            self.store.max_records = cfg.buffer.max_records
+            self.store.retention_s = cfg.buffer.retention_s
+            logging.getLogger().setLevel(cfg.agent.log_level.upper())
+            done.set()
+
+        self._calls.put(apply)
+        self._poke.set()
+        deadline = time.monotonic() + APPLY_WAIT_S
+        while not done.wait(0.1):
+            if self._stop.is_set() or time.monotonic() > deadline:
+                raise GlucoagentError("the daemon did not take the new configuration: it is stopping")
+
+    def swap_signer(self, signer: Signer) -> None:
+        """One reference swap each: key and kid change together for records and results."""
+        self.signer = self.recorder.signer = signer
+
+    def read_meters_now(self) -> int:
+        self.watcher.read_now()
+        return sum(1 for s in self.watcher.ports.values() if s.present)
+
+    def meter_ports(self) -> list[dict[str, Any]]:
+        return [
+            {"port": s.port.port, "present": s.present, "failures": s.failures} for s in self.watcher.ports.values()
+        ]
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                call = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            call()
 
     def purge_delivered(self) -> None:
         """Delivered records are kept buffer.retention_s for `resend`, then deleted."""
@@ -126,7 +182,7 @@ class Daemon:
     def check_renewal(self) -> None:
         """Start a renewal (or, expired and refused by the broker, a re-enrolment) when the certificate is due.
 
-        One comparison per tick: the deadline is computed from notAfter once (agent/renewal.py)."""
+        One comparison per tick: the deadline is computed from notAfter once (agent/identity/renewal.py)."""
         action = self.commands.schedule.action(time.time(), time.monotonic(), self.uplink.connected)
         if action is not None:
             self.commands.start_renewal(action)
@@ -145,7 +201,12 @@ class Daemon:
         next_health = time.monotonic() + min(5.0, self.cfg.agent.health_interval_s)
         next_snapshot = 0.0
         next_purge = 0.0
-        while not self._stop.wait(0.5):
+        while not self._stop.is_set():
+            self._poke.wait(0.5)
+            self._poke.clear()
+            if self._stop.is_set():
+                break
+            self._run_calls()
             if time.monotonic() >= next_purge:
                 next_purge = time.monotonic() + PURGE_EVERY_S
                 self.purge_delivered()
@@ -173,4 +234,4 @@ class Daemon:
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("signal %s received", signal.Signals(signum).name)
-        self._stop.set()
+        self.stop()

@@ -1,9 +1,8 @@
 """The agent's exception hierarchy (the drivers have their own root: drivers/errors.py).
 
-Every class is either *transient* (the operation may succeed if retried: a
-link drop, a busy port) or *fatal* (retrying cannot help: bad config, a
-rejected token). The raise site decides by picking the class; tenacity retry
-predicates look only at ``transient``. Each class carries its CLI exit code.
+Each class carries its CLI exit code; ``agent.cli.dispatch`` turns one into one line on stderr,
+never a traceback. A leaf: it imports nothing of the project, so the wire and the cloud may import it. Retrying is decided where retrying is the job
+(the uplink's reconnect backoff, the renewal schedule), not by a flag on the error class.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 class GlucoagentError(Exception):
     """Root of every error this project raises on purpose."""
 
-    transient: bool = False
     exit_code: int = 1
 
 
@@ -26,8 +24,6 @@ class StoreError(GlucoagentError):
 class BufferFull(StoreError):
     """Intake refused: the buffer is at its configured limit. ``accepted``: what was stored before it filled."""
 
-    transient = True
-
     def __init__(self, message: str, accepted: list[int] | None = None) -> None:
         self.accepted = accepted or []
         super().__init__(message)
@@ -35,8 +31,6 @@ class BufferFull(StoreError):
 
 class StorageUnavailable(StoreError):
     """Disk full, read-only file system or an I/O error: the write did not happen."""
-
-    transient = True
 
 
 class StoreCorrupt(StoreError):
@@ -47,7 +41,6 @@ class StoreCorrupt(StoreError):
 class LinkError(GlucoagentError):
     """The MQTT link failed."""
 
-    transient = True
     exit_code = 40
 
 
@@ -62,7 +55,6 @@ class DnsError(LinkError):
 class TlsError(LinkError):
     """TLS handshake failed: wrong CA, bad certificate, host name mismatch."""
 
-    transient = False
     exit_code = 43
 
 
@@ -79,7 +71,6 @@ class LinkTimeout(LinkError):
 class NotAuthorized(LinkError):
     """The broker refused our identity (CONNACK not authorised / bad credentials)."""
 
-    transient = False
     exit_code = 46
 
 

@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.buffer.intake import Recorder
 from agent.clock import Clock
 from agent.config import Config, DevicePort
 from agent.errors import BufferFull, GlucoagentError
-from agent.intake import Recorder
 from drivers.errors import DriverError, NoPen
 from drivers.novopen import PenRead
 from drivers.reader import read_device

@@ -20,10 +20,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from agent import renewal
 from agent.config import Config
 from agent.errors import GlucoagentError, NotProvisioned
-from agent.identity import CA_FILE, CERT_FILE, COMMAND_KEY_FILE, DEVICE_FILE, KEY_FILE, load_identity
+from agent.identity import renewal
+from agent.identity.credentials import CA_FILE, CERT_FILE, COMMAND_KEY_FILE, DEVICE_FILE, KEY_FILE, load_identity
 
 log = logging.getLogger(__name__)
 POLL_S = 2.0  # a provisioned box starts at most this late; each check costs a handful of stat() calls

@@ -9,13 +9,13 @@ import ssl
 import time
 from typing import Any
 
+from agent.buffer.store import Store
 from agent.clock import CLOCK_FLOOR, Clock
 from agent.config import Config, Endpoint
 from agent.errors import GlucoagentError, StoreError
-from agent.identity import is_provisioned, load_identity
-from agent.mqtt import LinkSettings, MqttLink, TlsFiles, classify_connect_error
+from agent.identity.credentials import is_provisioned, load_identity
+from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles, classify_connect_error
 from agent.snapshot import read_snapshot
-from agent.store import Store
 
 SNAPSHOT_EVERY_S = 2.0  # how often the daemon publishes its state (agent/snapshot.py)
 STORE_KEYS = ("buffer_depth", "buffer_health_samples", "oldest_unsent_age_s", "last_upload_ack", "next_seq",

@@ -208,7 +208,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 def dispatch(args: argparse.Namespace, prog: str) -> int:
     """Run ``args.func(args)``; an expected failure -> one line ``PROG: error: ...`` and its exit code.
-    Not ``agent.clitools.dispatch``: the cloud imports only ``agent.wire`` and the error root (the layering)."""
+    Not ``agent.cli.dispatch``: the cloud imports only ``agent.wire`` and the error root (the layering)."""
     try:
         return int(args.func(args))
     except GlucoagentError as exc:

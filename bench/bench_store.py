@@ -10,9 +10,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from agent.buffer.intake import Intake, Recorder
+from agent.buffer.store import CLINICAL, PRIO_RECORD, Store
 from agent.config import AlertsSection
-from agent.intake import Recorder
-from agent.store import CLINICAL, PRIO_RECORD, Intake, Store
 from agent.wire import telemetry
 from bench.common import best_of, make_signer, written_bytes
 from bench.table import Row
@@ -110,8 +110,8 @@ def _rss_with_backlog(tmp: Path, count: int) -> float:
         state = system.device_dir()
         system.provision(state)
         from agent.clock import Clock
-        from agent.identity import load_identity
-        from agent.intake import Signer
+        from agent.identity.credentials import load_identity
+        from agent.identity.signer import Signer
 
         ident = load_identity(state)
         store = Store(state / "buffer.db", max_records=3 * count)

@@ -30,12 +30,13 @@ from pathlib import Path
 import cbor2
 import paho.mqtt.client as mqtt
 
+from agent.buffer.intake import Recorder
+from agent.buffer.store import Store
 from agent.clock import Clock
 from agent.config import AlertsSection
-from agent.identity import load_identity
-from agent.intake import Recorder, Signer
-from agent.store import Store
-from agent.uplink import encode_batch
+from agent.identity.credentials import load_identity
+from agent.identity.signer import Signer
+from agent.link.uplink import encode_batch
 from agent.wire.topics import DeviceTopics
 from backend.mqtt_client import tls_client
 from bench.bench_store import in_range

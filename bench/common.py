@@ -9,7 +9,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.clock import Clock
-from agent.intake import Signer
+from agent.identity.signer import Signer
 from agent.wire import cose
 
 

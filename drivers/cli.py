@@ -201,7 +201,7 @@ def _print_pen(records: list[dict[str, Any]], *, as_json: bool) -> None:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    """Run the command; a driver error -> one line on stderr and its exit code (as agent/clitools.py does)."""
+    """Run the command; a driver error -> one line on stderr and its exit code (as agent/cli.py dispatch does)."""
     try:
         return int(args.func(args))
     except DriverError as exc:

@@ -2,7 +2,7 @@
 
 ``drivers/`` is the ground floor: nothing above it is in reach, so its errors have a root
 of their own, not the agent's. Each class carries the exit code a command line gives it (the agent's CLI
-dispatch maps every ``DriverError`` to ``exit_code``). Every pyserial or OS error on a port is turned
+dispatch, agent/cli.py, maps every ``DriverError`` to ``exit_code``). Every pyserial or OS error on a port is turned
 into a ``PortError`` at the transport (drivers/base.py), cleanup included.
 """
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.clitools import dispatch
+from agent.cli import dispatch
 from agent.wire import telemetry
 from backend.db import BackendDb
 from drivers.models import GlucoseReading

@@ -17,10 +17,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.command_exec import LogRing, redact
+from agent.buffer.intake import Intake
+from agent.buffer.store import CLINICAL, PRIO_RECORD, Store
+from agent.commands.logring import LogRing, redact
 from agent.config import SCHEMA, SETTABLE_KEYS
 from agent.errors import CommandRejected
-from agent.store import CLINICAL, PRIO_RECORD, Intake, Store
 from agent.wire import cose
 from agent.wire import renewal as wire_renewal
 from agent.wire.command import COMMANDS, MAX_COMMAND_BYTES, Command, check_expiry, decode_command

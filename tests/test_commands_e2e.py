@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from agent.identity import load_key
+from agent.identity.credentials import load_key
 from agent.wire import cose, topics
 from agent.wire.result import Result
 from backend.commands import record_sent, stored_result, verify_result

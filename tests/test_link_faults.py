@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from support import TcpProxy
 
-from agent.mqtt import PINGRESP_WAIT
+from agent.link.mqtt import PINGRESP_WAIT
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
 from testbed.harness import LocalSystem, device_config, stop_process

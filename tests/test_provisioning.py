@@ -35,7 +35,7 @@ from agent.errors import (
     TlsError,
     TokenRejected,
 )
-from agent.identity import is_provisioned
+from agent.identity.credentials import is_provisioned
 from testbed.harness import GLUCOAGENT, LocalSystem
 from testbed.rogue_ca import RogueCa
 

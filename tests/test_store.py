@@ -13,9 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.buffer.intake import Intake
+from agent.buffer.store import CLINICAL, HEALTH, PRIO_ALERT, PRIO_HEALTH, PRIO_RECORD, Store, open_store
 from agent.errors import BufferFull, StorageUnavailable
 from agent.fsutil import atomic_write
-from agent.store import CLINICAL, HEALTH, PRIO_ALERT, PRIO_HEALTH, PRIO_RECORD, Intake, Store, open_store
 
 
 def rec(key: str | None, prio: int = PRIO_RECORD, kind: str = "reading") -> Intake:
@@ -242,7 +243,7 @@ def test_a_second_process_is_locked_out_with_a_clear_error(store: Store) -> None
 
     store.accept([rec("a")], source="m")
     code = (
-        "import sys; from pathlib import Path; from agent.store import Store; from agent.errors import StoreError\n"
+        "import sys; from pathlib import Path; from agent.buffer.store import Store; from agent.errors import StoreError\n"
         f"try:\n    Store(Path({str(store.path)!r})).stats()\nexcept StoreError as e:\n    print(e); sys.exit(3)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -13,7 +13,7 @@ import cbor2
 from agent.errors import SignatureError
 from agent.wire import cose
 
-CLINICAL = "c"  # readings, doses, alerts (agent.store's stream names)
+CLINICAL = "c"  # readings, doses, alerts (agent.buffer.store's stream names)
 HEALTH = "h"
 STREAMS = (CLINICAL, HEALTH)
 

@@ -2,7 +2,7 @@
 
 Envelope: COSE_Sign1 by the cloud's command key (pinned at provisioning) over a
 CBOR map ``{id, dev, type, args, iat, exp}``. Checks, in order: size, signature,
-shape, target device, expiry (replay is the journal's job, agent/command_exec.py).
+shape, target device, expiry (replay is the journal's job, agent/commands/executor.py).
 ``agent.wire.inbound.classify`` verifies an incoming message once and calls
 ``command_from_body`` here on the verified payload.
 

@@ -1,4 +1,4 @@
-"""Certificate renewal messages (docs/commands.md, "renew_certificate"; the flow is agent/renewal.py).
+"""Certificate renewal messages (docs/commands.md, "renew_certificate"; the flow is agent/identity/renewal.py).
 
 - certificate delivery (cloud -> box, commands topic): COSE_Sign1 by the command key over
   ``{"renewal": <command or request id>, "dev", "cert", "iat", "exp"}``;

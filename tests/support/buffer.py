@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from agent.buffer.intake import Recorder
+from agent.buffer.store import Store
 from agent.clock import Clock
 from agent.config import AlertsSection
-from agent.identity import load_identity
-from agent.intake import Recorder, Signer
-from agent.store import Store
+from agent.identity.credentials import load_identity
+from agent.identity.signer import Signer
 from drivers.simulators.records import SERIALS, random_records
 
 ULTRA2 = "onetouch-ultra2"

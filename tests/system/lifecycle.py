@@ -11,7 +11,7 @@ import cbor2
 from support import MqttProbe
 
 from agent.clock import Clock, ClockQuality, Timestamp
-from agent.identity import load_identity
+from agent.identity.credentials import load_identity
 from agent.wire import cose, telemetry, topics
 from backend.pki import ClientCreds
 from testbed.harness import LocalSystem

@@ -120,7 +120,7 @@ def test_another_devices_certificate_cannot_take_a_device_id(
 # (certificate CN, client id, accepted?); "{dev}" is a fresh device id
 CLIENT_ID_RULES = [
     ("{dev}", "{dev}", True),
-    ("{dev}", "{dev}-renew", True),  # agent/renewal.py: the new certificate's trial login
+    ("{dev}", "{dev}-renew", True),  # agent/identity/renewal.py: the new certificate's trial login
     ("{dev}", "{dev}-check", True),  # agent/status.py
     ("{dev}", "{dev}-other", False),
     ("{dev}", "{dev}x", False),

@@ -30,11 +30,11 @@ import cbor2
 import pytest
 from cryptography import x509
 
-from agent import renewal
 from agent.errors import TlsError
 from agent.fsutil import atomic_write
-from agent.identity import build_csr, generate_key, key_pem, load_key
-from agent.mqtt import LinkSettings, MqttLink, TlsFiles
+from agent.identity import renewal
+from agent.identity.credentials import build_csr, generate_key, key_pem, load_key
+from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles
 from agent.wire import cose
 from agent.wire import renewal as wire_renewal
 from backend.broker import Broker

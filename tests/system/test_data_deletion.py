@@ -21,7 +21,7 @@ import pytest
 from lifecycle import BACKEND, device_id_of, signed, upload
 from support import fill_buffer
 
-from agent.identity import load_identity
+from agent.identity.credentials import load_identity
 from agent.wire import telemetry
 from backend.db import BackendDb, patient_hmac
 from backend.home import BackendHome

@@ -43,7 +43,7 @@ def box(system: LocalSystem) -> Path:
 
 
 def stored_seqs(system: LocalSystem, state: Path) -> list[int]:
-    from agent.identity import load_identity
+    from agent.identity.credentials import load_identity
 
     return [r.seq for r in system.db.records(load_identity(state).device_id)]
 

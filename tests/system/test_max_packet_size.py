@@ -25,13 +25,14 @@ from pathlib import Path
 import pytest
 from support import fill_buffer
 
+from agent.buffer.intake import Recorder
+from agent.buffer.store import CLINICAL, Store
 from agent.clock import Clock
 from agent.config import Config, with_state_dir
-from agent.identity import load_identity
-from agent.intake import Recorder, Signer
-from agent.mqtt import LinkSettings, MqttLink, PacketTooLarge, TlsFiles, publish_packet_size
-from agent.store import CLINICAL, Store
-from agent.uplink import TOO_LARGE, Uplink
+from agent.identity.credentials import load_identity
+from agent.identity.signer import Signer
+from agent.link.mqtt import LinkSettings, MqttLink, PacketTooLarge, TlsFiles, publish_packet_size
+from agent.link.uplink import TOO_LARGE, Uplink
 from drivers.readings_json import dumps
 from drivers.simulators.records import random_records
 from testbed.harness import LocalSystem, device_config

@@ -1,4 +1,4 @@
-"""Table tests for the clinical alert rule (agent.intake.glucose_alerts).
+"""Table tests for the clinical alert rule (agent.buffer.intake.glucose_alerts).
 
 Defaults: severe hypo below 54 mg/dL, hypo below 70, hyper above 250 (docs: README, config
 ``alerts.*``). Each threshold is checked on both sides and on the value itself; mmol/L inputs go
@@ -14,8 +14,8 @@ from decimal import Decimal
 
 import pytest
 
+from agent.buffer.intake import glucose_alerts
 from agent.config import AlertsSection
-from agent.intake import glucose_alerts
 from drivers import contour_astm
 from drivers.models import GlucoseReading, RangeFlag, Unit, mmoll_to_mgdl
 

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from agent.mqtt import max_publish_payload, publish_packet_size
-from agent.store import CLINICAL, OutboxRow
-from agent.uplink import batch_size, encode_batch
+from agent.buffer.store import CLINICAL, OutboxRow
+from agent.link.mqtt import max_publish_payload, publish_packet_size
+from agent.link.uplink import batch_size, encode_batch
 
 
 def test_packet_size_arithmetic() -> None:

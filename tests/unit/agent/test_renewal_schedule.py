@@ -1,11 +1,11 @@
-"""When the box renews by itself (agent/renewal.py RenewalSchedule): pure, no clock of its own."""
+"""When the box renews by itself (agent/identity/renewal.py RenewalSchedule): pure, no clock of its own."""
 
 from __future__ import annotations
 
 import pytest
 
 from agent.config import SCHEMA, AgentSection
-from agent.renewal import RECOVER_RETRY_MAX_S, RETRY_MAX_S, RETRY_MIN_S, SETTLE_S, RenewalSchedule
+from agent.identity.renewal import RECOVER_RETRY_MAX_S, RETRY_MAX_S, RETRY_MIN_S, SETTLE_S, RenewalSchedule
 
 DAY = 86_400.0
 NOT_AFTER = 1_900_000_000.0

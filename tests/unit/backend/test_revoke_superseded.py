@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from agent.identity import build_csr, generate_key
+from agent.identity.credentials import build_csr, generate_key
 from agent.wire import cose
 from backend.commands import key_in_good_standing, revoke_superseded
 from backend.db import BackendDb

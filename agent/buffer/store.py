@@ -1,4 +1,5 @@
-"""The SQLite store-and-forward buffer: all SQL of the agent lives here.
+"""The SQLite store-and-forward buffer. All SQL of the agent lives in agent/buffer/: here, and the
+command journal's few statements in journal.py (same database, same connection).
 
 Durability: WAL with ``locking_mode=EXCLUSIVE`` and ``synchronous=FULL``. Exclusive
 locking keeps the WAL index in heap memory, so no shared writable mmap is needed
@@ -19,11 +20,16 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from agent.buffer.schema import MIGRATIONS, SCHEMA_VERSION
 from agent.errors import BufferFull, StorageUnavailable, StoreCorrupt, StoreError
 from agent.fsutil import atomic_write
+
+if TYPE_CHECKING:  # intake.py imports this module
+    from agent.buffer.intake import Intake
 
 log = logging.getLogger(__name__)
 
@@ -36,52 +42,6 @@ _CHUNK = 400  # SQL parameters per IN (...) list
 ALERT_RESERVE = 16  # alerts may exceed the limit by this much
 SEQ_BLOCK = 10_000  # sequence numbers reserved ahead in the side file (one small write per block)
 
-MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        """CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID""",
-        """CREATE TABLE outbox (
-            id INTEGER PRIMARY KEY,
-            stream TEXT NOT NULL CHECK (stream IN ('c', 'h')),
-            seq INTEGER NOT NULL,
-            kind TEXT NOT NULL,
-            priority INTEGER NOT NULL,
-            accepted_at REAL NOT NULL,
-            cose BLOB NOT NULL,
-            acked_at REAL,
-            UNIQUE (stream, seq))""",
-        """CREATE INDEX outbox_pending ON outbox (priority DESC, id) WHERE acked_at IS NULL""",
-        """CREATE INDEX outbox_acked ON outbox (acked_at) WHERE acked_at IS NOT NULL""",
-        """CREATE TABLE ledger (
-            source TEXT NOT NULL, record_key TEXT NOT NULL, seq INTEGER NOT NULL,
-            PRIMARY KEY (source, record_key)) WITHOUT ROWID""",
-        """CREATE TABLE conditions (code TEXT PRIMARY KEY, since REAL NOT NULL, message TEXT NOT NULL)""",
-        """CREATE TABLE sources (
-            source TEXT PRIMARY KEY, protocol TEXT NOT NULL, port TEXT NOT NULL,
-            last_seen REAL NOT NULL, last_complete INTEGER NOT NULL)""",
-        """INSERT INTO meta (key, value) VALUES ('next_seq_c', 1), ('next_seq_h', 1), ('last_ack', 0)""",
-    ),
-    2: (
-        """CREATE TABLE commands (
-            id TEXT PRIMARY KEY, type TEXT NOT NULL, received_at REAL NOT NULL,
-            state TEXT NOT NULL CHECK (state IN ('started', 'done')), result BLOB)""",
-        """INSERT INTO meta (key, value) VALUES ('cloud_floor', 0)""",
-    ),
-}
-SCHEMA_VERSION = max(MIGRATIONS)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Intake:
-    """One record to accept. ``build(seq)`` signs it once its sequence number is known."""
-
-    kind: str
-    priority: int
-    build: Callable[[int], bytes]
-    record_key: str | None = None  # ledger key for meter/pen records
-
-    @property
-    def stream(self) -> str:
-        return HEALTH if self.priority == PRIO_HEALTH else CLINICAL
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -287,11 +247,15 @@ class Store:
                 "INSERT INTO outbox (stream, seq, kind, priority, accepted_at, cose) VALUES (?, ?, ?, ?, ?, ?)", rows
             )
             db.executemany("INSERT INTO ledger (source, record_key, seq) VALUES (?, ?, ?)", ledger)
-            db.executemany("UPDATE meta SET value = ? WHERE key = ?", [(v, f"next_seq_{k}") for k, v in counters.items()])
+            db.executemany(
+                "UPDATE meta SET value = ? WHERE key = ?", [(v, f"next_seq_{k}") for k, v in counters.items()]
+            )
             if complete_keys is not None and source is not None and not truncated:
                 self._prune_ledger(db, source, set(complete_keys))
         if truncated:
-            raise BufferFull(f"buffer full: {len(seqs)} records stored, the rest refused (limit {self.max_records})", seqs)
+            raise BufferFull(
+                f"buffer full: {len(seqs)} records stored, the rest refused (limit {self.max_records})", seqs
+            )
         return seqs
 
     def _make_room(self, db: sqlite3.Connection, items: Sequence[Intake], *, partial: bool = False) -> int:
@@ -434,44 +398,6 @@ class Store:
                 "SELECT source, protocol, port, last_seen, last_complete FROM sources"
             )
         ]
-
-
-class CommandJournal:
-    """Exactly-once bookkeeping for cloud commands, in the buffer's database."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    def lookup(self, cmd_id: str) -> tuple[str, bytes | None] | None:
-        rows = self.store._read("SELECT state, result FROM commands WHERE id = ?", (cmd_id,))
-        return (rows[0][0], rows[0][1]) if rows else None
-
-    def start(self, cmd_id: str, ctype: str, issued_at: float, now: float | None = None) -> bool:
-        """Record the command as started (and raise the cloud time floor). False if already known."""
-        now = time.time() if now is None else now
-        with self.store.transaction() as db:
-            cur = db.execute(
-                "INSERT INTO commands (id, type, received_at, state) VALUES (?, ?, ?, 'started') ON CONFLICT(id) DO NOTHING",
-                (cmd_id, ctype, now),
-            )
-            db.execute("UPDATE meta SET value = max(value, ?) WHERE key = 'cloud_floor'", (int(issued_at),))
-            return cur.rowcount == 1
-
-    def finish(self, cmd_id: str, result: bytes) -> None:
-        with self.store.transaction() as db:
-            db.execute("UPDATE commands SET state = 'done', result = ? WHERE id = ?", (result, cmd_id))
-
-    def interrupted(self) -> list[tuple[str, str]]:
-        """Commands a crash left started: (id, type)."""
-        return [(i, t) for i, t in self.store._read("SELECT id, type FROM commands WHERE state = 'started'")]
-
-    def cloud_floor(self) -> float:
-        return float(self.store._read("SELECT value FROM meta WHERE key = 'cloud_floor'")[0][0])
-
-    def prune(self, older_than: float) -> int:
-        """Forget done commands past the longest lifetime a command may have (replays are expired by then)."""
-        with self.store.transaction() as db:
-            return db.execute("DELETE FROM commands WHERE state = 'done' AND received_at < ?", (older_than,)).rowcount
 
 
 def open_store(path: Path, *, max_records: int, retention_s: float) -> tuple[Store, str | None]:

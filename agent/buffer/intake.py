@@ -1,4 +1,5 @@
-"""Turning what the meters and pens gave us into signed, buffered records.
+"""What the buffer takes in: ``Intake`` (one record to accept) and ``Recorder``, which turns what the
+meters and pens gave us into signed, buffered records.
 
 A whole meter read is one batch: its new readings, the alerts they raise and
 the meter ledger commit together, so a crash leaves either all of it or none
@@ -7,38 +8,32 @@ the meter ledger commit together, so a crash leaves either all of it or none
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 
-from agent.clock import Clock
+from agent.buffer.store import CLINICAL, HEALTH, PRIO_ALERT, PRIO_HEALTH, PRIO_RECORD, Store
 from agent.config import AlertsSection
 from agent.errors import BufferFull, StorageUnavailable
-from agent.store import PRIO_ALERT, PRIO_HEALTH, PRIO_RECORD, Intake, Store
-from agent.wire import cose, telemetry
+from agent.identity.signer import Signer
+from agent.wire import telemetry
 from drivers.models import GlucoseReading, InsulinDose, RangeFlag, Unit
 
 log = logging.getLogger(__name__)
 
 
-class Signer:
-    """Signs telemetry packs with the device key at the moment they are accepted."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Intake:
+    """One record to accept. ``build(seq)`` signs it once its sequence number is known."""
 
-    def __init__(self, device_id: str, key: cose.PrivateKey, kid: bytes, clock: Clock) -> None:
-        self.device_id = device_id
-        self.key = key
-        self.kid = kid
-        self.clock = clock
+    kind: str
+    priority: int
+    build: Callable[[int], bytes]
+    record_key: str | None = None  # ledger key for meter/pen records
 
-    def builder(self, kind: telemetry.Kind, entries: list[dict[int, object]]) -> Callable[[int], bytes]:
-        def build(seq: int) -> bytes:
-            header = telemetry.Header(self.device_id, seq, kind, self.clock.now())
-            payload = telemetry.encode(header, entries)
-            return cose.sign1(self.key, payload, kid=self.kid, content_type=telemetry.SENML_CBOR_CONTENT_FORMAT)
-
-        return build
-
-    def sign_payload(self, payload: bytes) -> bytes:
-        return cose.sign1(self.key, payload, kid=self.kid)
+    @property
+    def stream(self) -> str:
+        return HEALTH if self.priority == PRIO_HEALTH else CLINICAL
 
 
 def glucose_alerts(r: GlucoseReading, limits: AlertsSection) -> list[tuple[str, str]]:

@@ -25,7 +25,7 @@ from agent import __version__
 from agent.config import Endpoint
 from agent.errors import GlucoagentError, LinkTimeout, ProvisioningError, TokenRejected
 from agent.fsutil import atomic_write
-from agent.identity import (
+from agent.identity.credentials import (
     build_csr,
     ensure_state_dir,
     hardware_serial,
@@ -34,7 +34,7 @@ from agent.identity import (
     load_or_create_key,
     save_credentials,
 )
-from agent.mqtt import LinkSettings, MqttLink, TlsFiles, Will
+from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles, Will
 from agent.wire import topics
 from agent.wire.provisioning import STATUS_OFFLINE, STATUS_ONLINE, check_reply, decode_reply, encode_request
 

@@ -4,7 +4,7 @@ paho speaks MQTT; this module translates its return codes and exceptions into
 ``LinkError`` subclasses (no rc escapes) and turns PUBACK callbacks into
 per-mid events that are always cleared. The caller's thread drives the network
 by calling ``loop()``; paho's own auto-reconnect is not used (the uplink owns
-backoff, see agent/uplink.py).
+backoff, see agent/link/uplink.py).
 """
 
 from __future__ import annotations

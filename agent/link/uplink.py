@@ -25,11 +25,11 @@ from typing import Any
 import cbor2
 import tenacity
 
+from agent.buffer.store import CLINICAL, HEALTH, OutboxRow, Store
 from agent.config import Config, Endpoint
 from agent.errors import GlucoagentError, LinkError, SignatureError, StoreError
-from agent.identity import DeviceIdentity
-from agent.mqtt import LinkSettings, MqttLink, TlsFiles, Will
-from agent.store import CLINICAL, HEALTH, OutboxRow, Store
+from agent.identity.credentials import DeviceIdentity
+from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles, Will
 from agent.wire.ack import decode_ack
 from agent.wire.provisioning import STATUS_OFFLINE, STATUS_ONLINE
 from agent.wire.topics import DeviceTopics

@@ -1,0 +1,37 @@
+"""The buffer's tables, as migrations keyed by ``PRAGMA user_version`` (applied in order by store.py,
+each in one transaction; docs/storage.md)."""
+
+from __future__ import annotations
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID""",
+        """CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY,
+            stream TEXT NOT NULL CHECK (stream IN ('c', 'h')),
+            seq INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            priority INTEGER NOT NULL,
+            accepted_at REAL NOT NULL,
+            cose BLOB NOT NULL,
+            acked_at REAL,
+            UNIQUE (stream, seq))""",
+        """CREATE INDEX outbox_pending ON outbox (priority DESC, id) WHERE acked_at IS NULL""",
+        """CREATE INDEX outbox_acked ON outbox (acked_at) WHERE acked_at IS NOT NULL""",
+        """CREATE TABLE ledger (
+            source TEXT NOT NULL, record_key TEXT NOT NULL, seq INTEGER NOT NULL,
+            PRIMARY KEY (source, record_key)) WITHOUT ROWID""",
+        """CREATE TABLE conditions (code TEXT PRIMARY KEY, since REAL NOT NULL, message TEXT NOT NULL)""",
+        """CREATE TABLE sources (
+            source TEXT PRIMARY KEY, protocol TEXT NOT NULL, port TEXT NOT NULL,
+            last_seen REAL NOT NULL, last_complete INTEGER NOT NULL)""",
+        """INSERT INTO meta (key, value) VALUES ('next_seq_c', 1), ('next_seq_h', 1), ('last_ack', 0)""",
+    ),
+    2: (
+        """CREATE TABLE commands (
+            id TEXT PRIMARY KEY, type TEXT NOT NULL, received_at REAL NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('started', 'done')), result BLOB)""",
+        """INSERT INTO meta (key, value) VALUES ('cloud_floor', 0)""",
+    ),
+}
+SCHEMA_VERSION = max(MIGRATIONS)

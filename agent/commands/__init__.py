@@ -1,0 +1,1 @@
+"""Cloud commands: the executor (the one place for command state and recovery) and its handlers."""
