@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
 from agent.cli import dispatch
+from agent.config import load_config
 from agent.errors import ConfigError
 from drivers.errors import NoPen, PortError, UnknownProtocol
 from drivers.registry import CONFIG_CHOICES, PROTOCOLS
