@@ -164,6 +164,14 @@ def _pairing_error(exc: BaseException, address: str, *, passkey_given: bool) -> 
     return PairingRefused(f"pairing with {address} refused by the device ({name})")
 
 
+async def _hang_up(connection: Connection) -> None:
+    """Disconnect unless the device already did; never wait long (a dead link answers nothing)."""
+    if connection.handle not in connection.device.connections:
+        return
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(connection.disconnect(), 3.0)
+
+
 class BleCentral:
     """Synchronous entry points; each opens the controller, does one job and closes it."""
 
@@ -307,8 +315,7 @@ class BleCentral:
         except (core.ProtocolError, core.BaseBumbleError, asyncio.CancelledError) as exc:
             raise _pairing_error(exc, address, passkey_given=passkey is not None) from exc
         finally:
-            with contextlib.suppress(Exception):
-                await connection.disconnect()
+            await _hang_up(connection)
         log.info("bonded with %s", address)
 
     async def _secure(self, device: Device, address: str) -> tuple[Connection, Peer]:
@@ -320,8 +327,7 @@ class BleCentral:
         try:
             await connection.encrypt()
         except (core.BaseBumbleError, hci.HCI_Error) as exc:
-            with contextlib.suppress(Exception):
-                await connection.disconnect()
+            await _hang_up(connection)
             raise PairingRefused(f"device {address} refused the stored bond (pair it again): {exc}") from exc
         return connection, Peer(connection)
 
@@ -375,8 +381,7 @@ class BleCentral:
                 ) from exc
             raise DeviceOutOfRange(f"device {address}: link failed: {exc}") from exc
         finally:
-            with contextlib.suppress(Exception):
-                await connection.disconnect()
+            await _hang_up(connection)
 
     async def _read_bp(self, device: Device, address: str, quiet_s: float, max_s: float) -> BpRead:
         received_at = dt.datetime.now(dt.UTC)
@@ -411,8 +416,7 @@ class BleCentral:
                 raise DeviceOutOfRange(f"device {address}: link failed: {exc}") from exc
             error = f"{address} disconnected during the transfer"
         finally:
-            with contextlib.suppress(Exception):
-                await connection.disconnect()
+            await _hang_up(connection)
         readings: dict[str, BloodPressureReading] = {}
         rejected: list[str] = []
         raw_seen: set[bytes] = set()

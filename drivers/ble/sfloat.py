@@ -54,12 +54,19 @@ def _signed(value: int, bits: int) -> int:
     return value - (1 << bits) if value & (1 << (bits - 1)) else value
 
 
+def _exact(mantissa: int, exponent: int) -> Decimal:
+    """mantissa x 10^exponent; a whole number prints as one (120, not 1.2E+2)."""
+    if exponent >= 0:
+        return Decimal(mantissa * 10**exponent)
+    return Decimal(mantissa).scaleb(exponent)
+
+
 def decode_sfloat(raw: int) -> Decimal | Special:
     """A 16-bit SFLOAT (as an unsigned int) -> its exact value or the special it encodes."""
     mantissa = raw & 0x0FFF
     if mantissa in _SFLOAT_SPECIAL:
         return _SFLOAT_SPECIAL[mantissa]
-    return Decimal(_signed(mantissa, 12)).scaleb(_signed(raw >> 12, 4))
+    return _exact(_signed(mantissa, 12), _signed(raw >> 12, 4))
 
 
 def decode_float(raw: int) -> Decimal | Special:
@@ -67,7 +74,7 @@ def decode_float(raw: int) -> Decimal | Special:
     mantissa = raw & 0xFFFFFF
     if mantissa in _FLOAT_SPECIAL:
         return _FLOAT_SPECIAL[mantissa]
-    return Decimal(_signed(mantissa, 24)).scaleb(_signed(raw >> 24, 8))
+    return _exact(_signed(mantissa, 24), _signed(raw >> 24, 8))
 
 
 def sfloat_at(data: bytes, offset: int, field: str) -> Decimal:
@@ -85,7 +92,7 @@ def encode_sfloat(value: Decimal | Special) -> bytes:
     sign, digits, exponent = value.normalize().as_tuple()
     assert isinstance(exponent, int)
     mantissa = int("".join(map(str, digits)) or "0") * (-1 if sign else 1)
-    while exponent > 7 and abs(mantissa * 10) <= 2045:  # shift into the exponent's range
+    while exponent > 0 and abs(mantissa * 10) <= 2045:  # 70, not 7E+1, where the mantissa can hold it
         mantissa, exponent = mantissa * 10, exponent - 1
     if not (-8 <= exponent <= 7 and abs(mantissa) <= 2045):  # +/-2046..2048 are the specials
         raise ValueError(f"{value} has no exact SFLOAT")

@@ -49,7 +49,7 @@ class GlsRecord:
 @dataclasses.dataclass(frozen=True, slots=True)
 class GlsFaults:
     disconnect_after: int | None = None  # drop the link after N records of the first transfer
-    duplicate: bool = False  # every measurement notified twice
+    duplicate_every: int = 0  # every Nth measurement notified twice (0: never)
     racp_error: int | None = None  # answer every report request with this response code
     slow_s: float = 0.0  # pause before each record
     garbage: frozenset[int] = frozenset()  # sequence numbers whose concentration is NaN
@@ -226,7 +226,8 @@ class GlucoseMeter:
             if self.faults.slow_s:
                 await asyncio.sleep(self.faults.slow_s)
             data = measurement_bytes(record, garbage=record.sequence in self.faults.garbage)
-            for _ in range(2 if self.faults.duplicate else 1):
+            repeat = self.faults.duplicate_every and n % self.faults.duplicate_every == 0
+            for _ in range(2 if repeat else 1):
                 await device.notify_subscriber(connection, self.measurement, data)
                 if record.meal is not None:
                     await device.notify_subscriber(
