@@ -202,6 +202,7 @@ def _simulate_ble(args: argparse.Namespace) -> int:
         options["address"] = args.address
     device: Any
     if glucose:
+        from drivers.ble import gls
         from drivers.simulators import ble_glucose as sim
 
         options["passkey"] = None if args.just_works else (args.passkey if args.passkey is not None else sim.DEFAULT_PASSKEY)
@@ -210,7 +211,7 @@ def _simulate_ble(args: argparse.Namespace) -> int:
             faults = sim.GlsFaults(
                 disconnect_after=args.disconnect_after,
                 duplicate_every=args.duplicate_every or 0,
-                racp_error=None if args.racp_error is None else int(sim.gls.Response(args.racp_error)),
+                racp_error=None if args.racp_error is None else int(gls.Response(args.racp_error)),
                 slow_s=args.slow,
                 garbage=frozenset(args.garbage or ()),
                 silent=bool(args.silent),

@@ -149,7 +149,9 @@ def _identity(path: Path) -> tuple[str, bytes]:
 
 def _address(text: str) -> hci.Address:
     try:
-        return hci.Address(text, hci.Address.RANDOM_DEVICE_ADDRESS if int(text[:2], 16) >= 0xC0 else 0)
+        random = int(text[:2], 16) >= 0xC0  # static random addresses have the two top bits set
+        kind = hci.Address.RANDOM_DEVICE_ADDRESS if random else hci.Address.PUBLIC_DEVICE_ADDRESS
+        return hci.Address(text, kind)
     except (ValueError, core.InvalidArgumentError) as exc:
         raise BleError(f"not a Bluetooth address: {text!r}") from exc
 
@@ -438,7 +440,7 @@ class BleCentral:
         return BpRead(tuple(readings.values()), tuple(rejected), error is None, error, repeats)
 
 
-class _Partial(Exception):  # noqa: N818 - internal control flow: the transfer ended early
+class _Partial(Exception):
     pass
 
 

@@ -51,7 +51,7 @@ class BpFaults:
 
 
 def demo_records(count: int, start: dt.datetime | None = None) -> list[BpRecord]:
-    t0 = start or dt.datetime(2026, 1, 1, 7, 30)  # noqa: DTZ001 - cuff-local time
+    t0 = start or dt.datetime(2026, 1, 1, 7, 30)
     return [
         BpRecord(
             time=t0 + dt.timedelta(hours=12 * i),
@@ -81,7 +81,7 @@ class BpCuff:
     def __init__(
         self,
         records: Sequence[BpRecord],
-        faults: BpFaults = BpFaults(),  # noqa: B008 - frozen
+        faults: BpFaults = BpFaults(),
         *,
         name: str = "BP Cuff SIM",
         address: str = DEFAULT_ADDRESS,
@@ -126,11 +126,10 @@ class BpCuff:
         device = self.radio.device
         try:
             for n, record in enumerate(self.records()):
-                if self.faults.disconnect_after is not None and n == self.faults.disconnect_after:
-                    if not self._disconnected_once:
-                        self._disconnected_once = True
-                        await connection.disconnect()
-                        return
+                if n == self.faults.disconnect_after and not self._disconnected_once:
+                    self._disconnected_once = True
+                    await connection.disconnect()
+                    return
                 if self.faults.slow_s:
                     await asyncio.sleep(self.faults.slow_s)
                 data = measurement_bytes(record, garbage=n in self.faults.garbage)

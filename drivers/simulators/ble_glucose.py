@@ -58,7 +58,7 @@ class GlsFaults:
 
 def demo_records(count: int, start: dt.datetime | None = None, first_sequence: int = 1) -> list[GlsRecord]:
     """``count`` records, oldest first, 4 hours apart, deterministic values; every 7th has a meal context."""
-    t0 = start or dt.datetime(2026, 1, 1, 7, 0)  # noqa: DTZ001 - meter-local time
+    t0 = start or dt.datetime(2026, 1, 1, 7, 0)
     return [
         GlsRecord(
             sequence=first_sequence + i,
@@ -109,7 +109,7 @@ class GlucoseMeter:
     def __init__(
         self,
         records: Sequence[GlsRecord],
-        faults: GlsFaults = GlsFaults(),  # noqa: B008 - frozen
+        faults: GlsFaults = GlsFaults(),
         *,
         name: str = "Glucose Meter SIM",
         address: str = DEFAULT_ADDRESS,
@@ -124,6 +124,7 @@ class GlucoseMeter:
         self._disconnected_once = False
         self._abort = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._busy = False
 
     # --- state a test changes while the meter runs --------------------------------------------------
     def add_records(self, records: Iterable[GlsRecord]) -> None:
@@ -149,7 +150,7 @@ class GlucoseMeter:
         self.feature = Characteristic(
             UUID.from_16_bits(gls.FEATURE), Characteristic.Properties.READ, ENCRYPTED_READ, feature.to_bytes(2, "little")
         )
-        self.racp = Characteristic(
+        self.racp: Characteristic[bytes] = Characteristic(
             UUID.from_16_bits(gls.RACP),
             Characteristic.Properties.WRITE | Characteristic.Properties.INDICATE,
             ENCRYPTED_WRITE,
@@ -164,15 +165,17 @@ class GlucoseMeter:
             if self._task is None or self._task.done():
                 asyncio.get_running_loop().create_task(self._respond(connection, gls.Op.ABORT, gls.Response.SUCCESS))
             return
-        if self._task is not None and not self._task.done():
+        if self._busy:
             asyncio.get_running_loop().create_task(
                 self._respond(connection, request.op, gls.Response.PROCEDURE_NOT_COMPLETED)
             )
             return
         self._abort.clear()
+        self._busy = True
         self._task = asyncio.get_running_loop().create_task(self._procedure(connection, request))
 
     async def _respond(self, connection: Connection, request: int, code: gls.Response) -> None:
+        self._busy = False  # the procedure ends with its response: a new request may follow at once
         await self.radio.device.indicate_subscriber(connection, self.racp, gls.response(request, code))
 
     def _select(self, request: gls.RacpRequest) -> list[GlsRecord] | gls.Response:
@@ -195,6 +198,13 @@ class GlucoseMeter:
         return gls.Response.INVALID_OPERATOR
 
     async def _procedure(self, connection: Connection, request: gls.RacpRequest) -> None:
+        try:
+            await self._run_procedure(connection, request)
+        except Exception as exc:  # the central went away mid-procedure: the meter just stops
+            log.info("meter: procedure ended: %s", exc)
+            self._busy = False
+
+    async def _run_procedure(self, connection: Connection, request: gls.RacpRequest) -> None:
         if request.op not in (gls.Op.REPORT_RECORDS, gls.Op.REPORT_NUMBER):
             await self._respond(connection, request.op, gls.Response.OP_CODE_NOT_SUPPORTED)
             return
@@ -203,6 +213,7 @@ class GlucoseMeter:
             await self._respond(connection, request.op, selected)
             return
         if request.op == gls.Op.REPORT_NUMBER:
+            self._busy = False
             await self.radio.device.indicate_subscriber(connection, self.racp, gls.number_response(len(selected)))
             return
         self.transfers += 1
@@ -217,12 +228,12 @@ class GlucoseMeter:
             if self._abort.is_set():
                 await self._respond(connection, gls.Op.ABORT, gls.Response.SUCCESS)
                 return
-            if self.faults.disconnect_after is not None and n == self.faults.disconnect_after:
-                if not self._disconnected_once:
-                    self._disconnected_once = True
-                    log.info("meter: dropping the link after %d records", n)
-                    await connection.disconnect()
-                    return
+            if n == self.faults.disconnect_after and not self._disconnected_once:
+                self._disconnected_once = True
+                log.info("meter: dropping the link after %d records", n)
+                self._busy = False
+                await connection.disconnect()
+                return
             if self.faults.slow_s:
                 await asyncio.sleep(self.faults.slow_s)
             data = measurement_bytes(record, garbage=record.sequence in self.faults.garbage)

@@ -20,7 +20,7 @@ from typing import Any
 
 from bumble.controller import Controller
 from bumble.device import Device, DeviceConfiguration
-from bumble.hci import Address
+from bumble.hci import Address, OwnAddressType
 from bumble.host import Host
 from bumble.link import LocalLink
 from bumble.pairing import PairingConfig, PairingDelegate
@@ -66,7 +66,7 @@ class VirtualRadio:
         self.peripheral = peripheral
         self._transport: Any = None
         self.device: Device
-        self.air = LocalLink()
+        self.air = LocalLink()  # type: ignore[no-untyped-call]  # bumble leaves __init__ unannotated
 
     async def __aenter__(self) -> VirtualRadio:
         # A stale link (a simulator killed earlier) would make open_transport fail: remove it first.
@@ -103,7 +103,7 @@ class VirtualRadio:
         )
         await self.device.start_advertising(
             advertising_data=bytes(data),
-            own_address_type=0x01,  # our static random address: no private-address rotation
+            own_address_type=OwnAddressType.RANDOM,  # our static random address: no private-address rotation
             auto_restart=True,
             advertising_interval_min=ADVERTISING_INTERVAL_MS,
             advertising_interval_max=ADVERTISING_INTERVAL_MS,
