@@ -51,6 +51,8 @@ from drivers.errors import (
 from drivers.models import BloodPressureReading, GlucoseReading
 
 log = logging.getLogger(__name__)
+# bumble logs passkeys, TKs and DH keys at DEBUG: its loggers never go below INFO, whatever the box's level.
+logging.getLogger("bumble").setLevel(logging.INFO)
 T = TypeVar("T")
 NAMESPACE = "glucoagent"
 IDENTITY = "glucoagent-identity"  # our own address and IRK, next to the bonds in the same file

@@ -185,9 +185,6 @@ class Need:
         except ValueError as exc:
             raise InvalidResponse(f"{self.what}: {field} is not a date: {exc}") from None
 
-    def end(self) -> None:
-        """Trailing bytes are allowed (later profile versions append fields); nothing to check."""
-
 
 def decode_measurement(data: bytes) -> Measurement:
     c = Need(data, "glucose measurement")

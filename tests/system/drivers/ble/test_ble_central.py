@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import stat
 import threading
 from collections.abc import Iterator
@@ -223,3 +224,20 @@ def test_bp_disconnect_mid_transfer_and_garbage(rig: Rig) -> None:
     full = central.read_bp(BP, quiet_s=1.0)  # stays connected: the quiet timeout ends the read
     assert full.complete and len(full.readings) == 11
     assert len(full.rejected) == 1 and "systolic is NaN" in full.rejected[0]
+
+
+def test_no_secret_reaches_the_log_even_at_debug(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    central = rig.start(GlucoseMeter(demo_records(3)))
+    central.pair(GLS, lambda: ble_glucose.DEFAULT_PASSKEY)
+    central.read_glucose(GLS)
+    db = json.loads(central.keystore.read_text())
+    secrets = [db["glucoagent-identity"]["irk"], str(ble_glucose.DEFAULT_PASSKEY)]
+    secrets += [v["value"] for v in db["glucoagent"][GLS].values() if isinstance(v, dict) and "value" in v]
+    assert len(secrets) >= 3
+    # the simulated meter's own "display" line shows its passkey, as the meter would: not the box's log
+    box = [r for r in caplog.records if not r.name.startswith("drivers.simulators")]
+    assert box  # debug logging was on and captured
+    text = "\n".join(r.getMessage() for r in box).lower()
+    for secret in secrets:
+        assert secret.lower() not in text
