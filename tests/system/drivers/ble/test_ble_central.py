@@ -241,3 +241,12 @@ def test_no_secret_reaches_the_log_even_at_debug(rig: Rig, caplog: pytest.LogCap
     text = "\n".join(r.getMessage() for r in box).lower()
     for secret in secrets:
         assert secret.lower() not in text
+
+
+def test_a_port_without_a_controller_behind_it(tmp_path: Path) -> None:
+    from drivers.errors import ControllerNotResponding
+    from drivers.simulators.pty_link import PtyLink
+
+    with PtyLink(tmp_path / "ttySILENT"), pytest.raises(ControllerNotResponding, match="does not answer HCI") as caught:
+        BleCentral(str(tmp_path / "ttySILENT"), tmp_path / "k.json").scan(0.2)
+    assert caught.value.exit_code == 22
