@@ -219,9 +219,9 @@ def test_bp_disconnect_mid_transfer_and_garbage(rig: Rig) -> None:
         ble_bp.BpCuff(records, ble_bp.BpFaults(disconnect_after=5, garbage=frozenset({8}), stay_connected=True))
     )
     central.pair(BP, lambda: ble_bp.DEFAULT_PASSKEY)
-    partial = central.read_bp(BP, quiet_s=1.0)
+    partial = central.read_bp(BP, quiet_s=2.0)
     assert len(partial.readings) == 5 and partial.rejected == ()
-    full = central.read_bp(BP, quiet_s=1.0)  # stays connected: the quiet timeout ends the read
+    full = central.read_bp(BP, quiet_s=2.0)  # stays connected: the quiet timeout ends the read
     assert full.complete and len(full.readings) == 11
     assert len(full.rejected) == 1 and "systolic is NaN" in full.rejected[0]
 
