@@ -250,3 +250,24 @@ def test_a_port_without_a_controller_behind_it(tmp_path: Path) -> None:
     with PtyLink(tmp_path / "ttySILENT"), pytest.raises(ControllerNotResponding, match="does not answer HCI") as caught:
         BleCentral(str(tmp_path / "ttySILENT"), tmp_path / "k.json").scan(0.2)
     assert caught.value.exit_code == 22
+
+
+def test_flags_travel_over_the_air(rig: Rig) -> None:
+    from drivers.models import RangeFlag
+    from drivers.simulators.ble_glucose import GlsRecord
+
+    t = dt.datetime(2026, 4, 1, 9, 0)
+    records = [
+        GlsRecord(1, t, 600, status=int(gls.Status.RESULT_HIGH)),
+        GlsRecord(2, t + dt.timedelta(hours=1), 20, status=int(gls.Status.RESULT_LOW | gls.Status.BATTERY_LOW)),
+        GlsRecord(3, t + dt.timedelta(hours=2), 120, control=True),
+        GlsRecord(4, t + dt.timedelta(hours=3), 95, meal=3, status=int(gls.Status.SAMPLE_TOO_SMALL)),
+    ]
+    central = rig.start(GlucoseMeter(records))
+    central.pair(GLS, lambda: ble_glucose.DEFAULT_PASSKEY)
+    high, low, control, fasting = central.read_glucose(GLS).readings
+    assert (high.range_flag, high.value_mgdl) == (RangeFlag.HIGH, 600)
+    assert (low.range_flag, low.comment) == (RangeFlag.LOW, "battery-low")
+    assert control.control_solution and not high.control_solution
+    assert fasting.meal.value == "fasting" and fasting.suspect and fasting.comment == "sample-too-small"
+    assert [r.meter_time for r in (high, low, control, fasting)] == [r.time for r in records]
