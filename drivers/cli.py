@@ -19,7 +19,7 @@ from typing import Any
 from drivers import readings_json
 from drivers.errors import BadRecordsFile, DriverError, DriverUsageError, InputUnreadable, InvalidResponse
 from drivers.models import GlucoseReading
-from drivers.registry import PROTOCOLS, driver_module, is_pen
+from drivers.registry import PROTOCOLS, SIMULATED, driver_module, is_ble, is_pen
 from drivers.simulators.base import DEFAULT_BAUD
 
 PROG = "glucoagent"
@@ -38,14 +38,29 @@ METER_FLAGS = (
     "seed",
 )
 PEN_FLAGS = ("doses", "capture", "remove_at", "away_polls", "corrupt_at")
+BLE_FLAGS = (
+    "count",
+    "passkey",
+    "just_works",
+    "address",
+    "disconnect_after",
+    "duplicate_every",
+    "racp_error",
+    "garbage",
+    "silent",
+)
 
 
 def add_parsers(subparsers: Any) -> None:
     """Add ``simulate`` and ``decode`` to an argparse subparsers object."""
     protocols = list(PROTOCOLS)
-    p = subparsers.add_parser("simulate", help="serve a simulated meter or pen reader on a pseudo-terminal")
-    p.add_argument("protocol", choices=protocols)
-    p.add_argument("--link", required=True, help="symlink to create for the pty, e.g. /tmp/ttyMETER")
+    p = subparsers.add_parser(
+        "simulate", help="serve a simulated meter, pen reader or BLE device (its virtual controller) on a pseudo-terminal"
+    )
+    p.add_argument("protocol", choices=list(SIMULATED))
+    p.add_argument(
+        "--link", required=True, help="symlink to create for the pty, e.g. /tmp/ttyMETER (BLE: the controller's HCI UART)"
+    )
     p.add_argument("--slow", type=float, default=0.0, help="extra seconds before every reply")
     m = p.add_argument_group("meters")
     m.add_argument("--records", help="JSON array of readings (docs/readings.md), newest first; default: demo set")
@@ -65,6 +80,16 @@ def add_parsers(subparsers: Any) -> None:
     pen.add_argument("--remove-at", type=int, help="the pen leaves the field at this exchange")
     pen.add_argument("--away-polls", type=int, help="empty target polls before the pen is back (default 1)")
     pen.add_argument("--corrupt-at", type=int, action="append", help="reply frame number to damage (repeatable)")
+    ble = p.add_argument_group("ble-glucose, ble-bp (a GATT server behind a virtual controller; docs/ble.md)")
+    ble.add_argument("--count", type=int, help="stored records to generate (default 300 glucose, 40 blood pressure)")
+    ble.add_argument("--passkey", type=int, help="the passkey the device shows (default 123456 / 654321)")
+    ble.add_argument("--just-works", action="store_true", default=None, help="no display: Just Works pairing only")
+    ble.add_argument("--address", help="the device's static random address")
+    ble.add_argument("--disconnect-after", type=int, help="drop the link after N records of the first transfer")
+    ble.add_argument("--duplicate-every", type=int, help="send every Nth record twice")
+    ble.add_argument("--racp-error", type=int, help="ble-glucose: answer record requests with this RACP response code")
+    ble.add_argument("--garbage", type=int, action="append", help="record (glucose: sequence; bp: index) sent as NaN")
+    ble.add_argument("--silent", action="store_true", default=None, help="never advertise (out of range)")
     p.set_defaults(func=cmd_simulate)
 
     p = subparsers.add_parser("decode", help="decode a raw capture of what a meter or pen sent")
@@ -86,8 +111,10 @@ def _link(value: str) -> Path:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    if is_ble(args.protocol):
+        return _simulate_ble(args)
     pen = is_pen(args.protocol)
-    wrong = _given(args, METER_FLAGS if pen else PEN_FLAGS)
+    wrong = _given(args, (*(METER_FLAGS if pen else PEN_FLAGS), *BLE_FLAGS))
     if wrong:
         kind = "a pen reader" if pen else "a meter"
         raise DriverUsageError(f"simulate {args.protocol}: {', '.join(wrong)} does not apply to {kind}")
@@ -152,6 +179,68 @@ def _simulate_pen(args: argparse.Namespace, link: Path) -> int:
         raise BadRecordsFile(f"simulate {args.protocol}: {exc}") from exc
     stats = serve_pen(link, source, faults)
     print(f"served {stats.exchanges} exchanges, {stats.sessions} sessions, {stats.nacks} NACKs", flush=True)
+    return 0
+
+
+def _simulate_ble(args: argparse.Namespace) -> int:
+    import threading
+
+    from drivers.simulators.run import stop_on_signals
+
+    glucose = args.protocol == "ble-glucose"
+    not_here = [f for f in METER_FLAGS if not (glucose and f == "records")]
+    wrong = _given(args, (*not_here, *PEN_FLAGS, *(() if glucose else ("racp_error",))))
+    if wrong:
+        raise DriverUsageError(f"simulate {args.protocol}: {', '.join(wrong)} does not apply to {args.protocol}")
+    if args.just_works and args.passkey is not None:
+        raise DriverUsageError(f"simulate {args.protocol}: give either --passkey or --just-works")
+    if args.passkey is not None and not 0 <= args.passkey <= 999999:
+        raise DriverUsageError(f"simulate {args.protocol}: --passkey must be 0..999999")
+    link = str(_link(args.link))
+    options: dict[str, Any] = {}
+    if args.address:
+        options["address"] = args.address
+    device: Any
+    if glucose:
+        from drivers.ble import gls
+        from drivers.simulators import ble_glucose as sim
+
+        options["passkey"] = None if args.just_works else (args.passkey if args.passkey is not None else sim.DEFAULT_PASSKEY)
+        records = sim.load_records(args.records) if args.records else sim.demo_records(300 if args.count is None else args.count)
+        try:
+            faults = sim.GlsFaults(
+                disconnect_after=args.disconnect_after,
+                duplicate_every=args.duplicate_every or 0,
+                racp_error=None if args.racp_error is None else int(gls.Response(args.racp_error)),
+                slow_s=args.slow,
+                garbage=frozenset(args.garbage or ()),
+                silent=bool(args.silent),
+            )
+        except ValueError as exc:
+            raise DriverUsageError(f"simulate {args.protocol}: {exc}") from exc
+        device = sim.GlucoseMeter(records, faults, **options)
+    else:
+        from drivers.simulators import ble_bp as bp
+
+        options["passkey"] = None if args.just_works else (args.passkey if args.passkey is not None else bp.DEFAULT_PASSKEY)
+        faults_bp = bp.BpFaults(
+            duplicate_every=args.duplicate_every or 0,
+            disconnect_after=args.disconnect_after,
+            slow_s=args.slow,
+            garbage=frozenset(args.garbage or ()),
+            silent=bool(args.silent),
+        )
+        device = bp.BpCuff(bp.demo_records(40 if args.count is None else args.count), faults_bp, **options)
+    passkey = device.peripheral.passkey
+    shown = "Just Works" if passkey is None else f"passkey {passkey:06d}"
+    print(
+        f"simulating {args.protocol} {device.peripheral.address} ({len(device.records())} records, {shown}); "
+        f"its controller's HCI on {link}; Ctrl-C to stop",
+        file=sys.stderr,
+    )
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        device.serve(link, stop)
     return 0
 
 

@@ -67,3 +67,56 @@ class InputUnreadable(DriverError):
     """A file given to a driver command (a capture to decode) could not be read: an OS error, not the device's."""
 
     exit_code = 1
+
+
+# --- Bluetooth LE (drivers/ble/, docs/ble.md): each its own message and exit code --------------------
+class BleError(DriverError):
+    """A Bluetooth LE controller or health device did not do what the host asked."""
+
+
+class ControllerAbsent(BleError):
+    """The HCI controller's serial port is missing or cannot be opened."""
+
+    exit_code = 21
+
+
+class ControllerNotResponding(BleError):
+    """The port opened but no HCI controller answered (wrong device, wrong baud, hung firmware)."""
+
+    exit_code = 22
+
+
+class DeviceOutOfRange(BleError):
+    """The device was not seen advertising (switched off, asleep, out of range) or the link was lost."""
+
+    exit_code = 23
+
+
+class PairingRefused(BleError):
+    """The device refused pairing or bonding (not in pairing mode, unsupported method)."""
+
+    exit_code = 24
+
+
+class WrongPasskey(PairingRefused):
+    """Pairing failed on the passkey check: the passkey entered is not the one the device showed."""
+
+    exit_code = 25
+
+
+class NotBonded(BleError):
+    """Reading was asked of a device this box has no bond with (pair it first)."""
+
+    exit_code = 26
+
+
+class ProfileMissing(BleError):
+    """The device does not offer the GATT service or characteristic the profile requires."""
+
+    exit_code = 27
+
+
+class RecordAccessError(BleError):
+    """The meter answered a Record Access Control Point request with an error, or not in time."""
+
+    exit_code = 28

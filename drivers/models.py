@@ -141,3 +141,65 @@ class MeterRead:
     readings: tuple[GlucoseReading, ...]
     complete: bool
     error: str | None = None
+
+
+# --- Bluetooth LE health devices (docs/ble.md) -------------------------------------------------------
+class PressureUnit(enum.StrEnum):
+    MMHG = "mmHg"
+    KPA = "kPa"
+
+
+MMHG_PER_KPA = Decimal("7.50062")  # 1 kPa = 1000 Pa / 133.322 Pa per mmHg
+
+
+def kpa_to_mmhg(value: Decimal) -> Decimal:
+    """Convert with the documented factor, rounded half-up to 0.1 mmHg (cuffs resolve 1 mmHg)."""
+    return (value * MMHG_PER_KPA).quantize(Decimal("0.1"), rounding="ROUND_HALF_UP")
+
+
+class BpStatus(enum.StrEnum):
+    """Blood Pressure Measurement Status bits (BLS 1.0), one member per condition the cuff reported."""
+
+    BODY_MOVEMENT = "body-movement"
+    CUFF_LOOSE = "cuff-too-loose"
+    IRREGULAR_PULSE = "irregular-pulse"
+    PULSE_ABOVE_RANGE = "pulse-above-range"
+    PULSE_BELOW_RANGE = "pulse-below-range"
+    PULSE_RANGE_RESERVED = "pulse-range-reserved"  # the 2-bit field held 0b11
+    IMPROPER_POSITION = "improper-position"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BloodPressureReading:
+    """One blood-pressure measurement as a BLE cuff indicated it, pressures canonical in mmHg.
+
+    ``native_*`` keep the cuff's own numbers and unit verbatim. ``device_time`` is naive cuff-local
+    time, None when the cuff sent no (or an unknown) timestamp. ``map_mmhg``/``pulse_bpm`` are None
+    when absent or not a number on the wire (a cuff that computes no MAP sends NaN).
+    """
+
+    device_serial: str  # the cuff's identity: its Bluetooth identity address
+    record_key: str  # de-duplication key (drivers/ble/bls.py ``record_key``)
+    device_time: dt.datetime | None
+    systolic_mmhg: Decimal
+    diastolic_mmhg: Decimal
+    map_mmhg: Decimal | None
+    native_unit: PressureUnit
+    native_values: tuple[str, str, str]  # systolic, diastolic, MAP as on the wire ("NaN" for a special)
+    pulse_bpm: Decimal | None = None
+    user_id: int | None = None  # 255 on the wire ("unknown user") -> None
+    status: frozenset[BpStatus] = frozenset()
+    clock_offset_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.device_time is not None and self.device_time.tzinfo is not None:
+            raise ValueError("device_time must be naive device-local time")
+        if not self.record_key:
+            raise ValueError("record_key must not be empty")
+        for name, value in (("systolic", self.systolic_mmhg), ("diastolic", self.diastolic_mmhg)):
+            if not Decimal(0) < value < Decimal(400):
+                raise ValueError(f"{name} out of range: {value} mmHg")
+        if self.map_mmhg is not None and not Decimal(0) < self.map_mmhg < Decimal(400):
+            raise ValueError(f"mean arterial pressure out of range: {self.map_mmhg} mmHg")
+        if self.pulse_bpm is not None and not Decimal(0) < self.pulse_bpm < Decimal(400):
+            raise ValueError(f"pulse out of range: {self.pulse_bpm} /min")

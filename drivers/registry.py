@@ -31,6 +31,11 @@ METERS: dict[str, str] = {
 PENS: dict[str, str] = {"novopen": "drivers.novopen"}
 DEFAULT_PEN = "novopen"  # a ``pen`` section of the config without a protocol
 PROTOCOLS: dict[str, str] = {**METERS, **PENS}
+#: Bluetooth LE health profiles (docs/ble.md): protocol -> its pure codec module. Not serial: never
+#: probed, not a ``protocol`` of a serial port; read through drivers.ble.central on an HCI controller.
+BLE: dict[str, str] = {"ble-glucose": "drivers.ble.gls", "ble-bp": "drivers.ble.bls"}
+#: What ``glucoagent simulate`` can run.
+SIMULATED: tuple[str, ...] = (*PROTOCOLS, *BLE)
 #: A configured port may leave the protocol to the probe (meters only).
 AUTO = "auto"
 CONFIG_CHOICES: tuple[str, ...] = (AUTO, *PROTOCOLS)
@@ -43,6 +48,10 @@ PROBE_TIMEOUT = 0.6
 
 def is_pen(protocol: str) -> bool:
     return protocol in PENS
+
+
+def is_ble(protocol: str) -> bool:
+    return protocol in BLE
 
 
 def driver_module(protocol: str) -> ModuleType:
