@@ -4,7 +4,7 @@ Real processes throughout: mosquitto with mutual TLS and ACLs, the reference bac
 one provisioned agent, three simulated meters (OneTouch Ultra 2, Contour ASTM,
 OneTouch UltraEasy) and a simulated NovoPen, each on its own pty. The meters' memories
 grow all the time (every ``--grow-s`` seconds each simulator is restarted with a
-superset of its records, as tests/test_crash.py does), and a fault schedule cycles
+superset of its records, as tests/system/test_crash.py does), and a fault schedule cycles
 through:
 
 * ``agent_sigkill``: SIGKILL of the agent's process group, restarted 0.5-2 s later (one to
@@ -643,7 +643,7 @@ Kept by hand in `testbed/soak.py` (the template of this page):
   `MeterWatcher._scan` only caught `GlucoagentError`, the `meters` thread ended and the
   agent went on running and uploading but never read a meter or pen again, with no alert.
   Fixed in `agent/meters.py` (any exception from a read is a port error, retried with
-  backoff; test `tests/test_meter_watcher.py`). Still open in the drivers: translate
+  backoff; test `tests/unit/agent/test_meter_watcher.py`). Still open in the drivers: translate
   `termios.error` into `PortError` in `SerialTransport` (write's `flush()`, `flush_input()`),
   and do not let the NovoPen driver's `release()` in `read_pen` replace the first error.
 - A pen left in the reader's field is read in full on every port scan (every 0.5 s here,

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lifecycle import BACKEND, device_id_of, signed, upload
+from support.lifecycle import BACKEND, device_id_of, signed, upload
 from support import fill_buffer
 
 from agent.identity.credentials import load_identity

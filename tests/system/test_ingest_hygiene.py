@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
-from lifecycle import device_id_of, signed, upload
+from support.lifecycle import device_id_of, signed, upload
 from support import MqttProbe
 
 from agent.wire import topics

@@ -1,4 +1,4 @@
-"""Helpers for the issue-12 system tests: a provisioned box's own key signs records, its certificate uploads them."""
+"""Helpers for the system tests of a provisioned box: its own key signs records, its certificate uploads them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
-from support import MqttProbe
+from support.probe import MqttProbe
 
 from agent.clock import Clock, ClockQuality, Timestamp
 from agent.identity.credentials import load_identity
