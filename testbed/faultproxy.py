@@ -241,11 +241,3 @@ class TcpProxy:
         with self._lock:
             self._pairs.discard(pair)
 
-    def wait_connections(self, n: int, timeout: float) -> bool:
-        """Poll until at least ``n`` connections are open (True) or ``timeout`` passes (False)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.connections >= n:
-                return True
-            time.sleep(POLL_S)
-        return self.connections >= n
