@@ -1,4 +1,4 @@
-"""Shared bits for benchmarks: a signer with a fresh key, timers, process I/O counters."""
+"""Shared bits for benchmarks: a signer with a fresh key, best-of runs, process I/O counters."""
 
 from __future__ import annotations
 
