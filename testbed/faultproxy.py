@@ -137,11 +137,6 @@ class TcpProxy:
         """For the agent's ``mqtt.endpoint``: the broker certificate names localhost."""
         return f"mqtts://localhost:{self.port}"
 
-    @property
-    def connections(self) -> int:
-        with self._lock:
-            return len(self._pairs)
-
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> TcpProxy:
         self._acceptor.start()
