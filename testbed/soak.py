@@ -30,6 +30,9 @@ At the end the faults stop, the meters stop growing and the agent drains. The au
 compares what the meters and the pen held (accepted) with what the backend stored
 (delivered): lost and duplicated must both be 0, or the exit status is 1.
 ``python -m testbed.soak --minutes 5`` prints the table and writes docs/reliability.md.
+
+This module runs the system; the devices are in testbed/soak_devices.py, the fault schedule and
+actions in testbed/soak_faults.py, the audit and report in testbed/soak_report.py.
 """
 
 from __future__ import annotations
