@@ -67,7 +67,7 @@ SOAK_MINUTES ?= 30
 SOAK_KILLS ?= $(shell echo $$(( $(SOAK_MINUTES) * 100 )))
 soak: setup
 	$(BIN)/python -m testbed.soak --minutes $(SOAK_MINUTES)
-	GLUCOAGENT_CRASH_KILLS=$(SOAK_KILLS) $(BIN)/pytest -q -p no:cacheprovider tests/test_crash.py
+	GLUCOAGENT_CRASH_KILLS=$(SOAK_KILLS) $(BIN)/pytest -q -p no:cacheprovider tests/system/test_crash.py
 
 # OpenWrt's own uci, opkg, apk, jshn, built once into ~/.cache/glucoagent (GLUCOAGENT_TOOLS_CACHE).
 openwrt-tools: setup

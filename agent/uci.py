@@ -29,6 +29,9 @@ Every error is a :class:`agent.errors.ConfigError` whose message names the sourc
 
 No I/O here: :func:`parse_uci` takes text, :func:`dump_uci` returns text, :func:`set_option` rewrites
 text.
+
+Longer than the ~400 lines a module should have, on purpose: this is libuci's grammar transcribed,
+one protocol kept whole so that it reads next to ``file.c``; do not split it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The cloud's own MQTT client on paho 2.x: mutual TLS pinned to the fleet CA with the broker's host
 name checked (``tls_client``), and ``BackendLink``, the connection the service and the command client use.
 
-Not ``agent.mqtt`` on purpose: the layering lets the cloud import only ``agent.wire`` and the error root,
+Not ``agent.link.mqtt`` on purpose: the layering lets the cloud import only ``agent.wire`` and the error root,
 so the box's link (its backoff, manual acks, packet-size guard) can change without changing the cloud."""
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from backend.service import BackendKeys
 
 log = logging.getLogger(__name__)
-# Refusal codes a box maps to its own exit codes (agent/provisioning.py).
+# Refusal codes a box maps to its own exit codes (agent/identity/provisioning.py).
 BOUND_TO_OTHER_PATIENT = "bound_to_other_patient"
 UNSUPPORTED_KEY = "unsupported_key"
 # Re-enrolment over the claim path is for a certificate that has expired; this much clock difference
@@ -111,7 +111,7 @@ class ProvisioningMixin:
         }
 
     def recover(self, request_id: str, signed: object, refuse: Callable[[str, str], dict[str, Any]]) -> dict[str, Any]:
-        """Re-enrolment of a box whose certificate expired (agent/renewal.py ``recover``): no token, but the
+        """Re-enrolment of a box whose certificate expired (agent/identity/recovery.py ``recover``): no token, but the
         request is signed with the device's registered key; the new certificate keeps the device id,
         and with it the patient binding, and the old key stays registered for readings signed with it."""
         try:

@@ -1,8 +1,7 @@
-"""Shared bits for benchmarks: a signer with a fresh key, timers, process I/O counters."""
+"""Shared bits for benchmarks: a signer with a fresh key, best-of runs, process I/O counters."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,12 +20,6 @@ def make_signer(device_id: str = "gd-bench0000") -> Signer:
 def best_of(runs: int, fn: Callable[[], float]) -> float:
     """Best (highest) rate of several runs: the least disturbed by the rest of the machine."""
     return max(fn() for _ in range(runs))
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def written_bytes() -> int:

@@ -137,11 +137,6 @@ class TcpProxy:
         """For the agent's ``mqtt.endpoint``: the broker certificate names localhost."""
         return f"mqtts://localhost:{self.port}"
 
-    @property
-    def connections(self) -> int:
-        with self._lock:
-            return len(self._pairs)
-
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> TcpProxy:
         self._acceptor.start()
@@ -241,11 +236,3 @@ class TcpProxy:
         with self._lock:
             self._pairs.discard(pair)
 
-    def wait_connections(self, n: int, timeout: float) -> bool:
-        """Poll until at least ``n`` connections are open (True) or ``timeout`` passes (False)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.connections >= n:
-                return True
-            time.sleep(POLL_S)
-        return self.connections >= n

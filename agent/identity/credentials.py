@@ -180,5 +180,3 @@ def save_credentials(
     atomic_write(state_dir / DEVICE_FILE, json.dumps(meta, indent=1, sort_keys=True).encode())
 
 
-def certificate_of(state_dir: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate((state_dir / CERT_FILE).read_bytes())

@@ -322,7 +322,7 @@ class MqttLink:
         return bool(ping_t) and time.monotonic() - ping_t > PINGRESP_WAIT * self.s.keepalive
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
-        """Queue a publish; returns the mid to ``wait_ack`` on. Raises LinkError when not sent."""
+        """Queue a publish; returns the mid to ask ``acked`` about. Raises LinkError when not sent."""
         if not self._connected:
             raise LinkError("not connected")
         if self._max_packet is not None:
@@ -340,24 +340,6 @@ class MqttLink:
                 event.set()
             self._acks[info.mid] = event
         return info.mid
-
-    def wait_ack(self, mid: int, timeout: float) -> bool:
-        """True if the broker acknowledged ``mid`` (and accepted it); the entry is always removed."""
-        with self._lock:
-            event = self._acks.get(mid)
-        if event is None:
-            return False
-        try:
-            deadline = time.monotonic() + timeout
-            while not event.is_set() and time.monotonic() < deadline and self._connected:
-                event.wait(0.05)
-            with self._lock:
-                reason = self._ack_reason.get(mid)
-            return reason is not None and reason < 0x80
-        finally:
-            with self._lock:
-                self._acks.pop(mid, None)
-                self._ack_reason.pop(mid, None)
 
     def acked(self, mid: int) -> bool | None:
         """Non-blocking: True acked ok, False refused, None still waiting."""

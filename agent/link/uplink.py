@@ -100,7 +100,6 @@ class Uplink:
         identity: DeviceIdentity,
         store: Store,
         on_command: Callable[[bytes], bool] | None = None,
-        health_payload: Callable[[], bytes | None] | None = None,
         raise_condition: Callable[[str, str], None] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -386,10 +385,6 @@ class Uplink:
             return self.store.conditions()
         except StoreError:
             return {}
-
-    def publish_result(self, payload: bytes) -> None:
-        if self.link is not None and self.link.connected:
-            self.link.publish(self.topics.results, payload)
 
     def stats(self) -> dict[str, Any]:
         return dataclasses.asdict(self.counters) | {"connected": self.connected, "inflight": len(self._inflight)}

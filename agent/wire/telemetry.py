@@ -270,7 +270,7 @@ def decode(payload: bytes) -> Record:
 
 def _float_number(value: object) -> bool:
     """A number a float holds (a CBOR bignum such as 10**400 does not: OverflowError otherwise). Infinity and
-    NaN pass: the cloud quarantines such a record with its reason (backend/service.py ``storable``)."""
+    NaN pass: the cloud quarantines such a record with its reason (backend/ingest.py ``storable``)."""
     if not isinstance(value, int | float):
         return False
     try:
@@ -280,5 +280,3 @@ def _float_number(value: object) -> bool:
     return True
 
 
-def wall_datetime(wall: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(wall, dt.UTC)

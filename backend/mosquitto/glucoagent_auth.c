@@ -70,7 +70,7 @@ static bool ends_with_side_suffix(const char *cn) {
     return false;
 }
 
-/* agent/topics.py DEVICE_ID_RE: ^[a-z0-9][a-z0-9-]{2,63}$ */
+/* agent/wire/topics.py DEVICE_ID_RE: ^[a-z0-9][a-z0-9-]{2,63}$ */
 static bool is_device_id(const char *s) {
     size_t n = strlen(s);
     if (n < 3 || n > 64) return false;

@@ -31,11 +31,6 @@ class Faults:
         if self.unplug_after is not None and self.unplug_after < 0:
             raise ValueError(f"faults.unplug_after: expected >= 0, got {self.unplug_after}")
 
-    @property
-    def corrupting(self) -> bool:
-        """True when a unit may arrive damaged (the driver must reject or retry it)."""
-        return bool(self.noise or self.drop or self.bad_checksum)
-
 
 NO_FAULTS = Faults()
 

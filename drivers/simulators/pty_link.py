@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import termios
 import tty
-from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -44,11 +42,6 @@ class PtyLink:
             n = os.write(self.master, view)
             view = view[n:]
 
-    def drain(self) -> None:
-        """Wait until the driver side has consumed what we wrote (tcdrain on the master)."""
-        with contextlib.suppress(OSError):
-            termios.tcdrain(self.master)
-
     def close(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             if self.link.is_symlink():
@@ -63,8 +56,3 @@ class PtyLink:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-
-@contextlib.contextmanager
-def pty_link(link: str | os.PathLike[str]) -> Iterator[PtyLink]:
-    with PtyLink(link) as p:
-        yield p

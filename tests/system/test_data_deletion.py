@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lifecycle import BACKEND, device_id_of, signed, upload
 from support import fill_buffer
+from support.lifecycle import BACKEND, device_id_of, signed, upload
 
 from agent.identity.credentials import load_identity
 from agent.wire import telemetry

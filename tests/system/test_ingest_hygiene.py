@@ -19,8 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
-from lifecycle import device_id_of, signed, upload
 from support import MqttProbe
+from support.lifecycle import device_id_of, signed, upload
 
 from agent.wire import topics
 from backend.service import MAX_PAYLOAD

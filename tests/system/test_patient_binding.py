@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lifecycle import device_id_of, signed, upload
+from support.lifecycle import device_id_of, signed, upload
 
 from testbed.harness import GLUCOAGENT, LocalSystem
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import agent
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_versions_agree() -> None:

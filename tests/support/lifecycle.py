@@ -1,4 +1,4 @@
-"""Helpers for the issue-12 system tests: a provisioned box's own key signs records, its certificate uploads them."""
+"""Helpers for the system tests of a provisioned box: its own key signs records, its certificate uploads them."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
-from support import MqttProbe
 
 from agent.clock import Clock, ClockQuality, Timestamp
 from agent.identity.credentials import load_identity
 from agent.wire import cose, telemetry, topics
 from backend.pki import ClientCreds
+from support.probe import MqttProbe
 from testbed.harness import LocalSystem
 
 BACKEND = str(Path(sys.executable).parent / "glucoagent-backend")
