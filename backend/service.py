@@ -171,7 +171,9 @@ class BackendService(ProvisioningMixin, IngestMixin):
             return
         parts = topic.split("/")
         if topic.startswith(f"{topics.PREFIX}/prov/") and parts[-1] == "request":
-            self.publish(topics.provision_response(parts[-2]), wire_provisioning.encode_reply(self.provision(parts[-2], payload)))
+            self.publish(
+                topics.provision_response(parts[-2]), wire_provisioning.encode_reply(self.provision(parts[-2], payload))
+            )
             return
         device_id = topics.device_of(topic)
         if device_id is None:
