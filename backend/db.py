@@ -84,6 +84,7 @@ class BackendDb:
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.execute("PRAGMA secure_delete = ON")  # deleted rows are zeroed in their pages, not just unlinked
         self._lock = threading.RLock()
+        self.lock_wait_s = 0.0  # time spent in BEGIN IMMEDIATE: waiting for SQLite's one write lock
         with self.tx() as db:
             columns = {row[1] for row in db.execute("PRAGMA table_info(results)")}
             if "body" in columns:
@@ -99,7 +100,9 @@ class BackendDb:
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            t0 = time.perf_counter()
             self._db.execute("BEGIN IMMEDIATE")
+            self.lock_wait_s += time.perf_counter() - t0
             try:
                 yield self._db
                 self._db.execute("COMMIT")

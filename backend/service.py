@@ -30,7 +30,7 @@ from agent.wire import cose, telemetry, topics
 from agent.wire import provisioning as wire_provisioning
 from agent.wire.ack import encode_ack
 from backend.db import BackendDb
-from backend.ingest import IngestMixin
+from backend.ingest import IngestMixin, IngestStats
 from backend.mqtt_client import BackendLink, LinkSettings
 from backend.provisioning import ProvisioningMixin
 
@@ -94,6 +94,7 @@ class BackendService(ProvisioningMixin, IngestMixin):
         self._keys: dict[tuple[str, bytes], cose.PublicKey] = {}
         self.on_record: Callable[[str, telemetry.Record], None] | None = None
         self.max_payload = MAX_PAYLOAD
+        self.stats = IngestStats()
 
     def stop(self) -> None:
         self._stop.set()
@@ -139,6 +140,7 @@ class BackendService(ProvisioningMixin, IngestMixin):
                 while time.monotonic() < deadline and link.loop(0.05):
                     pass
                 link.disconnect(end_session=True)
+                log.info("%s", self.stats.line(self.db.lock_wait_s))
             else:
                 link.disconnect()
 
