@@ -35,7 +35,8 @@ class IngestStats:
     def line(self, lock_wait_s: float) -> str:
         return (
             f"ingest stats: {self.batches} batches, {self.records} records, verify {self.verify_s:.3f} s, "
-            f"store {self.store_s:.3f} s of which write-lock wait {lock_wait_s:.3f} s"
+            f"store {self.store_s:.3f} s of which write-lock wait {lock_wait_s:.3f} s, "
+            f"process CPU {time.process_time():.3f} s"
         )
 
 

@@ -31,7 +31,6 @@ from backend.certs import make_csr
 from backend.db import BackendDb
 from backend.home import BackendHome
 from backend.mqtt_client import BackendLink, link_settings
-from bench.common import best_of
 from bench.table import Row
 from testbed.harness import BIN, LocalSystem, spawn, stop_process
 
@@ -74,8 +73,9 @@ class Device:
         return [cbor2.dumps(items[i : i + BATCH]) for i in range(0, len(items), BATCH)]
 
 
-def _per_worker(tmp: Path) -> tuple[float, float, float, float]:
-    """(ingest records/s, bare verify/s, verify-phase records/s, store-phase records/s), best of 3."""
+def _per_worker(tmp: Path) -> tuple[float, float, float, float, float]:
+    """(ingest records/s, bare verify/s, verify-phase records/s, store-phase records/s, ingest records per
+    CPU-second)."""
     home = BackendHome(tmp / "one")
     home.ensure()
     db = home.db()
@@ -84,14 +84,17 @@ def _per_worker(tmp: Path) -> tuple[float, float, float, float]:
     n = PER_WORKER_BATCHES * BATCH
     next_seq = [1]
 
+    cpu_rate = [0.0]
+
     def ingest_pass() -> float:
         start = next_seq[0]
         next_seq[0] += n
         batches = device.batches(range(start, start + n))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for payload in batches:
             acks = service.ingest(device.device_id, topics.TELEMETRY, payload)
             encode_ack(home.command_key, device.device_id, acks)
+        cpu_rate[0] = max(cpu_rate[0], n / (time.process_time() - c0))
         return n / (time.perf_counter() - t0)
 
     payloads = device.payloads(range(1, n + 1))
@@ -132,7 +135,12 @@ def _per_worker(tmp: Path) -> tuple[float, float, float, float]:
         return n / (time.perf_counter() - t0)
 
     try:
-        return best_of(3, ingest_pass), best_of(3, bare_pass), best_of(3, verify_pass), best_of(3, store_pass)
+        # interleaved, best of 5 each: on a shared machine both sides meet the same disturbances
+        best = [0.0, 0.0, 0.0, 0.0]
+        for _ in range(5):
+            for i, fn in enumerate((ingest_pass, bare_pass, verify_pass, store_pass)):
+                best[i] = max(best[i], fn())
+        return best[0], best[1], best[2], best[3], cpu_rate[0]
     finally:
         db.close()
 
@@ -142,11 +150,12 @@ def json_row(seq: int) -> tuple[int, str]:
 
 
 STATS = re.compile(
-    r"ingest stats: \d+ batches, \d+ records, verify ([\d.]+) s, store ([\d.]+) s of which write-lock wait ([\d.]+) s"
+    r"ingest stats: \d+ batches, \d+ records, verify ([\d.]+) s, store ([\d.]+) s of which write-lock wait ([\d.]+) s, "
+    r"process CPU ([\d.]+) s"
 )
 
 
-def _scaled(tmp: Path, workers: int) -> tuple[float, tuple[float, float, float]]:
+def _scaled(tmp: Path, workers: int) -> tuple[float, tuple[float, float, float, float]]:
     """Records/s of `serve --workers N` draining the backlog through the broker, and the workers' summed
     (verify, store, write-lock wait) seconds from their stop lines (N > 1)."""
     system = LocalSystem(tmp / f"w{workers}")
@@ -189,16 +198,17 @@ def _scaled(tmp: Path, workers: int) -> tuple[float, tuple[float, float, float]]
         system.broker.stop()
         system.db.close()
     found = STATS.findall((system.run / "serve.log").read_text())
-    verify, store, wait = (sum(float(f[i]) for f in found) for i in range(3))
-    return rate, (verify, store, wait)
+    verify, store, wait, cpu = (sum(float(f[i]) for f in found) for i in range(4))
+    return rate, (verify, store, wait, cpu)
 
 
 def run() -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        ingest, bare, verify, store = _per_worker(Path(tmp))
+        ingest, bare, verify, store, ingest_cpu = _per_worker(Path(tmp))
         runs = {n: _scaled(Path(tmp), n) for n in WORKER_COUNTS}
     scaled = {n: rate for n, (rate, _) in runs.items()}
-    verify4, store4, wait4 = runs[WORKER_COUNTS[-1]][1]
+    verify4, store4, wait4, _ = runs[WORKER_COUNTS[-1]][1]
+    total = DEVICES * RECORDS_PER_DEVICE
     rows = [
         Row(
             "ingest: verified records/s per worker (verify, decode, store, ack)",
@@ -241,6 +251,19 @@ def run() -> list[Row]:
             f"summed over workers: verify {verify4:.1f} s, store {store4:.1f} s, lock wait {wait4:.2f} s",
         )
     )
+    for n in WORKER_COUNTS[1:]:  # CPU time leaves out the cores others took: the figure free of the machine
+        cpu = runs[n][1][3]
+        rows.append(
+            Row(
+                f"ingest: --workers {n}, records per worker CPU-second",
+                total / cpu if cpu else 0.0,
+                ingest_cpu,
+                "report",
+                None,
+                "one worker in-process, per CPU-second",
+                "flat across N: sharing adds no per-record cost; throughput = this x free cores",
+            )
+        )
     return rows
 
 
