@@ -50,8 +50,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     home = BackendHome(args.home)
     home.ensure()
     home.cert_days = args.cert_days
-    service = home.service(args.host, args.port)
+    # One worker: today's single connection does everything. More: this process keeps the control
+    # topics and N ingest processes share telemetry and health (backend/workers.py says why).
+    service = home.service(args.host, args.port, role="all" if args.workers == 1 else "control")
     stop = threading.Event()
+    if args.workers > 1:
+        from backend.workers import WorkerPool
+
+        pool = WorkerPool(args.workers, home.root, args.host, args.port, args.log_level)
+        pool_thread = threading.Thread(target=pool.run, args=(stop,), name="ingest-workers", daemon=True)
+        pool_thread.start()
     if args.retention_days is not None:
         from backend.retention import RetentionSweeper
 
@@ -71,6 +79,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     threading.Thread(target=keeper.run, args=(stop,), name="crl-keeper", daemon=True).start()
     stop.wait()
     thread.join(timeout=5)
+    if args.workers > 1:
+        pool_thread.join(timeout=15)
+    return 0
+
+
+def cmd_ingest_worker(args: argparse.Namespace) -> int:
+    """One ingest worker of `serve --workers N` (started and restarted by it)."""
+    from backend.home import BackendHome
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s ingest-{args.slot} %(name)s: %(message)s"
+    )
+    service = BackendHome(args.home).ingest_worker(args.host, args.port, args.slot)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: service.stop())
+    service.run()
+    service.db.close()
     return 0
 
 
@@ -158,7 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between CRL checks: re-issued once a day old, then the broker in this home reloads it",
     )
     p.add_argument("--cert-days", type=float, default=365.0, metavar="D", help="lifetime of device certificates issued")
+    p.add_argument(
+        "--workers",
+        type=_at_least_one,
+        default=1,
+        metavar="N",
+        help="ingest processes sharing telemetry and health via an MQTT 5 shared subscription "
+        "(default 1: one process does everything)",
+    )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ingest-worker", help="one ingest process of `serve --workers N` (serve starts these)")
+    p.add_argument("--home", type=Path, default=home_default)
+    p.add_argument("--host", default="localhost")
+    p.add_argument("--port", type=int, default=8883)
+    p.add_argument("--slot", type=_at_least_one, required=True, help="worker number: client id backend-ingest-N")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=cmd_ingest_worker)
 
     p = sub.add_parser(
         "revoke", help="revoke a device's certificates, make the broker reload its CRL and disconnect the device"
@@ -188,6 +229,13 @@ def _positive(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {text}")
     return value
 
 

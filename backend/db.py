@@ -77,11 +77,14 @@ class BackendDb:
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, DB_FILE_MODE))
         restrict_db_files(path)
         self.path = path
+        # timeout = busy_timeout: ingest workers (backend/workers.py) are several writer processes on
+        # this file; each waits up to 30 s for the write lock, and every transaction holds it briefly.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.execute("PRAGMA secure_delete = ON")  # deleted rows are zeroed in their pages, not just unlinked
         self._lock = threading.RLock()
+        self.lock_wait_s = 0.0  # time spent in BEGIN IMMEDIATE: waiting for SQLite's one write lock
         with self.tx() as db:
             columns = {row[1] for row in db.execute("PRAGMA table_info(results)")}
             if "body" in columns:
@@ -97,7 +100,9 @@ class BackendDb:
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            t0 = time.perf_counter()
             self._db.execute("BEGIN IMMEDIATE")
+            self.lock_wait_s += time.perf_counter() - t0
             try:
                 yield self._db
                 self._db.execute("COMMIT")
@@ -192,11 +197,17 @@ class BackendDb:
         db: sqlite3.Connection, *, device_id: str, stream: str, seq: int, kind: str, received_at: float,
         wall: float, clock: str, fields: str, cose: bytes, binding_id: int,
     ) -> bool:  # fmt: skip
-        """Store a verified record once per (device, stream, seq); False when it was already there."""
+        """Store a verified record once per (device, stream, seq); False when it was already there.
+
+        The primary key decides, inside the caller's BEGIN IMMEDIATE transaction: two ingest workers
+        holding the same batch serialise on SQLite's write lock, and the second one's insert meets the
+        first one's committed row. Only that key's conflict is ignored (any other constraint raises), so
+        True or False both mean "this (device, stream, seq) is stored" once the transaction commits.
+        """
         cur = db.execute(
-            "INSERT OR IGNORE INTO records "
+            "INSERT INTO records "
             "(device_id, stream, seq, kind, received_at, wall, clock, fields, cose, binding_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, stream, seq) DO NOTHING",
             (device_id, stream, seq, kind, received_at, wall, clock, fields, cose, binding_id),
         )
         return bool(cur.rowcount)

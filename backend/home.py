@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -107,5 +108,20 @@ class BackendHome:
     def backend_tls(self) -> ClientCreds:
         return self.pki.backend
 
-    def service(self, host: str, port: int, db: BackendDb | None = None) -> BackendService:
-        return BackendService(db or self.db(), self.keys(), link_settings(host, port, self.backend_tls()), INITIAL_CONFIG)
+    def service(self, host: str, port: int, db: BackendDb | None = None, role: str = "all") -> BackendService:
+        return BackendService(
+            db or self.db(), self.keys(), link_settings(host, port, self.backend_tls()), INITIAL_CONFIG, role
+        )
+
+    def ingest_worker(self, host: str, port: int, slot: int) -> BackendService:
+        """Ingest worker ``slot`` of ``serve --workers N`` (backend/workers.py): a kept session under a
+        fixed client id, and a PUBACK only after what it received is stored and acknowledged."""
+        from backend.workers import WORKER_SESSION_S, worker_client_id
+
+        settings = dataclasses.replace(
+            link_settings(host, port, self.backend_tls()),
+            client_id=worker_client_id(slot),
+            session_expiry_s=WORKER_SESSION_S,
+            manual_ack=True,
+        )
+        return BackendService(self.db(), self.keys(), settings, INITIAL_CONFIG, role="ingest")

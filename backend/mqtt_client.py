@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import BrokerUnreachable, LinkError, LinkTimeout, NotAuthorized, TlsError
@@ -56,6 +58,12 @@ class LinkSettings:
     tls: ClientCreds
     keepalive: int = 30
     connect_timeout_s: float = 15.0
+    # > 0: a session the broker keeps this long after a drop (clean_start off), so the QoS 1 messages in
+    # flight to a worker that died are redelivered when it logs in again with the same client id.
+    session_expiry_s: int = 0
+    # True: the PUBACK of an incoming message goes only when ``on_message`` returned (the caller acks
+    # through ``ack``); a process killed before that leaves the message with the broker.
+    manual_ack: bool = False
 
 
 def link_settings(host: str, port: int, tls: ClientCreds) -> LinkSettings:
@@ -75,6 +83,7 @@ class BackendLink:
         self._on_message = on_message
         self.client = tls_client(settings.tls, settings.client_id)
         self.client.connect_timeout = settings.connect_timeout_s
+        self.client.manual_ack_set(settings.manual_ack)
         self.client.on_connect = self._handle_connect
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_publish = self._handle_publish
@@ -111,6 +120,8 @@ class BackendLink:
                 self._on_message(msg.topic, bytes(msg.payload))
             except Exception:
                 log.exception("handler for %s failed", msg.topic)
+        if self.s.manual_ack and msg.qos:
+            self.client.ack(msg.mid, msg.qos)  # handled (or given up on): the broker may forget it
 
     # --- API -----------------------------------------------------------------------------------
     @property
@@ -122,8 +133,17 @@ class BackendLink:
         where = f"{self.s.host}:{self.s.port}"
         self._connack.clear()
         self._connack_rc = None
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        if self.s.session_expiry_s:
+            props.SessionExpiryInterval = self.s.session_expiry_s
         try:
-            self.client.connect(self.s.host, self.s.port, keepalive=self.s.keepalive, clean_start=True)
+            self.client.connect(
+                self.s.host,
+                self.s.port,
+                keepalive=self.s.keepalive,
+                clean_start=not self.s.session_expiry_s,
+                properties=props,
+            )
         except ssl.SSLError as exc:
             raise TlsError(f"TLS with the broker at {where} failed: {exc}") from exc
         except (OSError, ValueError) as exc:
@@ -192,10 +212,19 @@ class BackendLink:
                 sock.close()
         self._connected = False
 
-    def disconnect(self) -> None:
-        """A clean DISCONNECT."""
+    def disconnect(self, *, end_session: bool = False) -> None:
+        """A clean DISCONNECT; ``end_session``: the broker drops a kept session now (MQTT 5 expiry 0)."""
         if self._connected:
+            props = None
+            if end_session and self.s.session_expiry_s:
+                props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+                props.SessionExpiryInterval = 0
             with contextlib.suppress(Exception):
-                self.client.disconnect()
+                self.client.disconnect(properties=props)
                 self.client.loop(timeout=0.2)
         self._connected = False
+
+    def unsubscribe(self, topics: list[str]) -> None:
+        """Ask the broker to stop routing ``topics`` here (no wait for the UNSUBACK)."""
+        with contextlib.suppress(Exception):
+            self.client.unsubscribe(topics)

@@ -6,6 +6,10 @@ device's telemetry and write their acks and commands). Every record's COSE
 signature is checked against a key registered for the device that published it,
 records are de-duplicated by (device id, stream, sequence number) in one
 transaction, and only then acknowledged with a signed ack.
+
+Roles (``serve --workers N``, backend/workers.py): ``all`` is the one connection of a single-process
+cloud; with N workers the ``control`` process keeps provisioning, status and command results, and N
+``ingest`` processes share telemetry and health through an MQTT 5 shared subscription.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from agent.wire import cose, telemetry, topics
 from agent.wire import provisioning as wire_provisioning
 from agent.wire.ack import encode_ack
 from backend.db import BackendDb
-from backend.ingest import IngestMixin
+from backend.ingest import IngestMixin, IngestStats
 from backend.mqtt_client import BackendLink, LinkSettings
 from backend.provisioning import ProvisioningMixin
 
@@ -35,6 +39,11 @@ CERT_DAYS = 365
 # Bytes per message the service decodes: the agent's own cap (mqtt.max_payload, AWS IoT Core's limit).
 # Anything larger is counted and dropped before it is parsed.
 MAX_PAYLOAD = 131_072
+SHARE_GROUP = "$share/ingest/"  # MQTT 5 shared subscription: each message goes to one ingest worker
+ROLES = ("all", "control", "ingest")
+CONTROL_TOPICS = [topics.ALL_PROVISION_REQUESTS, topics.ALL_STATUS, topics.ALL_RESULTS]
+INGEST_TOPICS = [topics.ALL_TELEMETRY, topics.ALL_HEALTH]
+DRAIN_ON_STOP_S = 1.0  # an ingest worker told to stop handles what is already on its way for this long
 
 
 def _no_revocation(serials: Sequence[int]) -> None:
@@ -62,8 +71,18 @@ class BackendService(ProvisioningMixin, IngestMixin):
     """The backend's one connection: provisioning requests, telemetry and health, status, command results."""
 
     def __init__(
-        self, db: BackendDb, keys: BackendKeys, settings: LinkSettings, initial_config: dict[str, Any]
+        self,
+        db: BackendDb,
+        keys: BackendKeys,
+        settings: LinkSettings,
+        initial_config: dict[str, Any],
+        role: str = "all",
     ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"unknown backend role {role!r}")
+        if role == "ingest" and not settings.manual_ack:
+            raise ValueError("an ingest worker acknowledges only what it stored: it needs manual_ack")
+        self.role = role
         self.db = db
         self.keys = keys
         self.settings = settings
@@ -75,25 +94,32 @@ class BackendService(ProvisioningMixin, IngestMixin):
         self._keys: dict[tuple[str, bytes], cose.PublicKey] = {}
         self.on_record: Callable[[str, telemetry.Record], None] | None = None
         self.max_payload = MAX_PAYLOAD
+        self.stats = IngestStats()
 
     def stop(self) -> None:
         self._stop.set()
 
+    def subscriptions(self) -> list[str]:
+        if self.role == "control":
+            return list(CONTROL_TOPICS)
+        if self.role == "ingest":
+            return [SHARE_GROUP + t for t in INGEST_TOPICS]
+        return [*CONTROL_TOPICS, *INGEST_TOPICS]
+
     def run(self) -> None:
         delay = 0.5
         while not self._stop.is_set():
-            link = BackendLink(self.settings, on_message=lambda t, p: self._inbox.put((t, p)))
+            # An ingest worker handles each message inside paho's callback, so its PUBACK (manual_ack)
+            # follows the commit and the signed ack; the other roles queue and ack on receipt, as before.
+            on_message = self._handle_one if self.role == "ingest" else lambda t, p: self._inbox.put((t, p))
+            link = BackendLink(self.settings, on_message=on_message)
+            self.link = link  # a kept session's messages may arrive before the SUBACK: acks go out on it
             try:
                 link.connect()
-                link.subscribe(
-                    [
-                        topics.ALL_PROVISION_REQUESTS,
-                        topics.ALL_TELEMETRY,
-                        topics.ALL_HEALTH,
-                        topics.ALL_STATUS,
-                        topics.ALL_RESULTS,
-                    ]
-                )
+                granted = link.subscribe(self.subscriptions())
+                if any(code >= 0x80 for code in granted):
+                    link.close()
+                    raise LinkError(f"the broker refused a subscription of {self.subscriptions()}: {granted}")
             except GlucoagentError as exc:
                 log.warning("backend: %s; retrying in %.1fs", exc, delay)
                 self._stop.wait(delay)
@@ -106,7 +132,17 @@ class BackendService(ProvisioningMixin, IngestMixin):
             while not self._stop.is_set() and link.loop(0.05):
                 self._drain()
             self.ready.clear()
-            link.disconnect()
+            if self.role == "ingest" and link.connected:
+                # Leave the share group, handle what is already on its way, and end the kept session:
+                # a stopped worker must not go on being dealt its share of messages by the broker.
+                link.unsubscribe(self.subscriptions())
+                deadline = time.monotonic() + DRAIN_ON_STOP_S
+                while time.monotonic() < deadline and link.loop(0.05):
+                    pass
+                link.disconnect(end_session=True)
+                log.info("%s", self.stats.line(self.db.lock_wait_s))
+            else:
+                link.disconnect()
 
     def _drain(self) -> None:
         while True:
@@ -114,12 +150,15 @@ class BackendService(ProvisioningMixin, IngestMixin):
                 topic, payload = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            try:
-                self.handle(topic, payload)
-            except (GlucoagentError, LinkError) as exc:
-                log.warning("backend: message on %s not handled: %s", topic, exc)
-            except Exception:
-                log.exception("backend: message on %s crashed its handler", topic)
+            self._handle_one(topic, payload)
+
+    def _handle_one(self, topic: str, payload: bytes) -> None:
+        try:
+            self.handle(topic, payload)
+        except (GlucoagentError, LinkError) as exc:
+            log.warning("backend: message on %s not handled: %s", topic, exc)
+        except Exception:
+            log.exception("backend: message on %s crashed its handler", topic)
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         if self.link is None:
@@ -134,7 +173,9 @@ class BackendService(ProvisioningMixin, IngestMixin):
             return
         parts = topic.split("/")
         if topic.startswith(f"{topics.PREFIX}/prov/") and parts[-1] == "request":
-            self.publish(topics.provision_response(parts[-2]), wire_provisioning.encode_reply(self.provision(parts[-2], payload)))
+            self.publish(
+                topics.provision_response(parts[-2]), wire_provisioning.encode_reply(self.provision(parts[-2], payload))
+            )
             return
         device_id = topics.device_of(topic)
         if device_id is None:

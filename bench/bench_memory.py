@@ -47,8 +47,9 @@ def run() -> list[Row]:
         records.write_text(dumps(random_records("onetouch-ultra2", 50, seed=8)))
         link = Path(d) / "ttyMEM"
         system.start_simulator("onetouch-ultra2", link, records, "--baud", "0")
-        config = device_config(state / "glucoagent.uci", [(str(link), "onetouch-ultra2")],
-                               agent={"health_interval_s": "10"})
+        config = device_config(
+            state / "glucoagent.uci", [(str(link), "onetouch-ultra2")], agent={"health_interval_s": "10"}
+        )
         t0 = time.monotonic()
         agent = system.start_agent(state, config)
         system.wait_for(lambda: len(system.db.records(kind="reading")) > 0, timeout=60, poll=0.02)
@@ -62,8 +63,20 @@ def run() -> list[Row]:
         agent_rss = max(samples)
     bare = _bare_rss()
     return [
-        Row("agent RSS at steady state, MiB", agent_rss, bare, "<= 1.25x", agent_rss / bare <= 1.25,
-            "interpreter importing the same libraries"),
-        Row("start-up to first reading at the backend, s", first_publish, None, "report", None,
-            "process start, meter probe+read, sign, upload, verify"),
+        Row(
+            "agent RSS at steady state, MiB",
+            agent_rss,
+            bare,
+            "<= 1.25x",
+            agent_rss / bare <= 1.25,
+            "interpreter importing the same libraries",
+        ),
+        Row(
+            "start-up to first reading at the backend, s",
+            first_publish,
+            None,
+            "report",
+            None,
+            "process start, meter probe+read, sign, upload, verify",
+        ),
     ]

@@ -25,7 +25,9 @@ READ = 500
 def in_range(readings: list[GlucoseReading]) -> list[GlucoseReading]:
     """Values 100..179 mg/dL: no alerts, so a figure counts exactly the readings it names."""
     return [
-        dataclasses.replace(r, value_mgdl=100 + i % 80, native_value=f"{100 + i % 80:03d}", range_flag=RangeFlag.IN_RANGE)
+        dataclasses.replace(
+            r, value_mgdl=100 + i % 80, native_value=f"{100 + i % 80:03d}", range_flag=RangeFlag.IN_RANGE
+        )
         for i, r in enumerate(readings)
     ]
 
@@ -39,7 +41,9 @@ def _intake_rate(tmp: Path) -> tuple[float, float]:
     def bare() -> float:
         t0 = time.perf_counter()
         for seq, e in enumerate(entries, 1):
-            payload = telemetry.encode(telemetry.Header(signer.device_id, seq, telemetry.Kind.READING, signer.clock.now()), e)
+            payload = telemetry.encode(
+                telemetry.Header(signer.device_id, seq, telemetry.Kind.READING, signer.clock.now()), e
+            )
             key.sign(payload)
         return READ / (time.perf_counter() - t0)
 
@@ -65,7 +69,9 @@ def _put_ack_rate(tmp: Path, n: int = 2000) -> tuple[float, float]:
         t0 = time.perf_counter()
         # As the agent uses it: a meter read is one batch, acks come per upload batch of 50.
         for i in range(0, n, 50):
-            store.accept([Intake("reading", PRIO_RECORD, lambda s: b"x" * 300, f"k{i + j}") for j in range(50)], source="m")
+            store.accept(
+                [Intake("reading", PRIO_RECORD, lambda s: b"x" * 300, f"k{i + j}") for j in range(50)], source="m"
+            )
             store.ack(CLINICAL, range(i + 1, i + 51))
         rate = n / (time.perf_counter() - t0)
         store.close()
@@ -138,11 +144,31 @@ def run() -> list[Row]:
         per_reading = _bytes_per_reading(tmp)
         small, large = _rss_with_backlog(tmp, 1000), _rss_with_backlog(tmp, 200_000)
     return [
-        Row("intake of a 500-record read (sign+commit), readings/s", ours, bare, ">= 0.5x", ours / bare >= 0.5,
-            "bare Ed25519 signing of the same packs"),
-        Row("put + ack, readings/s (same durability)", put_ours, put_theirs, ">= 5x", put_ours / put_theirs >= 5,
-            "persist-queue SQLiteAckQueue, synchronous=FULL"),
-        Row("bytes written per reading, steady upload (flash wear)", per_reading, None, "<= 2048 B", per_reading <= 2048),
-        Row("agent RSS with 200 000 queued, MiB", large, small, "diff < 2 MiB", large - small < 2,
-            "agent RSS with 1 000 queued"),
+        Row(
+            "intake of a 500-record read (sign+commit), readings/s",
+            ours,
+            bare,
+            ">= 0.5x",
+            ours / bare >= 0.5,
+            "bare Ed25519 signing of the same packs",
+        ),
+        Row(
+            "put + ack, readings/s (same durability)",
+            put_ours,
+            put_theirs,
+            ">= 5x",
+            put_ours / put_theirs >= 5,
+            "persist-queue SQLiteAckQueue, synchronous=FULL",
+        ),
+        Row(
+            "bytes written per reading, steady upload (flash wear)", per_reading, None, "<= 2048 B", per_reading <= 2048
+        ),
+        Row(
+            "agent RSS with 200 000 queued, MiB",
+            large,
+            small,
+            "diff < 2 MiB",
+            large - small < 2,
+            "agent RSS with 1 000 queued",
+        ),
     ]
