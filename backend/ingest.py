@@ -10,12 +10,11 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-
-import cbor2
+from collections.abc import Callable
 
 from agent.errors import GlucoagentError, SignatureError
 from agent.wire import cose, telemetry, topics
+from agent.wire.batch import BatchError, decode_batch
 from backend.commands import device_key_lookup
 from backend.db import INT64_MAX, BackendDb, jsonable
 
@@ -55,13 +54,10 @@ class IngestMixin:
     def ingest(self, device_id: str, leaf: str, payload: bytes) -> dict[str, list[int]]:
         """Verify, de-duplicate and store a batch; returns the sequence numbers to acknowledge."""
         try:
-            items = cbor2.loads(payload)
-        except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError):
+            items = decode_batch(payload, MAX_BATCH)
+        except BatchError as exc:
             self.db.bump("rejected_batches")
-            log.warning("%s: telemetry batch is not CBOR", device_id)
-            return {}
-        if not isinstance(items, Sequence) or isinstance(items, str | bytes) or len(items) > MAX_BATCH:
-            self.db.bump("rejected_batches")
+            log.warning("%s: %s", device_id, exc)
             return {}
         key_for = self._key_for(device_id)
         t0 = time.perf_counter()

@@ -36,7 +36,7 @@ from agent.clock import Clock
 from agent.config import AlertsSection
 from agent.identity.credentials import load_identity
 from agent.identity.signer import Signer
-from agent.link.uplink import encode_batch
+from agent.wire.batch import encode_batch
 from agent.wire.topics import DeviceTopics
 from backend.mqtt_client import tls_client
 from bench.bench_store import in_range
@@ -90,7 +90,7 @@ def _fill(state: Path) -> list[bytes]:
         rows = store.pending(BACKLOG)
     finally:
         store.close()
-    return [encode_batch(rows[i : i + BATCH]) for i in range(0, len(rows), BATCH)]
+    return [encode_batch([r.cose for r in rows[i : i + BATCH]]) for i in range(0, len(rows), BATCH)]
 
 
 class _Arrivals:

@@ -22,7 +22,6 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-import cbor2
 import tenacity
 
 from agent.buffer.store import CLINICAL, HEALTH, OutboxRow, Store
@@ -31,6 +30,7 @@ from agent.errors import GlucoagentError, LinkError, SignatureError, StoreError
 from agent.identity.credentials import DeviceIdentity
 from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles, Will
 from agent.wire.ack import decode_ack
+from agent.wire.batch import batch_size, cbor_head, encode_batch
 from agent.wire.provisioning import STATUS_OFFLINE, STATUS_ONLINE
 from agent.wire.topics import DeviceTopics
 
@@ -59,21 +59,6 @@ class Counters:
     connected_since: float | None = None
     last_upload: float | None = None
     too_large: int = 0  # records kept in the buffer because no message may carry them (now)
-
-
-def encode_batch(rows: list[OutboxRow]) -> bytes:
-    """Upload payload: a CBOR array of COSE_Sign1 byte strings (each record signed on its own)."""
-    return cbor2.dumps([r.cose for r in rows])
-
-
-def _cbor_head(n: int) -> int:
-    """Bytes of a CBOR head (major type + length) for a length of ``n``."""
-    return 1 if n < 24 else 2 if n < 256 else 3 if n < 65_536 else 5 if n < 2**32 else 9
-
-
-def batch_size(cose_lengths: list[int]) -> int:
-    """Exactly ``len(encode_batch(rows))`` for rows of these COSE sizes."""
-    return _cbor_head(len(cose_lengths)) + sum(_cbor_head(n) + n for n in cose_lengths)
 
 
 class _Attempts:
@@ -342,12 +327,12 @@ class Uplink:
             batch: list[OutboxRow] = []
             items = 0  # bytes of the array's items so far
             for row in rows:
-                item = _cbor_head(len(row.cose)) + len(row.cose)
-                if row.stream != stream or _cbor_head(len(batch) + 1) + items + item > limit:
+                item = cbor_head(len(row.cose)) + len(row.cose)
+                if row.stream != stream or cbor_head(len(batch) + 1) + items + item > limit:
                     break  # a row too large even alone comes first next time and is set aside then
                 batch.append(row)
                 items += item
-            mid = link.publish(topic, encode_batch(batch))
+            mid = link.publish(topic, encode_batch([r.cose for r in batch]))
             self._inflight[mid] = _Batch(mid, stream, {r.id for r in batch}, {r.seq for r in batch}, time.monotonic())
             self.counters.uploaded += len(batch)
             self.counters.last_upload = time.time()

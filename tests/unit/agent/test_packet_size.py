@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from agent.buffer.store import CLINICAL, OutboxRow
 from agent.link.mqtt import max_publish_payload, publish_packet_size
-from agent.link.uplink import batch_size, encode_batch
+from agent.wire.batch import batch_size, encode_batch
 
 
 def test_packet_size_arithmetic() -> None:
@@ -20,7 +20,7 @@ def test_packet_size_arithmetic() -> None:
     assert max_publish_payload(31, "gluco/v1/dev/x/telemetry") == 0  # room for the header alone
     assert max_publish_payload(5, "gluco/v1/dev/x/telemetry") == -1
     rows = [b"x" * n for n in (1, 23, 24, 255, 256, 70_000)]
-    assert batch_size([len(r) for r in rows]) == len(encode_batch([_row(r) for r in rows]))
+    assert batch_size([len(r) for r in rows]) == len(encode_batch(rows))
 
 
 def _row(cose: bytes) -> OutboxRow:
