@@ -201,7 +201,10 @@ def _endpoint(text: str) -> str:
 
 def _ws_endpoint(text: str) -> str:
     if text:
-        WsEndpoint.parse(text)
+        try:
+            WsEndpoint.parse(text, key="")
+        except ConfigError as exc:  # as a ValueError, so the message gets the file, line and option
+            raise ValueError(str(exc).removeprefix(": ")) from None
     return text
 
 
@@ -209,7 +212,10 @@ def _proxy(text: str) -> str:
     if text:
         from agent.link.proxy import parse_proxy  # its grammar lives beside the tunnel
 
-        parse_proxy(text)
+        try:
+            parse_proxy(text, key="")
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix(": ")) from None
     return text
 
 
