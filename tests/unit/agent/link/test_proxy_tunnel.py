@@ -127,6 +127,6 @@ def test_config_options(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs mqtt.ws_endpoint"):
         load_config(uci)
     uci.write_text("config mqtt 'mqtt'\n\toption ws_endpoint 'https://b:443/mqtt'\n")
-    with pytest.raises(ConfigError, match=r":3: mqtt\.ws_endpoint: expected wss://"):
+    with pytest.raises(ConfigError, match=r":2: mqtt\.ws_endpoint: expected wss://"):
         load_config(uci)
     assert "mqtt.proxy" not in SETTABLE_KEYS  # the cloud cannot redirect the box through a proxy of its choosing
