@@ -35,7 +35,7 @@ class ProxyError(LinkError):
 
 
 class ProxyAuthRequired(ProxyError):
-    """407: the proxy wants credentials (none configured, or wrong ones)."""
+    """407 (or 401): the proxy wants credentials (none configured, or wrong ones)."""
 
     exit_code = 48
 
@@ -101,10 +101,10 @@ def check_status(status: int, reason: str, proxy: ProxySettings, target: str) ->
     """One place that turns the proxy's answer into a line a technician can act on."""
     if 200 <= status < 300:
         return
-    if status == 407:
+    if status in (401, 407):  # 407 is the standard answer; tinyproxy 1.11 says 401 to wrong credentials
         what = "the configured user or password was refused" if proxy.user else "none are configured"
         raise ProxyAuthRequired(
-            f"proxy {proxy} asks for credentials (407 {reason}): {what}; set mqtt.proxy http://USER@HOST:PORT "
+            f"proxy {proxy} asks for credentials ({status} {reason}): {what}; set mqtt.proxy http://USER@HOST:PORT "
             "and the password in mqtt.proxy_password_file"
         )
     raise ProxyError(f"proxy {proxy} refused the tunnel to {target} ({status} {reason}): ask for CONNECT to that port")

@@ -61,6 +61,8 @@ def test_answers() -> None:
     assert auth.value.exit_code == 48
     with pytest.raises(ProxyAuthRequired, match="user or password was refused"):
         check_status(407, "x", ProxySettings("p", 3128, "tech", "pw"), "b:1")
+    with pytest.raises(ProxyAuthRequired, match=r"\(401 Unauthorized\)"):  # tinyproxy's answer to wrong credentials
+        check_status(401, "Unauthorized", ProxySettings("p", 3128, "tech", "pw"), "b:1")
     with pytest.raises(ProxyError, match=r"refused the tunnel to b:8883 \(403 Access violation\)") as refused:
         check_status(403, "Access violation", proxy, "b:8883")
     assert refused.value.exit_code == 47
