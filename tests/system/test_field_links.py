@@ -178,12 +178,14 @@ def test_websockets_listener_binds_client_id_to_certificate_and_applies_acls(sys
 
 def test_websockets_listener_requires_a_client_certificate(system: LocalSystem) -> None:
     ctx = ssl.create_default_context(cafile=str(system.home.pki.ca_path))  # no client certificate
-    with socket.create_connection(("127.0.0.1", system.broker.ws_port), timeout=5) as raw:
-        with pytest.raises((ssl.SSLError, ConnectionError)):
-            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-                tls.sendall(b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\n\r\n")
-                if not tls.recv(1):
-                    raise ConnectionResetError("closed without a certificate")
+    raw = socket.create_connection(("127.0.0.1", system.broker.ws_port), timeout=5)
+    try:
+        with pytest.raises((ssl.SSLError, ConnectionError)), ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            if not tls.recv(1):
+                raise ConnectionResetError("closed without a certificate")
+    finally:
+        raw.close()
 
 
 # --- every reading once ----------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def test_config_options(tmp_path: Path) -> None:
         "http://tech@p.example:3128",
     )
     uci.write_text("config mqtt 'mqtt'\n\toption transport 'websockets'\n")
-    with pytest.raises(ConfigError, match="needs mqtt.ws_endpoint"):
+    with pytest.raises(ConfigError, match=r"needs mqtt\.ws_endpoint"):
         load_config(uci)
     uci.write_text("config mqtt 'mqtt'\n\toption ws_endpoint 'https://b:443/mqtt'\n")
     with pytest.raises(ConfigError, match=r":2: mqtt\.ws_endpoint: expected wss://"):
