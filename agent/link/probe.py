@@ -57,7 +57,7 @@ def check_routes(routes: tuple[LinkSettings, ...], timeout: float, report: Repor
         try:
             link.connect()
         except GlucoagentError as exc:
-            report("MQTT login", False, f"{way}: {exc}", exc.exit_code)
+            report("MQTT login", False, f"{exc}; tried {way}", exc.exit_code)
             return False
         finally:
             link.disconnect()
@@ -66,5 +66,5 @@ def check_routes(routes: tuple[LinkSettings, ...], timeout: float, report: Repor
             warn(f"{other.describe()} did not work ({error}); the box uses {way}")
         return True
     for other, what, error in failed:
-        report(what, False, f"{other.describe()}: {error}", error.exit_code)
+        report(what, False, f"{error}; tried {other.describe()}", error.exit_code)
     return False
