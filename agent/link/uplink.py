@@ -30,7 +30,7 @@ from agent.config import Config, Endpoint
 from agent.errors import GlucoagentError, LinkError, SignatureError, StoreError
 from agent.identity.credentials import DeviceIdentity
 from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles, Will
-from agent.link.proxy import proxy_from_config
+from agent.link.proxy import parse_proxy, proxy_from_config
 from agent.link.routes import falls_back, link_routes, sticky_order
 from agent.wire.ack import decode_ack
 from agent.wire.provisioning import STATUS_OFFLINE, STATUS_ONLINE
@@ -127,7 +127,10 @@ class Uplink:
             connect_timeout_s=cfg.mqtt.connect_timeout_s,
             will=Will(self.topics.status, STATUS_OFFLINE, retain=True),
         )
-        proxy = proxy_from_config(cfg.mqtt.proxy, cfg.mqtt.proxy_password_file, cfg.agent.state_dir)
+        self._endpoint, self._base = endpoint, base
+        # The proxy password is read at each connect (_ways), not here: a missing or loose password file
+        # is then a logged, retried failure the technician can fix without restarting the agent.
+        proxy = parse_proxy(cfg.mqtt.proxy) if cfg.mqtt.proxy else None
         self.routes = link_routes(cfg.mqtt, endpoint, base, proxy)
         self._route = 0  # the way that last worked (sticky: tried first at the next connect)
         self.settings = self.routes[0]  # side connections (renewal, recovery) follow the way in use
@@ -190,6 +193,7 @@ class Uplink:
     def _connect(self) -> None:
         """Each configured way in sticky order (agent/link/routes.py); when none reaches the broker,
         raises the error of the way tried first."""
+        self.routes = self._ways()
         first: GlucoagentError | None = None
         for i in sticky_order(self.routes, self._route):
             try:
@@ -207,6 +211,10 @@ class Uplink:
             return
         assert first is not None
         raise first
+
+    def _ways(self) -> tuple[LinkSettings, ...]:
+        proxy = proxy_from_config(self.cfg.mqtt.proxy, self.cfg.mqtt.proxy_password_file, self.cfg.agent.state_dir)
+        return link_routes(self.cfg.mqtt, self._endpoint, self._base, proxy)
 
     def _connect_via(self, settings: LinkSettings) -> None:
         link = MqttLink(settings, on_message=self._on_message)

@@ -94,19 +94,25 @@ class Box:
         return self.system.glucoagent(self.state, "check", config=config)
 
 
+def write_password(state: Path) -> None:
+    secret = state / "proxy_password"
+    secret.touch(0o600)
+    secret.write_text(PASSWORD + "\n")
+
+
 @pytest.fixture
 def boxes(system: LocalSystem, tmp_path: Path) -> Iterator[Callable[..., Box]]:
     """``boxes(n, **mqtt)``: a provisioned box with a simulated Ultra 2 holding ``n`` readings; ``run=False``:
     not started (for `check`)."""
 
-    def make(n: int, *, run: bool = True, seed: int = 11, **mqtt: str) -> Box:
+    def make(n: int, *, run: bool = True, seed: int = 11, password_file: bool = True, **mqtt: str) -> Box:
         name = f"box-{len(list(system.run.glob('box-*')))}"
         state = system.device_dir(name)
         prov = system.provision(state)
         assert prov.returncode == 0, prov.stdout + prov.stderr
         device_id = prov.stdout.split()[-1]
-        (state / "proxy_password").write_text(PASSWORD + "\n")
-        (state / "proxy_password").chmod(0o600)
+        if password_file:
+            write_password(state)
         readings = random_records("onetouch-ultra2", n, seed=seed)
         box = Box(system, state, device_id, n, [(r.meter_time.isoformat(), r.value_mgdl) for r in readings])
         if run:
@@ -248,6 +254,20 @@ def test_check_names_the_way_and_each_proxy_failure(
     assert loose.returncode == 10, loose.stdout
     assert "chmod 600" in loose.stdout
     (box.state / "proxy_password").chmod(0o600)
+
+
+def test_missing_proxy_password_is_retried_until_the_file_is_there(
+    system: LocalSystem, boxes: Callable[..., Box], tinyproxy: Callable[..., Tinyproxy]
+) -> None:
+    proxy = tinyproxy(connect_ports=(system.broker.port,), basic_auth=(USER, PASSWORD))
+    box = boxes(5, proxy=proxy.url, password_file=False)
+    missing = f"mqtt.proxy_password_file: {box.state / 'proxy_password'} not found; retrying"
+    box.wait(lambda: missing in box.log(), 20, "the error")
+    assert box.agent is not None and box.agent.poll() is None  # waiting for a fix, not exiting into a respawn loop
+    write_password(box.state)  # the technician's fix: no restart needed
+    box.wait(lambda: box.readings() == box.n, 60, "all readings once the password file is there")
+    box.assert_every_reading_exactly_once()
+    assert PASSWORD not in box.log()
 
 
 def test_falls_back_to_443_when_the_proxy_refuses_8883(
