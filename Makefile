@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed
 # fakeroot: `make apk` as a non-root user still gives root-owned files; openssl: the signed-feed test's key.
 # mosquitto-dev libmosquitto-dev gcc libc6-dev: the broker's client-id binding plugin
 # (backend/mosquitto/glucoagent_auth.c), built by `make setup`.
-DEBS := mosquitto mosquitto-clients qemu-user-static debian-archive-keyring faketime cmake build-essential pkg-config libjson-c-dev libssl-dev libcurl4-openssl-dev meson ninja-build libzstd-dev zlib1g-dev busybox fakeroot openssl mosquitto-dev libmosquitto-dev gcc libc6-dev
+# tinyproxy: the real HTTP CONNECT proxy of tests/system/test_field_links.py (testbed/httpproxy.py).
+DEBS := mosquitto mosquitto-clients qemu-user-static debian-archive-keyring faketime cmake build-essential pkg-config libjson-c-dev libssl-dev libcurl4-openssl-dev meson ninja-build libzstd-dev zlib1g-dev busybox fakeroot openssl mosquitto-dev libmosquitto-dev gcc libc6-dev tinyproxy
 VECTORS ?= ../shared/vectors
 OPENWRT_TOOLS ?= ../shared/openwrt-tools
 # mosquitto loads this plugin (backend/broker.py): it binds each client id to its certificate's CN.

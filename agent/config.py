@@ -20,6 +20,9 @@ from drivers.registry import AUTO, CONFIG_CHOICES, DEFAULT_PEN  # the one list o
 T = TypeVar("T")
 N = TypeVar("N", int, float)
 _ENDPOINT_RE = re.compile(r"^mqtts://(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})$")
+_WS_ENDPOINT_RE = re.compile(
+    r"^wss://(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})(?P<path>/[A-Za-z0-9._~/-]*)$"
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -40,6 +43,29 @@ class Endpoint:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"mqtts://{host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WsEndpoint:
+    """MQTT over WebSockets with TLS: ``wss://HOST:PORT/PATH`` (same CA, same client certificate)."""
+
+    host: str
+    port: int
+    path: str
+
+    @classmethod
+    def parse(cls, text: str, key: str = "mqtt.ws_endpoint") -> WsEndpoint:
+        m = _WS_ENDPOINT_RE.match(text.strip())
+        if not m:
+            raise ConfigError(f"{key}: expected wss://HOST:PORT/PATH, got {text!r}")
+        port = int(m["port"])
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"{key}: port must be 1..65535, got {port}")
+        return cls(m["host"].strip("[]"), port, m["path"])
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"wss://{host}:{self.port}{self.path}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,6 +98,11 @@ class MqttSection:
     ack: str = "backend"  # backend (end-to-end) | puback
     ack_timeout_s: float = 30.0
     connect_timeout_s: float = 15.0
+    # auto: mqtts first, then ws_endpoint (when set) if the broker cannot be reached; tcp | websockets: only that one
+    transport: str = "auto"
+    ws_endpoint: str = ""  # wss://HOST:443/mqtt: the same broker over WebSockets with TLS
+    proxy: str = ""  # http://[USER@]HOST:PORT: HTTP CONNECT proxy (empty: direct)
+    proxy_password_file: str = ""  # empty: <state_dir>/proxy_password (0600); read only when proxy names a user
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -168,6 +199,26 @@ def _endpoint(text: str) -> str:
     return text
 
 
+def _ws_endpoint(text: str) -> str:
+    if text:
+        try:
+            WsEndpoint.parse(text, key="")
+        except ConfigError as exc:  # as a ValueError, so the message gets the file, line and option
+            raise ValueError(str(exc).removeprefix(": ")) from None
+    return text
+
+
+def _proxy(text: str) -> str:
+    if text:
+        from agent.link.proxy import parse_proxy  # its grammar lives beside the tunnel
+
+        try:
+            parse_proxy(text, key="")
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix(": ")) from None
+    return text
+
+
 # Per section: option -> converter. Unknown options are errors (a typo must not pass silently).
 SCHEMA: dict[str, dict[str, Callable[[str], Any]]] = {
     "agent": {
@@ -196,6 +247,10 @@ SCHEMA: dict[str, dict[str, Callable[[str], Any]]] = {
         "ack": _choice("backend", "puback"),
         "ack_timeout_s": _float_range(1, 3600),
         "connect_timeout_s": _float_range(1, 300),
+        "transport": _choice("auto", "tcp", "websockets"),
+        "ws_endpoint": _ws_endpoint,
+        "proxy": _proxy,
+        "proxy_password_file": str,
     },
     "buffer": {
         "path": str,
@@ -215,6 +270,9 @@ SETTABLE_KEYS = frozenset(f"{s}.{o}" for s, opts in SCHEMA.items() for o in opts
     "buffer.path",
     "agent.settime_command",
     "agent.reboot_command",
+    # Where the box connects through is the technician's: a cloud that could redirect it could also cut it off.
+    "mqtt.proxy",
+    "mqtt.proxy_password_file",
 }
 
 
@@ -279,6 +337,8 @@ def build_config(sections: list[Any], source: str) -> Config:
     if cfg.mqtt.ack == "puback" and cfg.mqtt.protocol != "mqttv5":
         # MQTT 3.1.1 PUBACKs a publish the broker's ACL dropped: taking it as delivery would lose data.
         raise ConfigError(f"{source}: mqtt.ack 'puback' needs mqtt.protocol 'mqttv5'")
+    if cfg.mqtt.transport == "websockets" and not cfg.mqtt.ws_endpoint:
+        raise ConfigError(f"{source}: mqtt.transport 'websockets' needs mqtt.ws_endpoint wss://HOST:PORT/PATH")
     return cfg
 
 

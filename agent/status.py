@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import ssl
 import time
 from typing import Any
 
@@ -14,7 +12,10 @@ from agent.clock import CLOCK_FLOOR, Clock
 from agent.config import Config, Endpoint
 from agent.errors import GlucoagentError, StoreError
 from agent.identity.credentials import is_provisioned, load_identity
-from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles, classify_connect_error
+from agent.link.mqtt import LinkSettings, TlsFiles
+from agent.link.probe import check_routes
+from agent.link.proxy import proxy_from_config
+from agent.link.routes import link_routes
 from agent.snapshot import read_snapshot
 
 SNAPSHOT_EVERY_S = 2.0  # how often the daemon publishes its state (agent/snapshot.py)
@@ -141,33 +142,21 @@ def run_checks(cfg: Config, out: Any = print) -> int:
     ident = load_identity(state)
     ep = Endpoint.parse(cfg.mqtt.endpoint or ident.endpoint)
     try:
-        with socket.create_connection((ep.host, ep.port), timeout=cfg.mqtt.connect_timeout_s) as sock:
-            report("broker reachable", True, f"{ep.host}:{ep.port}")
-            ctx = ssl.create_default_context(cafile=str(ident.ca_path))
-            ctx.load_cert_chain(str(ident.cert_path), str(ident.key_path))
-            with ctx.wrap_socket(sock, server_hostname=ep.host) as tls:
-                report("TLS handshake", True, f"{tls.version()}, broker certificate signed by the pinned fleet CA")
-    except (OSError, ssl.SSLError) as exc:
-        err = classify_connect_error(exc, ep.host, ep.port)
-        report("broker", False, str(err), err.exit_code)
-        return first_failure
-    link = MqttLink(
-        LinkSettings(
-            host=ep.host,
-            port=ep.port,
-            client_id=f"{ident.device_id}-check",
-            tls=TlsFiles(ident.ca_path, ident.cert_path, ident.key_path),
-            protocol=cfg.mqtt.protocol,
-            clean_start=True,
-        )
-    )
-    try:
-        link.connect()
-        report("MQTT login", True, f"as {ident.device_id}")
+        proxy = proxy_from_config(cfg.mqtt.proxy, cfg.mqtt.proxy_password_file, state)
     except GlucoagentError as exc:
-        report("MQTT login", False, str(exc), exc.exit_code)
-    finally:
-        link.disconnect()
+        report("proxy", False, str(exc), exc.exit_code)
+        return first_failure
+    base = LinkSettings(
+        host=ep.host,
+        port=ep.port,
+        client_id=f"{ident.device_id}-check",
+        tls=TlsFiles(ident.ca_path, ident.cert_path, ident.key_path),
+        protocol=cfg.mqtt.protocol,
+        connect_timeout_s=cfg.mqtt.connect_timeout_s,
+        clean_start=True,
+    )
+    routes = link_routes(cfg.mqtt, ep, base, proxy)
+    check_routes(routes, cfg.mqtt.connect_timeout_s, report, lambda line: out(f"warn   {line}"))
     return first_failure
 
 

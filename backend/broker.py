@@ -46,6 +46,7 @@ from backend.broker_config import (
     START_TIMEOUT_S,
     STOP_TIMEOUT_S,
     TLS_DIR,
+    WS_PATH,
     BrokerError,
     broker_account,
     install_file,
@@ -111,8 +112,10 @@ class Broker:
         verbose: bool = False,
         extra_conf: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        websockets: bool = False,
     ) -> None:
-        """``extra_conf``: lines appended to mosquitto.conf; ``env``: added to mosquitto's environment (faketime)."""
+        """``extra_conf``: lines appended to mosquitto.conf; ``env``: added to mosquitto's environment (faketime);
+        ``websockets``: a second listener, MQTT over WebSockets with TLS (``ws_endpoint``), same PKI and rules."""
         self.pki = pki
         self.run_dir = run_dir
         self._fixed_port = port is not None
@@ -124,6 +127,8 @@ class Broker:
         self._exe = find_mosquitto()
         self._plugin = find_auth_plugin()
         self._proc: subprocess.Popen[bytes] | None = None
+        self.websockets = websockets
+        self._ws_port = 0
 
     # --- where ----------------------------------------------------------------------------------
     @property
@@ -143,6 +148,16 @@ class Broker:
     @property
     def endpoint(self) -> str:
         return f"mqtts://localhost:{self.port}"
+
+    @property
+    def ws_port(self) -> int:
+        if not self._ws_port:
+            raise BrokerError("the broker has no websockets listener (websockets=True), or is not started")
+        return self._ws_port
+
+    @property
+    def ws_endpoint(self) -> str:
+        return f"wss://localhost:{self.ws_port}{WS_PATH}"
 
     @property
     def conf_path(self) -> Path:
@@ -175,12 +190,15 @@ class Broker:
         for attempt in range(attempts):
             if not self._fixed_port:
                 self._port = _free_port()
+                if self.websockets:
+                    self._ws_port = _free_port()
             self._spawn()
             try:
                 self._wait_ready()
                 self._fixed_port = True  # from now on the port is ours: restart and start-after-kill keep it
             except BrokerError:
-                lost_race = "Address already in use" in self._output()
+                out = self._output()
+                lost_race = "Address already in use" in out or "ERROR on binding" in out
                 self._terminate(signal.SIGKILL)
                 if lost_race and attempt + 1 < attempts:
                     continue  # another process took the free port between our probe and mosquitto's bind
@@ -240,6 +258,7 @@ class Broker:
             autosave_interval_s=self.autosave_interval_s,
             verbose=self.verbose,
             extra_conf=self.extra_conf,
+            ws_port=self._ws_port or None,
         )
         install_file(self.conf_path, conf.encode(), 0o644, account)
         if account is not None:  # mosquitto writes its log and persistence here after dropping root
@@ -277,7 +296,10 @@ class Broker:
                     socket.create_connection((LOOPBACK, self._port), timeout=1.0) as raw,
                     ctx.wrap_socket(raw, server_hostname="localhost"),
                 ):
-                    return
+                    pass
+                if self._ws_port:  # libwebsockets opens its socket after the TCP listener
+                    socket.create_connection((LOOPBACK, self._ws_port), timeout=1.0).close()
+                return
             except OSError as exc:  # refused until it listens; ssl.SSLError is an OSError too
                 last = exc
                 time.sleep(POLL_S)

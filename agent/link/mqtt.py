@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -35,6 +36,7 @@ from agent.errors import (
     NotAuthorized,
     TlsError,
 )
+from agent.link.proxy import ProxySettings, open_tunnel
 
 log = logging.getLogger(__name__)
 SESSION_EXPIRY_S = 7 * 86_400  # the broker keeps our subscriptions and queued commands this long
@@ -69,6 +71,15 @@ class LinkSettings:
     clean_start: bool = False  # persistent session: the broker holds commands for an offline box
     will: Will | None = None
     max_inflight: int = 20
+    transport: str = "tcp"  # tcp (MQTT over TLS) | websockets (MQTT over WebSockets over TLS)
+    ws_path: str = "/mqtt"
+    proxy: ProxySettings | None = None  # HTTP CONNECT proxy; None: direct
+
+    def describe(self) -> str:
+        """Where this link goes, for logs and `check` (the proxy without its password)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        where = f"wss://{host}:{self.port}{self.ws_path}" if self.transport == "websockets" else f"mqtts://{host}:{self.port}"
+        return where + (f" via proxy {self.proxy}" if self.proxy else "")
 
 
 Message = tuple[str, bytes]
@@ -140,6 +151,27 @@ def classify_connect_error(exc: BaseException, host: str, port: int) -> LinkErro
     return LinkError(f"connecting to {where}: {exc}")
 
 
+class _Client(paho.Client):
+    """paho's client with our own socket opening: through the CONNECT tunnel when a proxy is set, never
+    through PySocks or the ``mqtt_proxy`` environment variable (which paho would silently ignore
+    without PySocks, or follow without our configuration saying so)."""
+
+    tunnel_proxy: ProxySettings | None = None
+
+    def _get_proxy(self) -> dict[str, Any] | None:
+        return None
+
+    def _create_socket_connection(self) -> socket.socket:
+        if self.tunnel_proxy is None:
+            sock = socket.create_connection((self._host, self._port), timeout=self._connect_timeout)
+        else:
+            sock = open_tunnel(self.tunnel_proxy, self._host, self._port, self._connect_timeout)
+        # paho leaves Nagle on: a small PUBLISH would wait ~40 ms for the peer's delayed ACK
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+
 class MqttLink:
     """One MQTT connection. Not reconnecting by itself: call ``connect()`` again after a drop."""
 
@@ -150,13 +182,18 @@ class MqttLink:
         self._on_message = on_message
         v5 = settings.protocol == "mqttv5"
         self._v5 = v5
-        self.client = paho.Client(
+        websockets = settings.transport == "websockets"
+        self.client = _Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
             clean_session=None if v5 else settings.clean_start,
             reconnect_on_failure=False,
+            transport="websockets" if websockets else "tcp",
         )
+        self.client.tunnel_proxy = settings.proxy
+        if websockets:
+            self.client.ws_set_options(path=settings.ws_path)
         self.client.max_inflight_messages_set(settings.max_inflight)
         self.client.connect_timeout = settings.connect_timeout_s  # TCP connect and TLS handshake (paho: 5 s)
         self.client.max_queued_messages_set(0)
@@ -266,10 +303,6 @@ class MqttLink:
             )
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise classify_connect_error(exc, self.s.host, self.s.port) from exc
-        sock = self.client.socket()
-        if isinstance(sock, socket.socket):  # paho leaves Nagle on: a small PUBLISH would wait ~40 ms for the peer's delayed ACK
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         deadline = time.monotonic() + self.s.connect_timeout_s
         while not self._connack.is_set():
             if time.monotonic() > deadline:

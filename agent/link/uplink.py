@@ -29,6 +29,8 @@ from agent.config import Config, Endpoint
 from agent.errors import GlucoagentError, LinkError, SignatureError, StoreError
 from agent.identity.credentials import DeviceIdentity
 from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles, Will
+from agent.link.proxy import parse_proxy, proxy_from_config
+from agent.link.routes import falls_back, link_routes, sticky_order
 from agent.wire.ack import decode_ack
 from agent.wire.batch import batch_size, cbor_head, encode_batch
 from agent.wire.provisioning import STATUS_OFFLINE, STATUS_ONLINE
@@ -99,7 +101,7 @@ class Uplink:
         self._wake = threading.Event()
         self._attempts = _Attempts(cfg.mqtt.backoff_min_s, cfg.mqtt.backoff_cap_s)
         endpoint = Endpoint.parse(cfg.mqtt.endpoint or identity.endpoint)
-        self.settings = LinkSettings(
+        base = LinkSettings(
             host=endpoint.host,
             port=endpoint.port,
             client_id=identity.device_id,
@@ -109,6 +111,13 @@ class Uplink:
             connect_timeout_s=cfg.mqtt.connect_timeout_s,
             will=Will(self.topics.status, STATUS_OFFLINE, retain=True),
         )
+        self._endpoint, self._base = endpoint, base
+        # The proxy password is read at each connect (_ways), not here: a missing or loose password file
+        # is then a logged, retried failure the technician can fix without restarting the agent.
+        proxy = parse_proxy(cfg.mqtt.proxy) if cfg.mqtt.proxy else None
+        self.routes = link_routes(cfg.mqtt, endpoint, base, proxy)
+        self._route = 0  # the way that last worked (sticky: tried first at the next connect)
+        self.settings = self.routes[0]  # side connections (renewal, recovery) follow the way in use
         self.link: MqttLink | None = None
         self._ticks: list[Callable[[], None]] = []
         self.raise_condition = raise_condition
@@ -166,7 +175,33 @@ class Uplink:
         return (self.link.disconnect_reason if self.link else None) or "closed"
 
     def _connect(self) -> None:
-        link = MqttLink(self.settings, on_message=self._on_message)
+        """Each configured way in sticky order (agent/link/routes.py); when none reaches the broker,
+        raises the error of the way tried first."""
+        self.routes = self._ways()
+        first: GlucoagentError | None = None
+        for i in sticky_order(self.routes, self._route):
+            try:
+                self._connect_via(self.routes[i])
+            except GlucoagentError as exc:
+                if len(self.routes) == 1 or not falls_back(exc):
+                    raise
+                first = first or exc
+                log.warning("uplink: %s: %s", self.routes[i].describe(), exc)
+                continue
+            if i != self._route:
+                log.warning("uplink: now connecting by %s (the other way failed)", self.routes[i].describe())
+            self._route = i
+            self.settings = self.routes[i]
+            return
+        assert first is not None
+        raise first
+
+    def _ways(self) -> tuple[LinkSettings, ...]:
+        proxy = proxy_from_config(self.cfg.mqtt.proxy, self.cfg.mqtt.proxy_password_file, self.cfg.agent.state_dir)
+        return link_routes(self.cfg.mqtt, self._endpoint, self._base, proxy)
+
+    def _connect_via(self, settings: LinkSettings) -> None:
+        link = MqttLink(settings, on_message=self._on_message)
         self.link = link
         link.connect()
         try:
@@ -181,9 +216,8 @@ class Uplink:
         self.counters.connected_since = time.time()
         self._too_large.clear()  # the limit is this broker's: judge every record again
         log.info(
-            "uplink: connected to %s:%d as %s (session present: %s, status mid %d)",
-            self.settings.host,
-            self.settings.port,
+            "uplink: connected to %s as %s (session present: %s, status mid %d)",
+            settings.describe(),
             self.identity.device_id,
             link.session_present,
             mid,
