@@ -54,6 +54,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
         key_type=args.key_type or cfg.agent.key_type,
         protocol=cfg.mqtt.protocol,
         timeout_s=args.timeout,
+        mqtt=cfg.mqtt,
     )
     print(f"provisioned: device id {device_id}")
     return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.config import Endpoint
+from agent.config import Endpoint, MqttSection
 from agent.errors import GlucoagentError, LinkTimeout, ProvisioningError, TokenRejected
 from agent.fsutil import atomic_write
 from agent.identity.credentials import (
@@ -35,6 +35,8 @@ from agent.identity.credentials import (
     save_credentials,
 )
 from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles, Will
+from agent.link.proxy import proxy_from_config
+from agent.link.routes import connect_first, link_routes
 from agent.wire import topics
 from agent.wire.provisioning import STATUS_OFFLINE, STATUS_ONLINE, check_reply, decode_reply, encode_request
 
@@ -138,8 +140,12 @@ def provision(
     protocol: str = "mqttv5",
     timeout_s: float = 20.0,
     out: Callable[[str], None] = print,
+    mqtt: MqttSection | None = None,
 ) -> str:
-    """Enrol this box; returns the device id. Raises GlucoagentError subclasses with exit codes."""
+    """Enrol this box; returns the device id. Raises GlucoagentError subclasses with exit codes.
+
+    ``mqtt``: the box's MQTT options, so enrolment takes the same ways to the broker as the daemon
+    (a proxy, WebSockets on 443, the fallback between them); None: MQTT/TLS to ``endpoint`` directly."""
     ep = Endpoint.parse(endpoint, "--endpoint")
     claim = claim or ClaimFiles.default(state_dir)
     progress = Progress(6, out)
@@ -174,9 +180,11 @@ def provision(
         protocol=protocol,
         clean_start=True,
     )
-    link = MqttLink(settings, on_message=on_message)
-    with progress.step(f"connect to {ep} with the factory claim certificate"):
-        link.connect()
+    routes = _routes(mqtt, ep, settings, state_dir)
+    with progress.step(f"connect to {ep} with the factory claim certificate") as s:
+        link = connect_first(routes, lambda way: MqttLink(way, on_message=on_message))
+        if link.s.transport != "tcp" or link.s.proxy is not None:
+            s.detail = link.s.describe()
     try:
         with progress.step("send enrolment request (token, patient reference, CSR)") as s:
             codes = link.subscribe([topics.provision_response(request_id)])
@@ -218,26 +226,33 @@ def provision(
             config=dict(reply.get("config", {})),
         )
     with progress.step("connect with the device certificate and confirm"):
-        confirm(state_dir, protocol=protocol)
+        confirm(state_dir, protocol=protocol, mqtt=mqtt)
     return str(reply["device_id"])
 
 
-def confirm(state_dir: Path, *, protocol: str = "mqttv5", timeout_s: float = 10.0) -> None:
+def _routes(mqtt: MqttSection | None, ep: Endpoint, base: LinkSettings, state_dir: Path) -> tuple[LinkSettings, ...]:
+    if mqtt is None:
+        return (base,)
+    proxy = proxy_from_config(mqtt.proxy, mqtt.proxy_password_file, state_dir)
+    return link_routes(mqtt, ep, base, proxy)
+
+
+def confirm(
+    state_dir: Path, *, protocol: str = "mqttv5", timeout_s: float = 10.0, mqtt: MqttSection | None = None
+) -> None:
     """Log in as the device and publish ``online``: proves the new credentials work end to end."""
     ident = load_identity(state_dir)
     ep = Endpoint.parse(ident.endpoint)
     dev = topics.DeviceTopics(ident.device_id)
-    link = MqttLink(
-        LinkSettings(
-            host=ep.host,
-            port=ep.port,
-            client_id=ident.device_id,
-            tls=TlsFiles(ca=ident.ca_path, cert=ident.cert_path, key=ident.key_path),
-            protocol=protocol,
-            will=Will(dev.status, STATUS_OFFLINE),
-        )
+    base = LinkSettings(
+        host=ep.host,
+        port=ep.port,
+        client_id=ident.device_id,
+        tls=TlsFiles(ca=ident.ca_path, cert=ident.cert_path, key=ident.key_path),
+        protocol=protocol,
+        will=Will(dev.status, STATUS_OFFLINE),
     )
-    link.connect()
+    link = connect_first(_routes(mqtt, ep, base, state_dir), MqttLink)
     try:
         mid = link.publish(dev.status, STATUS_ONLINE, retain=True)
         deadline = time.monotonic() + timeout_s

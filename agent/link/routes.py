@@ -15,10 +15,11 @@ never abandoned for the other way.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from agent.config import Endpoint, MqttSection, WsEndpoint
 from agent.errors import BrokerUnreachable, GlucoagentError, LinkTimeout
-from agent.link.mqtt import LinkSettings
+from agent.link.mqtt import LinkSettings, MqttLink
 from agent.link.proxy import ProxyAuthRequired, ProxyError, ProxySettings
 
 
@@ -46,3 +47,18 @@ def falls_back(exc: GlucoagentError) -> bool:
 def sticky_order(routes: tuple[LinkSettings, ...], last_good: int) -> list[int]:
     """Indexes of ``routes`` to try: the one that last worked first, then the others in their order."""
     return [last_good, *(i for i in range(len(routes)) if i != last_good)]
+
+
+def connect_first(routes: tuple[LinkSettings, ...], make_link: Callable[[LinkSettings], MqttLink]) -> MqttLink:
+    """A connected link over the first way that works, in ``routes``' order, falling back as the uplink
+    does (only when the broker was not reached). For one-shot links: provisioning and its confirmation."""
+    for i, settings in enumerate(routes):
+        link = make_link(settings)
+        try:
+            link.connect()
+        except GlucoagentError as exc:
+            if i + 1 < len(routes) and falls_back(exc):
+                continue
+            raise
+        return link
+    raise BrokerUnreachable("no way to the broker is configured")

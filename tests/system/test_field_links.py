@@ -347,3 +347,31 @@ def test_black_hole_rst_and_flapping_on_field_paths(
         assert box.agent is not None and box.agent.poll() is None
     finally:
         fault.close()
+
+
+# --- the technician's enrolment on such a network -------------------------------------------------
+
+
+def test_provisioning_takes_the_configured_proxy_and_falls_back_to_443(
+    system: LocalSystem, tinyproxy: Callable[..., Tinyproxy]
+) -> None:
+    """A network where only the proxy leads out and the proxy tunnels only to 443: `glucoagent provision`
+    with the box's config goes through the proxy, falls back to WebSockets, enrols and confirms."""
+    proxy = tinyproxy(connect_ports=(system.broker.ws_port,), basic_auth=(USER, PASSWORD))
+    state = system.device_dir("box-enrol-proxy")
+    write_password(state)
+    config = device_config(
+        state / "glucoagent.uci", [], mqtt={**MQTT, "proxy": proxy.url, "ws_endpoint": ws_url(system.broker.ws_port)}
+    )
+    token = system.token("patient-proxy")
+    prov = system.glucoagent(
+        state, "provision", "--endpoint", system.broker.endpoint, f"--token={token}", "--patient=patient-proxy",
+        config=config,
+    )  # fmt: skip
+    assert prov.returncode == 0, prov.stdout + prov.stderr
+    assert "wss://" in prov.stdout and f"via proxy {proxy.url}" in prov.stdout, prov.stdout
+    assert PASSWORD not in prov.stdout + prov.stderr
+    log = proxy.log_path.read_text(errors="replace")
+    assert f"Refused CONNECT method on port {system.broker.port}" in log, log[-2000:]  # 8883's way tried first
+    assert f"CONNECT localhost:{system.broker.ws_port}" in log, log[-2000:]  # then 443's, which enrolled
+    assert (state / "device.json").exists()
