@@ -24,6 +24,7 @@ from backend.service import CERT_DAYS, BackendKeys, BackendService
 
 log = logging.getLogger(__name__)
 COMMAND_KEY = "command.key"
+RELEASE_KEY = "release.key"  # signs release manifests only (docs/updates.md); never the command key
 AUDIT_SALT = "audit.salt"
 HOME_MODE = 0o700  # patient references, token hashes and readings: owner only
 INITIAL_CONFIG: dict[str, Any] = {"mqtt.keepalive": 30}
@@ -41,6 +42,7 @@ class BackendHome:
         os.chmod(self.root, HOME_MODE)  # a home made before, or under a wide umask, is narrowed too
         _ = self.pki
         _ = self.command_key
+        _ = self.release_key
 
     @functools.cached_property
     def audit_salt(self) -> bytes:
@@ -56,23 +58,18 @@ class BackendHome:
 
     @functools.cached_property
     def command_key(self) -> ed25519.Ed25519PrivateKey:
-        path = self.root / COMMAND_KEY
-        if not path.exists():
-            key = ed25519.Ed25519PrivateKey.generate()
-            pem = key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-            atomic_write(path, pem)
-            return key
-        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        assert isinstance(loaded, ed25519.Ed25519PrivateKey)
-        return loaded
+        return _signing_key(self.root / COMMAND_KEY)
+
+    @functools.cached_property
+    def release_key(self) -> ed25519.Ed25519PrivateKey:
+        return _signing_key(self.root / RELEASE_KEY)
 
     def keys(self) -> BackendKeys:
         return BackendKeys(
             ca_pem=self.pki.ca_pem,
             sign_csr=lambda csr, device_id: self.pki.sign_device_csr(csr, device_id, days=self.cert_days),
             command_key=self.command_key,
+            release_key=self.release_key,
             revoke=self.revoke_certificates,
             revoked=self.pki.revoked_serials,
         )
@@ -109,3 +106,17 @@ class BackendHome:
 
     def service(self, host: str, port: int, db: BackendDb | None = None) -> BackendService:
         return BackendService(db or self.db(), self.keys(), link_settings(host, port, self.backend_tls()), INITIAL_CONFIG)
+
+
+def _signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    """An Ed25519 key kept in the home (0600, atomic_write), made on first use."""
+    if not path.exists():
+        key = ed25519.Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        atomic_write(path, pem)
+        return key
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    assert isinstance(loaded, ed25519.Ed25519PrivateKey)
+    return loaded

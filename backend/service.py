@@ -50,6 +50,15 @@ class BackendKeys:
     # have the broker reload it; and the serials revoked so far.
     revoke: Callable[[Sequence[int]], None] = _no_revocation
     revoked: Callable[[], frozenset[int]] = frozenset
+    release_key: ed25519.Ed25519PrivateKey | None = None  # signs release manifests (docs/updates.md)
+
+    @property
+    def release_pub_pem(self) -> bytes | None:
+        if self.release_key is None:
+            return None
+        return self.release_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
 
     @property
     def command_pub_pem(self) -> bytes:

@@ -35,6 +35,7 @@ from agent.identity.credentials import (
     save_credentials,
 )
 from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles, Will
+from agent.update.keys import RELEASE_KEY_FILE
 from agent.wire import topics
 from agent.wire.provisioning import STATUS_OFFLINE, STATUS_ONLINE, check_reply, decode_reply, encode_request
 
@@ -208,6 +209,8 @@ def provision(
     with progress.step("save certificate, fleet CA and command key (atomic, mode 0600)"):
         if not (state_dir / BINDING_FILE).exists():  # before device.json: a complete set always has it
             atomic_write(state_dir / BINDING_FILE, binding_for(patient))
+        if isinstance(reply.get("release_key"), bytes):  # pinned for updates (agent/update), before device.json
+            atomic_write(state_dir / RELEASE_KEY_FILE, bytes(reply["release_key"]))
         save_credentials(
             state_dir,
             device_id=str(reply["device_id"]),
