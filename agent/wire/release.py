@@ -148,3 +148,72 @@ def check_applicable(m: Manifest, running: str) -> None:
         raise CommandRejected("same_version", f"{running} already runs")
     if there < here and not m.downgrade:
         raise CommandRejected("downgrade", f"{m.version} is older than the running {running} and allows no downgrade")
+
+
+# --- chunked delivery (a pull: the box asks for each chunk, so every chunk is acknowledged by the next ask) ---
+CHUNK_BYTES = 32 * 1024  # well under mqtt.max_payload; a chunk costs one round trip
+MAX_CHUNK_BYTES = 128 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChunkRequest:
+    sha256: bytes  # names the package (the manifest's digest)
+    offset: int
+    length: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Chunk:
+    sha256: bytes
+    offset: int
+    data: bytes
+
+
+def encode_chunk_request(req: ChunkRequest) -> bytes:
+    return cbor2.dumps({"v": 1, "sha256": req.sha256, "off": req.offset, "len": req.length}, canonical=True)
+
+
+def encode_chunk(chunk: Chunk) -> bytes:
+    return cbor2.dumps({"v": 1, "sha256": chunk.sha256, "off": chunk.offset, "data": chunk.data}, canonical=True)
+
+
+def _map(payload: bytes, what: str) -> Mapping[Any, Any]:
+    try:
+        body = cbor2.loads(payload)
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError):
+        raise ValueError(f"{what} is not CBOR") from None
+    if not isinstance(body, Mapping) or body.get("v") != 1:
+        raise ValueError(f"{what} must be a map with v=1")
+    return body
+
+
+def _uint(body: Mapping[Any, Any], name: str, hi: int) -> int:
+    value = body.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= hi:
+        raise ValueError(f"{name} must be an integer 0..{hi}")
+    return value
+
+
+def _digest(body: Mapping[Any, Any]) -> bytes:
+    value = body.get("sha256")
+    if not isinstance(value, bytes) or len(value) != SHA256_BYTES:
+        raise ValueError("sha256 must be 32 bytes")
+    return value
+
+
+def decode_chunk_request(payload: bytes) -> ChunkRequest:
+    """What the cloud reads from a box's fetch topic. Raises ValueError."""
+    body = _map(payload, "chunk request")
+    length = _uint(body, "len", MAX_CHUNK_BYTES)
+    if length == 0:
+        raise ValueError("len must be positive")
+    return ChunkRequest(_digest(body), _uint(body, "off", MAX_PACKAGE_BYTES), length)
+
+
+def decode_chunk(payload: bytes) -> Chunk:
+    """What the box reads from its chunks topic. Raises ValueError (the box then asks again)."""
+    body = _map(payload, "chunk")
+    data = body.get("data")
+    if not isinstance(data, bytes) or len(data) > MAX_CHUNK_BYTES:
+        raise ValueError(f"data must be at most {MAX_CHUNK_BYTES} bytes")
+    return Chunk(_digest(body), _uint(body, "off", MAX_PACKAGE_BYTES), data)
