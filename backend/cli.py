@@ -214,6 +214,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     out = args.out or args.package.with_name(args.package.name + MANIFEST_SUFFIX)
     atomic_write(out, signed)
     m = decode_manifest(signed, home.release_key.public_key())
+    home.releases.put(args.package, m.sha256)  # what `serve` hands out to boxes' chunk requests
     print(f"{out}: {m.name} {m.version} ({m.format}, {m.size} bytes, sha256 {m.sha256.hex()}), "
           f"from {m.min_from}, downgrade {'allowed' if m.downgrade else 'refused'}")  # fmt: skip
     return 0

@@ -19,6 +19,7 @@ from backend.db import BackendDb
 from backend.files import atomic_write
 from backend.mqtt_client import link_settings
 from backend.pki import ClientCreds, FleetPki
+from backend.release import ReleaseShelf
 from backend.revocation import reload_broker
 from backend.service import CERT_DAYS, BackendKeys, BackendService
 
@@ -105,7 +106,13 @@ class BackendHome:
         return self.pki.backend
 
     def service(self, host: str, port: int, db: BackendDb | None = None) -> BackendService:
-        return BackendService(db or self.db(), self.keys(), link_settings(host, port, self.backend_tls()), INITIAL_CONFIG)
+        service = BackendService(db or self.db(), self.keys(), link_settings(host, port, self.backend_tls()), INITIAL_CONFIG)
+        service.releases = self.releases
+        return service
+
+    @property
+    def releases(self) -> ReleaseShelf:
+        return ReleaseShelf(self.root / "releases")
 
 
 def _signing_key(path: Path) -> ed25519.Ed25519PrivateKey:

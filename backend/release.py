@@ -14,7 +14,8 @@ from pathlib import Path
 
 from agent.errors import GlucoagentError
 from agent.wire import cose
-from agent.wire.release import Manifest, encode_manifest
+from agent.wire.release import Chunk, ChunkRequest, Manifest, encode_manifest
+from backend.files import atomic_write
 
 IPK_NAME_RE = re.compile(r"^(?P<name>[a-z0-9][a-z0-9+.-]*)_(?P<version>[0-9][0-9.]*-[0-9]+)_[A-Za-z0-9_]+\.ipk$")
 APK_NAME_RE = re.compile(r"^(?P<name>[a-z0-9][a-z0-9+._-]*?)-(?P<version>[0-9][0-9.]*-r[0-9]+)\.apk$")
@@ -82,3 +83,28 @@ def sign_release(key: cose.PrivateKey, package: Path, spec: ReleaseSpec, *, now:
         return encode_manifest(key, manifest)
     except ValueError as exc:
         raise ReleaseError(f"{package.name}: {exc}") from None
+
+
+class ReleaseShelf:
+    """Packages the cloud released, by SHA-256 (``<home>/releases/<hex>.pkg``): the only files it serves
+    to a box's chunk requests (agent/update/fetch.py)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def put(self, package: Path, digest: bytes) -> Path:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target = self.dir / f"{digest.hex()}.pkg"
+        atomic_write(target, package.read_bytes(), mode=0o644)
+        return target
+
+    def chunk(self, req: ChunkRequest) -> Chunk | None:
+        """The chunk asked for, or None for a package never released (the box times out and reports it)."""
+        path = self.dir / f"{req.sha256.hex()}.pkg"
+        try:
+            with path.open("rb") as fh:
+                fh.seek(req.offset)
+                data = fh.read(req.length)
+        except FileNotFoundError:
+            return None
+        return Chunk(req.sha256, req.offset, data)

@@ -22,13 +22,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.errors import GlucoagentError, LinkError
-from agent.wire import cose, telemetry, topics
+from agent.wire import cose, release, telemetry, topics
 from agent.wire import provisioning as wire_provisioning
 from agent.wire.ack import encode_ack
 from backend.db import BackendDb
 from backend.ingest import IngestMixin
 from backend.mqtt_client import BackendLink, LinkSettings
 from backend.provisioning import ProvisioningMixin
+from backend.release import ReleaseShelf
 
 log = logging.getLogger(__name__)
 CERT_DAYS = 365
@@ -84,6 +85,7 @@ class BackendService(ProvisioningMixin, IngestMixin):
         self._keys: dict[tuple[str, bytes], cose.PublicKey] = {}
         self.on_record: Callable[[str, telemetry.Record], None] | None = None
         self.max_payload = MAX_PAYLOAD
+        self.releases: ReleaseShelf | None = None  # packages served to update downloads (docs/updates.md)
 
     def stop(self) -> None:
         self._stop.set()
@@ -101,6 +103,7 @@ class BackendService(ProvisioningMixin, IngestMixin):
                         topics.ALL_HEALTH,
                         topics.ALL_STATUS,
                         topics.ALL_RESULTS,
+                        topics.ALL_FETCH,
                     ]
                 )
             except GlucoagentError as exc:
@@ -157,6 +160,21 @@ class BackendService(ProvisioningMixin, IngestMixin):
             self.on_status(device_id, payload)
         elif leaf == topics.RESULTS:
             self.on_result(device_id, payload)
+        elif leaf == topics.FETCH:
+            self.on_fetch(device_id, payload)
+
+    def on_fetch(self, device_id: str, payload: bytes) -> None:
+        """A box asks for one chunk of a released package; unknown packages get no answer."""
+        try:
+            req = release.decode_chunk_request(payload)
+        except ValueError as exc:
+            log.warning("fetch from %s refused: %s", device_id, exc)
+            return
+        chunk = self.releases.chunk(req) if self.releases is not None else None
+        if chunk is None:
+            log.warning("fetch from %s: package %s was never released here", device_id, req.sha256.hex()[:16])
+            return
+        self.publish(topics.DeviceTopics(device_id).chunks, release.encode_chunk(chunk))
 
     def on_status(self, device_id: str, payload: bytes) -> None:
         self.db.set_status(device_id, payload.decode("utf-8", "replace")[:32], time.time())
