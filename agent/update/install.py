@@ -107,6 +107,7 @@ def install(
     if not (NAME_RE.match(m.name) and VERSION_RE.match(running) and previous.is_file()):
         raise UpdateFailed("no_rollback_target", f"no kept package file of the running {running} to roll back to")
     directory = state_dir / UPDATE_DIR
+    (directory / REPORT_FILE).unlink(missing_ok=True)  # a rollback reported long ago must not answer this one
     write_marker(
         directory / PENDING_FILE,
         {

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from support.opkg_root import NAME, OpkgRoot, opkg_root
 
 from agent.update.install import (
     PENDING_FILE,
@@ -18,7 +18,6 @@ from agent.update.install import (
     PackageManager,
     gate_passed,
     install,
-    installed_version,
     keep,
     read_marker,
     take_report,
@@ -27,11 +26,7 @@ from agent.update.staging import UPDATE_DIR, UpdateFailed
 from agent.wire.release import Manifest
 from openwrt import build_ipk as B
 from openwrt import hosttools
-from openwrt.package import FILE_MODE, Entry, Package, describe
-
-REPO = Path(__file__).resolve().parents[2]
-WATCHDOG = REPO / "openwrt" / "files" / "glucoagent.update-watchdog"
-NAME = "glucoagent"
+from openwrt.package import Package, describe
 
 
 @pytest.fixture(scope="module")
@@ -42,28 +37,6 @@ def ipks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Package, Path, Packa
     return v1, B.write_ipk(v1, out / "1"), v2, B.write_ipk(v2, out / "2")
 
 
-def dep_ipks(pkg: Package, out: Path) -> list[Path]:
-    """Empty stand-ins for the packages glucoagent depends on (python3-light and the rest), as an image has them."""
-    out.mkdir()
-    made = []
-    for dep in pkg.depends:
-        control = f"Package: {dep.name}\nVersion: {'3.11.14' if dep.name == 'python3-light' else '1'}-1\nArchitecture: all\n"
-        control_gz, _ = B.tar_gz([Entry("/", None, 0o755), Entry("/control", control.encode(), FILE_MODE)], 0)
-        data_gz, _ = B.tar_gz([Entry("/", None, 0o755)], 0)
-        outer, _ = B.tar_gz(
-            [
-                Entry("/debian-binary", b"2.0\n", FILE_MODE),
-                Entry("/data.tar.gz", data_gz, FILE_MODE),
-                Entry("/control.tar.gz", control_gz, FILE_MODE),
-            ],
-            0,
-        )
-        path = out / f"{dep.name}.ipk"
-        path.write_bytes(outer)
-        made.append(path)
-    return made
-
-
 def manifest(pkg: Package, path: Path) -> Manifest:
     data = path.read_bytes()
     return Manifest(NAME, pkg.ipk_version, "ipk", len(data), hashlib.sha256(data).digest(), "0", False, 1)
@@ -71,47 +44,28 @@ def manifest(pkg: Package, path: Path) -> Manifest:
 
 @dataclasses.dataclass
 class Box:
-    root: Path
+    root: OpkgRoot
     state: Path
-    pm: PackageManager
-    install_cmd: str
-    env: dict[str, str]
+
+    @property
+    def pm(self) -> PackageManager:
+        return self.root.pm
 
     @property
     def running(self) -> str | None:
-        return installed_version(self.pm.status_file, NAME)
+        return self.root.running
 
     def watchdog(self, now: int) -> subprocess.CompletedProcess[str]:
-        env = {**self.env, "GLUCOAGENT_UPDATE_INSTALL": self.install_cmd, "GLUCOAGENT_UPDATE_RESTART": "",
-               "GLUCOAGENT_UPDATE_NOW": str(now)}  # fmt: skip
-        return subprocess.run(
-            ["sh", str(WATCHDOG), str(self.state)], env=env, capture_output=True, text=True, timeout=120, check=False
-        )
+        return self.root.watchdog(self.state, now)
 
 
 @pytest.fixture
 def box(openwrt_tools: hosttools.Tools, ipks: tuple[Package, Path, Package, Path], tmp_path: Path) -> Box:
     """A root with release 1 installed by the real opkg, and its package file kept (the rollback target)."""
-    root = tmp_path / "root"
-    shutil.copytree(openwrt_tools.openwrt_files.root, root, symlinks=True)
-    for d in ("etc/rc.d", "var/lock", "tmp"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    (root / "etc" / "opkg.conf").touch()
-    env = {**openwrt_tools.env, "IPKG_INSTROOT": str(root), "TMPDIR": str(root / "tmp")}
-    opkg = [str(openwrt_tools.opkg), "--offline-root", str(root), "--conf", str(root / "etc/opkg.conf")]
-    opkg += ["--force-postinstall", "--add-dest", "root:/", "--add-arch", "all:100"]
-    cmd = " ".join([*opkg, "install", "--force-downgrade", "--force-reinstall"])
-    envs = [f"{k}={v}" for k, v in env.items() if k in ("PATH", "IPKG_INSTROOT", "TMPDIR", "LC_ALL")]
-    pm = PackageManager(("env", *envs, *cmd.split()), root / "usr/lib/opkg/status")
     v1, v1_ipk, _, _ = ipks
-    deps = [str(p) for p in dep_ipks(v1, tmp_path / "deps")]
-    first = subprocess.run([*pm.install, *deps, str(v1_ipk)], capture_output=True, text=True, timeout=120, check=False)
-    assert first.returncode == 0, first.stdout + first.stderr
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    b = Box(root, state, pm, cmd, env)
-    assert b.running == v1.ipk_version
-    return b
+    return Box(opkg_root(openwrt_tools, tmp_path, v1, v1_ipk), state)
 
 
 def test_good_update_passes_its_gate_and_the_watchdog_leaves_it(
