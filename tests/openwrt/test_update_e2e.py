@@ -6,7 +6,11 @@ or reports the watchdog's rollback. The version "running" is the one opkg record
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +19,10 @@ import pytest
 from support.opkg_root import OpkgRoot, opkg_root
 
 from agent.update.install import KEPT_DIR, PENDING_FILE, read_marker
-from agent.update.staging import UPDATE_DIR
+from agent.update.staging import PROGRESS_FILE, UPDATE_DIR
+from agent.wire.release import Chunk, ChunkRequest
 from backend.commands import record_sent, sign_command, stored_result
+from backend.release import ReleaseShelf
 from openwrt import build_ipk as B
 from openwrt import hosttools
 from openwrt.package import Package, describe
@@ -186,3 +192,47 @@ def test_bad_signature_and_no_rollback_target_change_nothing(
     assert box.result(no_prev)[:2] == ("refused", "no_rollback_target")
     assert box.root.running == v1.ipk_version
     assert box.proc is not None and box.proc.poll() is None  # still running
+
+
+class SlowShelf(ReleaseShelf):
+    """The cloud's real shelf, answering each chunk 0.1 s late: a download long enough to be killed mid-way."""
+
+    def chunk(self, req: ChunkRequest) -> Chunk | None:
+        time.sleep(0.1)
+        return super().chunk(req)
+
+
+def test_sigkill_during_download_is_reported_and_the_download_resumes(
+    box: Box, system: LocalSystem, ipks: tuple[Package, Path, Package, Path]
+) -> None:
+    v1, v1_ipk, v2, v2_ipk = ipks
+    m1, m2 = release(system, v1_ipk), release(system, v2_ipk)
+    assert system.service is not None
+    real_shelf = system.service.releases
+    system.service.releases = SlowShelf(system.home.releases.dir)
+    try:
+        box.start()
+        cmd_id, _ = box.send({"manifest": m2, "previous": m1})
+        progress = box.state / UPDATE_DIR / PROGRESS_FILE
+
+        def midway() -> bool:
+            return progress.exists() and json.loads(progress.read_text())["next"] > 0
+
+        assert system.wait_for(midway, 60, poll=0.02), box.log()[-3000:]
+        assert box.proc is not None
+        os.killpg(box.proc.pid, signal.SIGKILL)
+        box.proc.wait(timeout=10)
+        stopped_at = json.loads(progress.read_text())["next"]
+        assert box.root.running == v1.ipk_version  # nothing installed
+
+        box.start()  # the update was cut off while downloading: reported, nothing changed
+        assert box.result(cmd_id)[:2] == ("failed", "interrupted"), box.log()[-3000:]
+        again_id, _ = box.send({"manifest": m2, "previous": m1})
+        assert box.exited() == 0, box.log()[-3000:]
+    finally:
+        system.service.releases = real_shelf
+    assert "update: resuming" in box.log()  # from the recorded offset, not from byte 0
+    assert stopped_at > 0
+    assert box.root.running == v2.ipk_version
+    box.start()
+    assert box.result(again_id)[:2] == ("ok", "updated"), box.log()[-3000:]
