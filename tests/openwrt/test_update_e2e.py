@@ -23,6 +23,8 @@ from agent.update.staging import PROGRESS_FILE, UPDATE_DIR
 from agent.wire.release import Chunk, ChunkRequest
 from backend.commands import record_sent, sign_command, stored_result
 from backend.release import ReleaseShelf
+from drivers.readings_json import dumps
+from drivers.simulators.records import random_records
 from openwrt import build_ipk as B
 from openwrt import hosttools
 from openwrt.package import Package, describe
@@ -61,7 +63,21 @@ class Box:
     config: Path
     device_id: str
     root: OpkgRoot
+    update: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
+
+    def attach_meter(self, n: int) -> None:
+        """A simulated meter holding ``n`` readings on a pty, configured on the box."""
+        records = self.state.parent / f"{self.state.name}-meter.json"
+        records.write_text(dumps(random_records("onetouch-ultra2", n, seed=16)))
+        link = self.state.parent / f"tty-{self.state.name}"
+        self.system.start_simulator("onetouch-ultra2", link, records)
+        self.config = device_config(
+            self.config, [(str(link), "auto")], update=self.update, agent={"health_interval_s": "10"}
+        )
+
+    def readings(self) -> list[Any]:
+        return self.system.db.records(device_id=self.device_id, kind="reading")
 
     def start(self) -> None:
         before = self.log().count("uplink: connected")
@@ -112,7 +128,7 @@ def box(
     update = {"install_command": root.command_line, "status_file": str(root.pm.status_file), "gate_s": "60",
               "chunk_timeout_s": "5"}  # fmt: skip
     config = device_config(tmp_path / "glucoagent.conf", [], update=update, agent={"health_interval_s": "10"})
-    b = Box(system, state, config, device_id, root)
+    b = Box(system, state, config, device_id, root, update)
     yield b
     if b.proc is not None:
         stop_process(b.proc)
@@ -162,7 +178,9 @@ def test_a_new_version_that_never_starts_is_rolled_back_and_reported(
 ) -> None:
     v1, v1_ipk, v2, v2_ipk = ipks
     m1, m2 = release(system, v1_ipk), release(system, v2_ipk)
+    box.attach_meter(20)
     box.start()
+    assert system.wait_for(lambda: len(box.readings()) >= 5, 60), box.log()[-3000:]
     cmd_id, _ = box.send({"manifest": m2, "previous": m1})
     assert box.exited() == 0, box.log()
     assert box.root.running == v2.ipk_version
@@ -177,6 +195,13 @@ def test_a_new_version_that_never_starts_is_rolled_back_and_reported(
     status, code, _msg, data = box.result(cmd_id)
     assert (status, code) == ("failed", "rolled_back"), box.log()
     assert data == {"from": v1.ipk_version, "to": v2.ipk_version, "reason": "gate_timeout"}
+
+    # The buffer across three starts, an install and a rollback: every reading once, the stream gap-free.
+    assert system.wait_for(lambda: len(box.readings()) >= 20, 60), box.log()[-3000:]
+    keys = [(r.fields["glu:meter_time"], r.fields["glu:mgdl"], r.fields["glu:meal"]) for r in box.readings()]
+    assert len(box.readings()) == 20 and len(set(keys)) == 20
+    clinical = sorted(r.seq for r in system.db.records(device_id=box.device_id) if r.stream == "c")
+    assert clinical == list(range(1, len(clinical) + 1))
 
 
 def test_bad_signature_and_no_rollback_target_change_nothing(
