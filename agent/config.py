@@ -120,6 +120,18 @@ class AlertsSection:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class UpdateSection:
+    """Self-update (docs/updates.md). The package manager and its database are the box's, never the cloud's to set."""
+
+    package: str = "glucoagent"
+    install_command: str = "opkg install --force-downgrade --force-reinstall"  # apk: apk add --allow-untrusted
+    status_file: str = "/usr/lib/opkg/status"  # apk: /lib/apk/db/installed
+    gate_s: int = 300  # the new version must get an end-to-end ack within this, else the watchdog rolls back
+    reserve_bytes: int = 1024 * 1024  # kept free in the state directory beyond the package
+    chunk_timeout_s: float = 10.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class DevicePort:
     name: str
     port: str
@@ -132,6 +144,7 @@ class Config:
     mqtt: MqttSection = MqttSection()
     buffer: BufferSection = BufferSection()
     alerts: AlertsSection = AlertsSection()
+    update: UpdateSection = UpdateSection()
     ports: tuple[DevicePort, ...] = ()
     insulin: Mapping[str, str] = dataclasses.field(default_factory=dict)  # pen serial -> insulin
     source: str = "<defaults>"
@@ -262,6 +275,14 @@ SCHEMA: dict[str, dict[str, Callable[[str], Any]]] = {
         "severe_hypo_mgdl": _int_range(20, 200),
         "hyper_mgdl": _int_range(100, 600),
     },
+    "update": {
+        "package": str,
+        "install_command": str,
+        "status_file": str,
+        "gate_s": _int_range(30, 86_400),
+        "reserve_bytes": _int_range(0, 1 << 30),
+        "chunk_timeout_s": _float_range(0.5, 600),
+    },
 }
 # Not settable by the cloud: where the state lives, and the system commands (that would be remote code execution).
 SETTABLE_KEYS = frozenset(f"{s}.{o}" for s, opts in SCHEMA.items() for o in opts) - {
@@ -273,6 +294,9 @@ SETTABLE_KEYS = frozenset(f"{s}.{o}" for s, opts in SCHEMA.items() for o in opts
     # Where the box connects through is the technician's: a cloud that could redirect it could also cut it off.
     "mqtt.proxy",
     "mqtt.proxy_password_file",
+    "update.package",
+    "update.install_command",
+    "update.status_file",
 }
 
 
@@ -295,7 +319,7 @@ def build_config(sections: list[Any], source: str) -> Config:
     parts: dict[str, Any] = {}
     ports: list[DevicePort] = []
     insulin: dict[str, str] = {}
-    classes = {"agent": AgentSection, "mqtt": MqttSection, "buffer": BufferSection, "alerts": AlertsSection}
+    classes = {"agent": AgentSection, "mqtt": MqttSection, "buffer": BufferSection, "alerts": AlertsSection, "update": UpdateSection}
     for sec in sections:
 
         def where(option: str, sec: Any = sec) -> str:

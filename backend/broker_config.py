@@ -53,11 +53,11 @@ MAX_PACKET_SIZE = AGENT_MAX_PAYLOAD + 1024
 # Client-id rules the auth plugin enforces (backend/mosquitto/glucoagent_auth.c reads them from the config).
 CLAIM_CLIENT_PREFIX = "claim-"  # agent/identity/provisioning.py and recovery.py: claim-<request id>
 BACKEND_CLIENT_PREFIX = "backend-"  # backend/mqtt_client.py link_settings: backend-<random>
-SIDE_SUFFIXES = ("renew", "check")  # agent/identity/renewal.py <id>-renew, agent/status.py <id>-check
+SIDE_SUFFIXES = ("renew", "check", "update")  # <id>-renew agent/identity/renewal.py, -check agent/status.py, -update agent/update
 CONTROL_TOPIC = "$CONTROL/glucoagent/v1/disconnect"  # payload: an identity (CN) to disconnect everywhere
 
-DEVICE_WRITE = (topics.TELEMETRY, topics.STATUS, topics.HEALTH, topics.RESULTS)
-DEVICE_READ = (topics.ACKS, topics.COMMANDS)
+DEVICE_WRITE = (topics.TELEMETRY, topics.STATUS, topics.HEALTH, topics.RESULTS, topics.FETCH)
+DEVICE_READ = (topics.ACKS, topics.COMMANDS, topics.CHUNKS)
 
 
 class BrokerError(GlucoagentError):

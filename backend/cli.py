@@ -217,6 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_command_parser(sub, home_default)
 
+    p = sub.add_parser("release", help="sign a package's release manifest with the release key (docs/updates.md)")
+    p.add_argument("package", type=Path, help="the .ipk or .apk as the build wrote it")
+    p.add_argument("--home", type=Path, default=home_default)
+    p.add_argument("--min-from", default="0", metavar="VERSION", help="oldest running version it may replace")
+    p.add_argument("--allow-downgrade", action="store_true", help="may replace a newer running version (a recall)")
+    p.add_argument("--name", default=None, help="package name (default: from the file name)")
+    p.add_argument("--version", default=None, help="package version (default: from the file name)")
+    p.add_argument("--out", type=Path, default=None, help="where to write the manifest (default: PACKAGE.manifest)")
+    p.set_defaults(func=cmd_release)
+
     p = sub.add_parser("erase", help="delete every reading, dose, alert and binding of a patient (audited)")
     p.add_argument("--home", type=Path, default=home_default)
     p.add_argument("--patient", required=True)
@@ -237,6 +247,25 @@ def _at_least_one(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected 1 or more, got {text}")
     return value
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from agent.wire.release import decode_manifest
+    from backend.files import atomic_write
+    from backend.home import BackendHome
+    from backend.release import MANIFEST_SUFFIX, ReleaseSpec, sign_release
+
+    home = BackendHome(args.home)
+    home.ensure()
+    spec = ReleaseSpec(min_from=args.min_from, downgrade=args.allow_downgrade, name=args.name, version=args.version)
+    signed = sign_release(home.release_key, args.package, spec)
+    out = args.out or args.package.with_name(args.package.name + MANIFEST_SUFFIX)
+    atomic_write(out, signed)
+    m = decode_manifest(signed, home.release_key.public_key())
+    home.releases.put(args.package, m.sha256)  # what `serve` hands out to boxes' chunk requests
+    print(f"{out}: {m.name} {m.version} ({m.format}, {m.size} bytes, sha256 {m.sha256.hex()}), "
+          f"from {m.min_from}, downgrade {'allowed' if m.downgrade else 'refused'}")  # fmt: skip
+    return 0
 
 
 def cmd_erase(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ import queue
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -115,6 +116,11 @@ def _convert(kind: type, text: str) -> Any:
         return int(text)
     if kind is float:
         return float(text)
+    if kind is bytes:  # a file's content: update manifest=PACKAGE.manifest (docs/updates.md)
+        try:
+            return Path(text).read_bytes()
+        except OSError as exc:
+            raise ValueError(text) from exc
     return text
 
 

@@ -20,11 +20,13 @@ from backend.db import BackendDb
 from backend.files import atomic_write
 from backend.mqtt_client import link_settings
 from backend.pki import ClientCreds, FleetPki
+from backend.release import ReleaseShelf
 from backend.revocation import reload_broker
 from backend.service import CERT_DAYS, BackendKeys, BackendService
 
 log = logging.getLogger(__name__)
 COMMAND_KEY = "command.key"
+RELEASE_KEY = "release.key"  # signs release manifests only (docs/updates.md); never the command key
 AUDIT_SALT = "audit.salt"
 HOME_MODE = 0o700  # patient references, token hashes and readings: owner only
 INITIAL_CONFIG: dict[str, Any] = {"mqtt.keepalive": 30}
@@ -42,6 +44,7 @@ class BackendHome:
         os.chmod(self.root, HOME_MODE)  # a home made before, or under a wide umask, is narrowed too
         _ = self.pki
         _ = self.command_key
+        _ = self.release_key
 
     @functools.cached_property
     def audit_salt(self) -> bytes:
@@ -57,23 +60,18 @@ class BackendHome:
 
     @functools.cached_property
     def command_key(self) -> ed25519.Ed25519PrivateKey:
-        path = self.root / COMMAND_KEY
-        if not path.exists():
-            key = ed25519.Ed25519PrivateKey.generate()
-            pem = key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-            atomic_write(path, pem)
-            return key
-        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        assert isinstance(loaded, ed25519.Ed25519PrivateKey)
-        return loaded
+        return _signing_key(self.root / COMMAND_KEY)
+
+    @functools.cached_property
+    def release_key(self) -> ed25519.Ed25519PrivateKey:
+        return _signing_key(self.root / RELEASE_KEY)
 
     def keys(self) -> BackendKeys:
         return BackendKeys(
             ca_pem=self.pki.ca_pem,
             sign_csr=lambda csr, device_id: self.pki.sign_device_csr(csr, device_id, days=self.cert_days),
             command_key=self.command_key,
+            release_key=self.release_key,
             revoke=self.revoke_certificates,
             revoked=self.pki.revoked_serials,
         )
@@ -109,9 +107,11 @@ class BackendHome:
         return self.pki.backend
 
     def service(self, host: str, port: int, db: BackendDb | None = None, role: str = "all") -> BackendService:
-        return BackendService(
+        service = BackendService(
             db or self.db(), self.keys(), link_settings(host, port, self.backend_tls()), INITIAL_CONFIG, role
         )
+        service.releases = self.releases
+        return service
 
     def ingest_worker(self, host: str, port: int, slot: int) -> BackendService:
         """Ingest worker ``slot`` of ``serve --workers N`` (backend/workers.py): a kept session under a
@@ -125,3 +125,21 @@ class BackendHome:
             manual_ack=True,
         )
         return BackendService(self.db(), self.keys(), settings, INITIAL_CONFIG, role="ingest")
+
+    @property
+    def releases(self) -> ReleaseShelf:
+        return ReleaseShelf(self.root / "releases")
+
+
+def _signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    """An Ed25519 key kept in the home (0600, atomic_write), made on first use."""
+    if not path.exists():
+        key = ed25519.Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        atomic_write(path, pem)
+        return key
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    assert isinstance(loaded, ed25519.Ed25519PrivateKey)
+    return loaded

@@ -101,7 +101,7 @@ class ProvisioningMixin:
             return refuse(*refusal)
         log.info("provisioned %s (hardware %s)", device_id, hw_serial)
         self.db.bump("provisioned")
-        return {
+        reply: dict[str, Any] = {
             "ok": True,
             "device_id": device_id,
             "cert": cert_pem + self.keys.ca_pem,
@@ -109,6 +109,9 @@ class ProvisioningMixin:
             "command_key": self.keys.command_pub_pem,
             "config": self.initial_config,
         }
+        if self.keys.release_pub_pem is not None:  # the box pins it for updates (docs/updates.md)
+            reply["release_key"] = self.keys.release_pub_pem
+        return reply
 
     def recover(self, request_id: str, signed: object, refuse: Callable[[str, str], dict[str, Any]]) -> dict[str, Any]:
         """Re-enrolment of a box whose certificate expired (agent/identity/recovery.py ``recover``): no token, but the

@@ -26,13 +26,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.errors import GlucoagentError, LinkError
-from agent.wire import cose, telemetry, topics
+from agent.wire import cose, release, telemetry, topics
 from agent.wire import provisioning as wire_provisioning
 from agent.wire.ack import encode_ack
 from backend.db import BackendDb
 from backend.ingest import IngestMixin, IngestStats
 from backend.mqtt_client import BackendLink, LinkSettings
 from backend.provisioning import ProvisioningMixin
+from backend.release import ReleaseShelf
 
 log = logging.getLogger(__name__)
 CERT_DAYS = 365
@@ -41,7 +42,7 @@ CERT_DAYS = 365
 MAX_PAYLOAD = 131_072
 SHARE_GROUP = "$share/ingest/"  # MQTT 5 shared subscription: each message goes to one ingest worker
 ROLES = ("all", "control", "ingest")
-CONTROL_TOPICS = [topics.ALL_PROVISION_REQUESTS, topics.ALL_STATUS, topics.ALL_RESULTS]
+CONTROL_TOPICS = [topics.ALL_PROVISION_REQUESTS, topics.ALL_STATUS, topics.ALL_RESULTS, topics.ALL_FETCH]
 INGEST_TOPICS = [topics.ALL_TELEMETRY, topics.ALL_HEALTH]
 DRAIN_ON_STOP_S = 1.0  # an ingest worker told to stop handles what is already on its way for this long
 
@@ -59,6 +60,15 @@ class BackendKeys:
     # have the broker reload it; and the serials revoked so far.
     revoke: Callable[[Sequence[int]], None] = _no_revocation
     revoked: Callable[[], frozenset[int]] = frozenset
+    release_key: ed25519.Ed25519PrivateKey | None = None  # signs release manifests (docs/updates.md)
+
+    @property
+    def release_pub_pem(self) -> bytes | None:
+        if self.release_key is None:
+            return None
+        return self.release_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
 
     @property
     def command_pub_pem(self) -> bytes:
@@ -95,6 +105,7 @@ class BackendService(ProvisioningMixin, IngestMixin):
         self.on_record: Callable[[str, telemetry.Record], None] | None = None
         self.max_payload = MAX_PAYLOAD
         self.stats = IngestStats()
+        self.releases: ReleaseShelf | None = None  # packages served to update downloads (docs/updates.md)
 
     def stop(self) -> None:
         self._stop.set()
@@ -189,6 +200,21 @@ class BackendService(ProvisioningMixin, IngestMixin):
             self.on_status(device_id, payload)
         elif leaf == topics.RESULTS:
             self.on_result(device_id, payload)
+        elif leaf == topics.FETCH:
+            self.on_fetch(device_id, payload)
+
+    def on_fetch(self, device_id: str, payload: bytes) -> None:
+        """A box asks for one chunk of a released package; unknown packages get no answer."""
+        try:
+            req = release.decode_chunk_request(payload)
+        except ValueError as exc:
+            log.warning("fetch from %s refused: %s", device_id, exc)
+            return
+        chunk = self.releases.chunk(req) if self.releases is not None else None
+        if chunk is None:
+            log.warning("fetch from %s: package %s was never released here", device_id, req.sha256.hex()[:16])
+            return
+        self.publish(topics.DeviceTopics(device_id).chunks, release.encode_chunk(chunk))
 
     def on_status(self, device_id: str, payload: bytes) -> None:
         self.db.set_status(device_id, payload.decode("utf-8", "replace")[:32], time.time())

@@ -141,6 +141,7 @@ INIT = "/etc/init.d/glucoagent"
 UCI_CONFIG = "/etc/config/glucoagent"
 HOTPLUG = "/etc/hotplug.d/tty/50-glucoagent"
 KEEP = "/lib/upgrade/keep.d/glucoagent"
+UPDATE_WATCHDOG = "/usr/libexec/glucoagent-update-watchdog"  # shell, independent of the agent (docs/updates.md)
 
 DIR_MODE = 0o755
 FILE_MODE = 0o644
@@ -382,6 +383,7 @@ def data_entries(repo: Path = REPO) -> list[Entry]:
         Entry(UCI_CONFIG, (files_dir / "glucoagent.config").read_bytes(), FILE_MODE),
         Entry(HOTPLUG, (files_dir / "glucoagent.hotplug").read_bytes(), FILE_MODE),
         Entry(KEEP, (files_dir / "glucoagent.keep").read_bytes(), FILE_MODE),
+        Entry(UPDATE_WATCHDOG, (files_dir / "glucoagent.update-watchdog").read_bytes(), EXEC_MODE),
     ]
     entries += _parents(entries)
     return sorted(entries, key=lambda e: PurePosixPath(e.path).parts)

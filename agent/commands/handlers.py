@@ -1,4 +1,4 @@
-"""The nine commands (docs/commands.md), one function each, and ``HANDLERS``: each with what a crash
+"""The ten commands (docs/commands.md), one function each, and ``HANDLERS``: each with what a crash
 in the middle of it means at the next start. The command types are the wire's (``COMMANDS``)."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from agent.config import SCHEMA, SETTABLE_KEYS, build_config
 from agent.errors import CommandRejected, ConfigError
 from agent.fsutil import atomic_write
 from agent.uci import parse_uci, set_option
+from agent.update import command as update_command
 from agent.wire.command import COMMANDS, Command
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ HANDLERS: dict[str, Handler] = {
     "diagnostics": Handler(diagnostics, Interruption.RERUN),
     "deprovision": Handler(deprovision, Interruption.CHECK, deprovision_check, stops_agent=True),
     "reboot": Handler(reboot, Interruption.CHECK, reboot_check),
+    "update": Handler(update_command.run, Interruption.CHECK, update_command.check),
 }
 if set(HANDLERS) != set(COMMANDS):  # the wire's table is the one list of commands
     raise RuntimeError(f"command handlers {sorted(HANDLERS)} differ from the wire's {sorted(COMMANDS)}")

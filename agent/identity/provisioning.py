@@ -37,6 +37,7 @@ from agent.identity.credentials import (
 from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles, Will
 from agent.link.proxy import proxy_from_config
 from agent.link.routes import connect_first, link_routes
+from agent.update.keys import RELEASE_KEY_FILE
 from agent.wire import topics
 from agent.wire.provisioning import STATUS_OFFLINE, STATUS_ONLINE, check_reply, decode_reply, encode_request
 
@@ -216,6 +217,8 @@ def provision(
     with progress.step("save certificate, fleet CA and command key (atomic, mode 0600)"):
         if not (state_dir / BINDING_FILE).exists():  # before device.json: a complete set always has it
             atomic_write(state_dir / BINDING_FILE, binding_for(patient))
+        if isinstance(reply.get("release_key"), bytes):  # pinned for updates (agent/update), before device.json
+            atomic_write(state_dir / RELEASE_KEY_FILE, bytes(reply["release_key"]))
         save_credentials(
             state_dir,
             device_id=str(reply["device_id"]),

@@ -55,6 +55,8 @@ COMMANDS: dict[str, dict[str, ArgSpec]] = {
     "diagnostics": {"lines": ArgSpec(int, required=False, lo=1, hi=500)},
     "deprovision": {"force": ArgSpec(bool, required=False)},
     "reboot": {},
+    # Signed release manifests (agent/wire/release.py), checked by the release key, not the command key.
+    "update": {"manifest": ArgSpec(bytes), "previous": ArgSpec(bytes, required=False)},
 }
 
 

@@ -3,7 +3,8 @@
 Request (box -> ``gluco/v1/prov/<req>/request``, CBOR): ``{"v": 1, "req", "csr", "token", "patient",
 "hw": {"serial", "machine", "agent"}}``; a re-enrolment carries ``"recover"`` instead of the token
 (agent.wire.renewal). Reply (cloud -> ``.../response``, CBOR): ``{"ok": true, "device_id", "cert",
-"ca", "command_key", "config"}`` or ``{"ok": false, "code", "message"}``; a recovery's reply has only
+"ca", "command_key", "config"}`` (since issue 16 also ``"release_key"``, the PEM public key that signs
+release manifests, docs/updates.md; a cloud without it leaves the box unable to update) or ``{"ok": false, "code", "message"}``; a recovery's reply has only
 ``device_id`` and ``cert``.
 
 The device's presence on its status topic (retained, the last will says offline) is the two payloads
@@ -99,5 +100,8 @@ def check_reply(reply: Mapping[str, Any]) -> None:
     for name in ("cert", "ca", "command_key"):
         if not isinstance(reply.get(name), bytes) or b"-----BEGIN" not in reply[name]:
             raise ProvisioningError(f"the provisioning service's reply has no valid {name}")
+    release_key = reply.get("release_key")
+    if release_key is not None and (not isinstance(release_key, bytes) or b"-----BEGIN" not in release_key):
+        raise ProvisioningError("the provisioning service's reply has an invalid release_key")
     if not isinstance(reply.get("config", {}), dict):
         raise ProvisioningError("the provisioning service's reply has an invalid initial config")

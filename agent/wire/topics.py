@@ -19,9 +19,11 @@ TELEMETRY = "telemetry"
 STATUS = "status"  # retained: online / offline (last will)
 HEALTH = "health"
 RESULTS = "results"
+FETCH = "fetch"  # an update's chunk requests (docs/updates.md), from the box's <id>-update side connection
 # cloud -> device
 ACKS = "acks"
 COMMANDS = "commands"
+CHUNKS = "chunks"  # an update's chunks, each answering one fetch
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -59,6 +61,14 @@ class DeviceTopics:
     def commands(self) -> str:
         return self._t(COMMANDS)
 
+    @property
+    def fetch(self) -> str:
+        return self._t(FETCH)
+
+    @property
+    def chunks(self) -> str:
+        return self._t(CHUNKS)
+
 
 def provision_request(request_id: str) -> str:
     if not REQUEST_ID_RE.match(request_id):
@@ -77,6 +87,7 @@ ALL_TELEMETRY = f"{PREFIX}/dev/+/{TELEMETRY}"
 ALL_HEALTH = f"{PREFIX}/dev/+/{HEALTH}"
 ALL_RESULTS = f"{PREFIX}/dev/+/{RESULTS}"
 ALL_STATUS = f"{PREFIX}/dev/+/{STATUS}"
+ALL_FETCH = f"{PREFIX}/dev/+/{FETCH}"
 ALL_PROVISION_REQUESTS = f"{PREFIX}/prov/+/request"
 
 

@@ -24,7 +24,7 @@ from agent.uci import parse_uci
 from openwrt import build_ipk as B
 
 REPO = Path(__file__).resolve().parents[2]
-EXECUTABLES = {B.LAUNCHER, B.INIT}
+EXECUTABLES = {B.LAUNCHER, B.INIT, "/usr/libexec/glucoagent-update-watchdog"}
 SDK_POSTINST = """#!/bin/sh
 [ "${IPKG_NO_SCRIPT}" = "1" ] && exit 0
 [ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0
@@ -211,7 +211,7 @@ def test_every_needed_file_and_no_stray_file(data: tuple) -> None:
         else:
             assert "__pycache__" not in p.parts, path
     outside = {f for f in files if not f.startswith(prefix + "/")}
-    assert outside == {B.LAUNCHER, B.INIT, B.UCI_CONFIG, B.HOTPLUG, B.KEEP}
+    assert outside == {B.LAUNCHER, B.INIT, B.UCI_CONFIG, B.HOTPLUG, B.KEEP, "/usr/libexec/glucoagent-update-watchdog"}
 
 
 def test_bytecode_is_unchecked_hash_for_311_with_device_paths(data: tuple) -> None:

@@ -176,7 +176,7 @@ def work(tmp_path: Path) -> Path:
 
 def test_shipped_config(openwrt_tools: hosttools.Tools, work: Path) -> None:
     got = compare(openwrt_tools, work, SHIPPED.read_text())
-    assert isinstance(got, list) and [s[0] for s in got] == ["agent", "mqtt", "buffer", "alerts", "meter"]
+    assert isinstance(got, list) and [s[0] for s in got] == ["agent", "mqtt", "buffer", "update", "alerts", "meter"]
 
 
 @pytest.mark.parametrize(

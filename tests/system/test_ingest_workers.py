@@ -18,8 +18,8 @@ from typing import Any
 
 import cbor2
 import pytest
-from lifecycle import BACKEND, device_id_of, device_probe
 from support import MqttProbe
+from support.lifecycle import BACKEND, device_id_of, device_probe
 
 from agent.clock import Clock
 from agent.identity.credentials import DeviceIdentity, load_identity

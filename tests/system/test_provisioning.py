@@ -41,7 +41,7 @@ from testbed.rogue_ca import RogueCa
 
 PATIENT = "patient-prov-4410"
 STEPS = 6
-SECRET_FILES = ("device.key", "device.crt", "ca.crt", "command.pub", "device.json", "binding.json")
+SECRET_FILES = ("device.key", "device.crt", "ca.crt", "command.pub", "device.json", "binding.json", "release.pub")
 FAKETIME = shutil.which("faketime")
 # A token in the backend's alphabet that was never issued.
 UNKNOWN_TOKEN = "ABCDEFGHJKLMNPQR"

@@ -62,6 +62,7 @@ VALID_ARGS: dict[str, dict[str, Any]] = {
     "diagnostics": {"lines": 20},
     "deprovision": {"force": True},
     "reboot": {},
+    "update": {"manifest": b"a signed release manifest (checked by the handler, with the release key)"},
 }
 
 
@@ -251,6 +252,7 @@ def test_system_commands_are_configurable_but_never_settable_remotely() -> None:
     with pytest.raises(ValueError):
         SCHEMA["agent"]["reboot_command"]("'unterminated")
     assert {"agent.settime_command", "agent.reboot_command", "agent.state_dir"}.isdisjoint(SETTABLE_KEYS)
+    assert {"update.install_command", "update.status_file", "update.package"}.isdisjoint(SETTABLE_KEYS)
     assert "alerts.hypo_mgdl" in SETTABLE_KEYS
 
 

@@ -38,6 +38,7 @@ from agent.identity.credentials import KEY_FILE, DeviceIdentity, generate_key, k
 from agent.identity.renewal import RenewalSchedule
 from agent.identity.signer import Signer
 from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles
+from agent.update import install as install_mod
 from agent.wire import cose
 from agent.wire.command import COMMANDS, Command, encode_command
 from agent.wire.result import decode_result
@@ -56,6 +57,7 @@ ARGS: dict[str, dict[str, Any]] = {
     "diagnostics": {"lines": 5},
     "deprovision": {"force": True},
     "reboot": {},
+    "update": {"manifest": b"not checked: this box has no release key"},
 }
 
 # (command, crash point) -> (status, code) of every result the box delivers for the command, in order;
@@ -101,6 +103,12 @@ EXPECTED: dict[tuple[str, str], tuple[list[tuple[str, str]], int, bool]] = {
     ("reboot", "after_start"): ([("ok", "rebooted")], 0, False),
     ("reboot", "after_effect"): ([("ok", "rebooted")], 1, False),
     ("reboot", "after_result"): ([("failed", "no_reboot")], 1, False),
+    # No release key pinned: refused before anything changes. Cut off after the install (the effect: the
+    # package database holds the new version, the marker's deadline passed, no ack since): the gate fails.
+    ("update", "before_start"): ([("refused", "no_release_key")], 0, False),
+    ("update", "after_start"): ([R_INT], 0, False),  # no pending marker: nothing was installed
+    ("update", "after_effect"): ([("failed", "gate_failed")], 1, False),
+    ("update", "after_result"): ([("refused", "no_release_key")], 0, False),
 }
 
 
@@ -225,6 +233,8 @@ def box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Box]:
         f"\toption state_dir '{state}'\n"
         "\toption settime_command 'true {epoch}'\n"
         "\toption reboot_command 'true'\n"
+        "config update 'update'\n"
+        f"\toption status_file '{state}/opkg-status'\n"
         "config alerts 'alerts'\n"
         "\toption hypo_mgdl '70'\n"
     )
@@ -269,6 +279,13 @@ def test_what_the_box_reports_after_a_crash(box: Box, monkeypatch: pytest.Monkey
             atomic_write(ctx.state_dir / "commands" / "pending" / f"{cmd.id}.kid", ctx.host.signer.kid.hex().encode())
             box.old_keys.append(box.key.public_key())
             swap_key(box.state)
+            runs[ctype] += 1
+        elif ctype == "update":  # installed, then the agent stopped before its gate passed
+            atomic_write(ctx.state_dir / "opkg-status", b"Package: glucoagent\nVersion: 0.2.0-1\n")
+            install_mod.write_marker(
+                ctx.state_dir / "update" / install_mod.PENDING_FILE,
+                {"NAME": "glucoagent", "FROM": "0.1.0-1", "TO": "0.2.0-1", "PREVIOUS": "-", "DEADLINE": "0"},
+            )
             runs[ctype] += 1
         else:
             counted(ctx, cmd, received)

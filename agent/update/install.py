@@ -1,0 +1,161 @@
+"""Install a verified package with the box's package manager, keep the rollback target, and leave the
+pending marker the independent watchdog (openwrt/files/glucoagent.update-watchdog) acts on.
+
+The marker and the report are ``KEY=value`` lines, so the watchdog, a shell script, reads them without
+any of the new agent's Python code: a release that cannot even start Python is still rolled back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+from agent.fsutil import atomic_write, fsync_dir
+from agent.update.staging import UPDATE_DIR, UpdateFailed
+from agent.wire.release import NAME_RE, VERSION_RE, Manifest
+
+log = logging.getLogger(__name__)
+
+KEPT_DIR = "kept"  # package files of installed versions: the rollback targets
+PENDING_FILE = "pending"  # an install awaiting its health gate (the watchdog's input)
+ROLLBACK_FILE = "rollback"  # the marker, claimed by the watchdog (a rename: it or the gate, never both)
+REPORT_FILE = "report"  # the watchdog's outcome, reported by the next agent start
+INSTALL_TIMEOUT_S = 300.0
+KEY_RE = re.compile(r"^[A-Z_]+$")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PackageManager:
+    """How this box installs a package file (opkg on 24.10, apk on 25.12+; a test root in tests)."""
+
+    install: tuple[str, ...]  # argv; the package path is appended
+    status_file: Path  # opkg: <root>/usr/lib/opkg/status; apk: <root>/lib/apk/db/installed
+
+    @classmethod
+    def parse(cls, command: str, status_file: str) -> PackageManager:
+        return cls(tuple(shlex.split(command)), Path(status_file))
+
+
+def installed_version(status_file: Path, name: str) -> str | None:
+    """The version the package database records for ``name`` (opkg ``Package:``/``Version:`` blocks,
+    apk ``P:``/``V:`` blocks), or None when it is not installed."""
+    try:
+        text = status_file.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    for block in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields.setdefault(key.strip(), value.strip())
+        if fields.get("Package", fields.get("P")) == name:
+            return fields.get("Version", fields.get("V"))
+    return None
+
+
+def kept_name(m: Manifest) -> str:
+    return f"{m.name}_{m.version}.{m.format}"
+
+
+def keep(state_dir: Path, package: Path, m: Manifest) -> Path:
+    """Keep the package file of ``m`` as a rollback target (a copy, fsynced). Returns its path."""
+    target = state_dir / UPDATE_DIR / KEPT_DIR / kept_name(m)
+    atomic_write(target, package.read_bytes())
+    return target
+
+
+def prune_kept(state_dir: Path, keep_names: set[str]) -> None:
+    """Flash is bounded: only the running version's file and the rollback target stay."""
+    for path in (state_dir / UPDATE_DIR / KEPT_DIR).glob("*"):
+        if path.name not in keep_names:
+            path.unlink(missing_ok=True)
+
+
+def write_marker(path: Path, fields: dict[str, str]) -> None:
+    for key, value in fields.items():
+        if not KEY_RE.match(key) or "\n" in value or "=" in key:
+            raise ValueError(f"bad marker field {key!r}")
+    atomic_write(path, "".join(f"{k}={v}\n" for k, v in fields.items()).encode())
+
+
+def read_marker(path: Path) -> dict[str, str] | None:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and KEY_RE.match(key):
+            out[key] = value
+    return out
+
+
+def install(
+    state_dir: Path, pm: PackageManager, package: Path, m: Manifest, *, running: str, previous: Path, gate_s: float
+) -> None:
+    """Pending marker first (the watchdog then rolls back whatever happens next), then the package manager.
+    Raises UpdateFailed(install_failed) when the package manager refuses; the marker is then removed, since
+    the package database still holds the running version."""
+    if not (NAME_RE.match(m.name) and VERSION_RE.match(running) and previous.is_file()):
+        raise UpdateFailed("no_rollback_target", f"no kept package file of the running {running} to roll back to")
+    directory = state_dir / UPDATE_DIR
+    (directory / REPORT_FILE).unlink(missing_ok=True)  # a rollback reported long ago must not answer this one
+    write_marker(
+        directory / PENDING_FILE,
+        {
+            "NAME": m.name,
+            "FROM": running,
+            "TO": m.version,
+            "PREVIOUS": str(previous),
+            "DEADLINE": str(int(time.time() + gate_s)),
+        },
+    )
+    argv = [*pm.install, str(package)]
+    log.warning("update: installing %s %s over %s: %s", m.name, m.version, running, shlex.join(argv))
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=INSTALL_TIMEOUT_S, check=False)
+        rc, detail = str(proc.returncode), (proc.stderr or proc.stdout).decode("utf-8", "replace").strip()[-300:]
+    except (OSError, subprocess.SubprocessError) as exc:
+        rc, detail = "error", str(exc)
+    now = installed_version(pm.status_file, m.name)
+    if rc == "0" and now == m.version:
+        return
+    if now == running:  # nothing changed: no gate to wait for
+        (directory / PENDING_FILE).unlink(missing_ok=True)
+    raise UpdateFailed("install_failed", f"package manager exit {rc}, {m.name} now at {now}: {detail}")
+
+
+def gate_passed(state_dir: Path, running: str) -> bool:
+    """The new version passed its health gate: claim the marker before the watchdog does.
+
+    Both claim it by renaming the one file, so exactly one wins: True here means no rollback will
+    happen; False means there was no pending update of ``running``, or the watchdog took it first."""
+    directory = state_dir / UPDATE_DIR
+    pending = read_marker(directory / PENDING_FILE)
+    if pending is None or pending.get("TO") != running:
+        return False
+    claimed = directory / f".{PENDING_FILE}.passed"
+    try:
+        os.rename(directory / PENDING_FILE, claimed)
+    except FileNotFoundError:
+        return False
+    claimed.unlink()
+    fsync_dir(directory)
+    return True
+
+
+def take_report(state_dir: Path) -> dict[str, str] | None:
+    """The watchdog's report of a rollback, once: for the next start's signed result."""
+    path = state_dir / UPDATE_DIR / REPORT_FILE
+    report = read_marker(path)
+    if report is not None:
+        path.unlink(missing_ok=True)
+    return report

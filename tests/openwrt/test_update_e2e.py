@@ -1,0 +1,263 @@
+"""Issue 16 end to end: the real agent, broker (TLS, ACLs) and cloud, OpenWrt's real opkg in an offline root
+standing for the box's package database. The cloud signs releases, sends ``update``; the agent downloads in
+chunks, installs, stops (the test plays procd and starts it again), and the next start runs the health gate
+or reports the watchdog's rollback. The version "running" is the one opkg records in the root."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.opkg_root import OpkgRoot, opkg_root
+
+from agent.update.install import KEPT_DIR, PENDING_FILE, read_marker
+from agent.update.staging import PROGRESS_FILE, UPDATE_DIR
+from agent.wire.release import Chunk, ChunkRequest
+from backend.commands import record_sent, sign_command, stored_result
+from backend.release import ReleaseShelf
+from drivers.readings_json import dumps
+from drivers.simulators.records import random_records
+from openwrt import build_ipk as B
+from openwrt import hosttools
+from openwrt.package import Package, describe
+from testbed.harness import GLUCOAGENT, LocalSystem, device_config, stop_process
+
+BACKEND = str(Path(GLUCOAGENT).with_name("glucoagent-backend"))
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSystem]:
+    with LocalSystem(tmp_path_factory.mktemp("upde2e")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def ipks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Package, Path, Package, Path]:
+    v1 = describe()
+    v2 = dataclasses.replace(v1, release=v1.release + 1)
+    out = tmp_path_factory.mktemp("e2e-ipks")
+    return v1, B.write_ipk(v1, out / "1"), v2, B.write_ipk(v2, out / "2")
+
+
+def release(system: LocalSystem, package: Path, *extra: str) -> bytes:
+    out = subprocess.run(
+        [BACKEND, "release", str(package), "--home", str(system.home.root), *extra],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return package.with_name(package.name + ".manifest").read_bytes()
+
+
+@dataclasses.dataclass
+class Box:
+    system: LocalSystem
+    state: Path
+    config: Path
+    device_id: str
+    root: OpkgRoot
+    update: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    def attach_meter(self, n: int) -> None:
+        """A simulated meter holding ``n`` readings on a pty, configured on the box."""
+        records = self.state.parent / f"{self.state.name}-meter.json"
+        records.write_text(dumps(random_records("onetouch-ultra2", n, seed=16)))
+        link = self.state.parent / f"tty-{self.state.name}"
+        self.system.start_simulator("onetouch-ultra2", link, records)
+        self.config = device_config(
+            self.config, [(str(link), "auto")], update=self.update, agent={"health_interval_s": "10"}
+        )
+
+    def readings(self) -> list[Any]:
+        return self.system.db.records(device_id=self.device_id, kind="reading")
+
+    def start(self) -> None:
+        before = self.log().count("uplink: connected")
+        self.proc = self.system.start_agent(self.state, self.config)
+        # Subscribed to its commands topic before it logs this: a command sent now reaches it.
+        assert self.system.wait_for(lambda: self.log().count("uplink: connected") > before, 30), self.log()
+
+    def send(self, args: dict[str, Any], cmd_id: str | None = None) -> tuple[str, bytes]:
+        cmd_id, envelope = sign_command(self.system.home.command_key, self.device_id, "update", args, cmd_id=cmd_id)
+        record_sent(self.system.db, self.device_id, cmd_id, "update")
+        assert self.system.service is not None
+        self.system.service.publish(f"gluco/v1/dev/{self.device_id}/commands", envelope)
+        return cmd_id, envelope
+
+    def result(self, cmd_id: str, timeout: float = 90) -> tuple[str, str, str, Any]:
+        def answered() -> bool:
+            found = stored_result(self.system.db, self.device_id, cmd_id)
+            return found is not None and found[0] != "sent"
+
+        assert self.system.wait_for(answered, timeout), self.log()[-4000:]
+        found = stored_result(self.system.db, self.device_id, cmd_id)
+        assert found is not None
+        return found
+
+    def exited(self, timeout: float = 120) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the agent did not stop after installing:\n{self.log()[-4000:]}") from None
+
+    def log(self) -> str:
+        path = self.state / "agent.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+@pytest.fixture
+def box(
+    system: LocalSystem, openwrt_tools: hosttools.Tools, ipks: tuple[Package, Path, Package, Path], tmp_path: Path
+) -> Iterator[Box]:
+    v1, v1_ipk, _, _ = ipks
+    root = opkg_root(openwrt_tools, tmp_path, v1, v1_ipk)
+    name = f"upd-{tmp_path.name[-12:]}".replace("_", "-")
+    state = system.device_dir(name)
+    out = system.provision(state, patient=f"patient-{name}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    device_id = out.stdout.split()[-1]
+    update = {"install_command": root.command_line, "status_file": str(root.pm.status_file), "gate_s": "60",
+              "chunk_timeout_s": "5"}  # fmt: skip
+    config = device_config(tmp_path / "glucoagent.conf", [], update=update, agent={"health_interval_s": "10"})
+    b = Box(system, state, config, device_id, root, update)
+    yield b
+    if b.proc is not None:
+        stop_process(b.proc)
+
+
+def test_good_update_then_replay_downgrade_and_recall(
+    box: Box, system: LocalSystem, ipks: tuple[Package, Path, Package, Path]
+) -> None:
+    v1, v1_ipk, v2, v2_ipk = ipks
+    m1, m2 = release(system, v1_ipk), release(system, v2_ipk, "--min-from", v1.ipk_version)
+    box.start()
+    cmd_id, envelope = box.send({"manifest": m2, "previous": m1})  # first update: the box fetches v1's file too
+    assert box.exited() == 0, box.log()
+    assert box.root.running == v2.ipk_version
+    marker = read_marker(box.state / UPDATE_DIR / PENDING_FILE)
+    assert marker is not None and marker["TO"] == v2.ipk_version
+
+    box.start()  # procd starts the new version: it must get an end-to-end ack within the gate
+    status, code, _msg, data = box.result(cmd_id)
+    assert (status, code) == ("ok", "updated"), box.log()
+    assert data == {"from": v1.ipk_version, "to": v2.ipk_version}
+    assert not (box.state / UPDATE_DIR / PENDING_FILE).exists()
+    kept = sorted(p.name for p in (box.state / UPDATE_DIR / KEPT_DIR).iterdir())
+    assert kept == [f"glucoagent_{v1.ipk_version}.ipk", f"glucoagent_{v2.ipk_version}.ipk"]
+
+    # The same envelope again: the journal answers with the stored result, nothing runs.
+    system.service.publish(f"gluco/v1/dev/{box.device_id}/commands", envelope)  # type: ignore[union-attr]
+    # An old release under a new id: the version order refuses it (no downgrade allowed).
+    old_id, _ = box.send({"manifest": m1})
+    assert box.result(old_id)[:2] == ("refused", "downgrade")
+    again_id, _ = box.send({"manifest": m2})
+    assert box.result(again_id)[:2] == ("refused", "same_version")
+    assert box.root.running == v2.ipk_version
+    assert "replayed: not executed again" in box.log()
+
+    # Recall: the same earlier package, re-signed with the downgrade allowed.
+    recall = release(system, v1_ipk, "--allow-downgrade")
+    recall_id, _ = box.send({"manifest": recall})
+    assert box.exited() == 0, box.log()
+    assert box.root.running == v1.ipk_version
+    box.start()
+    assert box.result(recall_id)[:2] == ("ok", "updated"), box.log()
+
+
+def test_a_new_version_that_never_starts_is_rolled_back_and_reported(
+    box: Box, system: LocalSystem, ipks: tuple[Package, Path, Package, Path]
+) -> None:
+    v1, v1_ipk, v2, v2_ipk = ipks
+    m1, m2 = release(system, v1_ipk), release(system, v2_ipk)
+    box.attach_meter(20)
+    box.start()
+    assert system.wait_for(lambda: len(box.readings()) >= 5, 60), box.log()[-3000:]
+    cmd_id, _ = box.send({"manifest": m2, "previous": m1})
+    assert box.exited() == 0, box.log()
+    assert box.root.running == v2.ipk_version
+    deadline = int(read_marker(box.state / UPDATE_DIR / PENDING_FILE)["DEADLINE"])  # type: ignore[index]
+
+    # The new version crashes at start (here: it is never started); the watchdog acts after the deadline.
+    out = box.root.watchdog(box.state, now=deadline)
+    assert out.returncode == 0, out.stderr
+    assert box.root.running == v1.ipk_version
+
+    box.start()  # the previous version again: it reports the rollback as the update's signed result
+    status, code, _msg, data = box.result(cmd_id)
+    assert (status, code) == ("failed", "rolled_back"), box.log()
+    assert data == {"from": v1.ipk_version, "to": v2.ipk_version, "reason": "gate_timeout"}
+
+    # The buffer across three starts, an install and a rollback: every reading once, the stream gap-free.
+    assert system.wait_for(lambda: len(box.readings()) >= 20, 60), box.log()[-3000:]
+    keys = [(r.fields["glu:meter_time"], r.fields["glu:mgdl"], r.fields["glu:meal"]) for r in box.readings()]
+    assert len(box.readings()) == 20 and len(set(keys)) == 20
+    clinical = sorted(r.seq for r in system.db.records(device_id=box.device_id) if r.stream == "c")
+    assert clinical == list(range(1, len(clinical) + 1))
+
+
+def test_bad_signature_and_no_rollback_target_change_nothing(
+    box: Box, system: LocalSystem, ipks: tuple[Package, Path, Package, Path]
+) -> None:
+    v1, _, _, v2_ipk = ipks
+    m2 = release(system, v2_ipk)
+    forged = m2[:-1] + bytes([m2[-1] ^ 1])
+    box.start()
+    bad_id, _ = box.send({"manifest": forged})
+    assert box.result(bad_id)[:2] == ("refused", "bad_signature")
+    no_prev, _ = box.send({"manifest": m2})  # first update without the running version's manifest
+    assert box.result(no_prev)[:2] == ("refused", "no_rollback_target")
+    assert box.root.running == v1.ipk_version
+    assert box.proc is not None and box.proc.poll() is None  # still running
+
+
+class SlowShelf(ReleaseShelf):
+    """The cloud's real shelf, answering each chunk 0.1 s late: a download long enough to be killed mid-way."""
+
+    def chunk(self, req: ChunkRequest) -> Chunk | None:
+        time.sleep(0.1)
+        return super().chunk(req)
+
+
+def test_sigkill_during_download_is_reported_and_the_download_resumes(
+    box: Box, system: LocalSystem, ipks: tuple[Package, Path, Package, Path]
+) -> None:
+    v1, v1_ipk, v2, v2_ipk = ipks
+    m1, m2 = release(system, v1_ipk), release(system, v2_ipk)
+    assert system.service is not None
+    real_shelf = system.service.releases
+    system.service.releases = SlowShelf(system.home.releases.dir)
+    try:
+        box.start()
+        cmd_id, _ = box.send({"manifest": m2, "previous": m1})
+        progress = box.state / UPDATE_DIR / PROGRESS_FILE
+
+        def midway() -> bool:
+            return progress.exists() and json.loads(progress.read_text())["next"] > 0
+
+        assert system.wait_for(midway, 60, poll=0.02), box.log()[-3000:]
+        assert box.proc is not None
+        os.killpg(box.proc.pid, signal.SIGKILL)
+        box.proc.wait(timeout=10)
+        stopped_at = json.loads(progress.read_text())["next"]
+        assert box.root.running == v1.ipk_version  # nothing installed
+
+        box.start()  # the update was cut off while downloading: reported, nothing changed
+        assert box.result(cmd_id)[:2] == ("failed", "interrupted"), box.log()[-3000:]
+        again_id, _ = box.send({"manifest": m2, "previous": m1})
+        assert box.exited() == 0, box.log()[-3000:]
+    finally:
+        system.service.releases = real_shelf
+    assert "update: resuming" in box.log()  # from the recorded offset, not from byte 0
+    assert stopped_at > 0
+    assert box.root.running == v2.ipk_version
+    box.start()
+    assert box.result(again_id)[:2] == ("ok", "updated"), box.log()[-3000:]

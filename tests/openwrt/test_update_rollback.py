@@ -1,0 +1,147 @@
+"""Issue 16, step 3 on OpenWrt's real opkg in an offline root: the installer (agent/update/install.py) and
+the independent shell watchdog (openwrt/files/glucoagent.update-watchdog) that rolls back an update whose
+health gate did not pass in time. The version "running" is the one opkg's database records in the root."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import subprocess
+from pathlib import Path
+
+import pytest
+from support.opkg_root import NAME, OpkgRoot, opkg_root
+
+from agent.update.install import (
+    PENDING_FILE,
+    ROLLBACK_FILE,
+    PackageManager,
+    gate_passed,
+    install,
+    keep,
+    read_marker,
+    take_report,
+)
+from agent.update.staging import UPDATE_DIR, UpdateFailed
+from agent.wire.release import Manifest
+from openwrt import build_ipk as B
+from openwrt import hosttools
+from openwrt.package import Package, describe
+
+
+@pytest.fixture(scope="module")
+def ipks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Package, Path, Package, Path]:
+    v1 = describe()
+    v2 = dataclasses.replace(v1, release=v1.release + 1)
+    out = tmp_path_factory.mktemp("upd-ipks")
+    return v1, B.write_ipk(v1, out / "1"), v2, B.write_ipk(v2, out / "2")
+
+
+def manifest(pkg: Package, path: Path) -> Manifest:
+    data = path.read_bytes()
+    return Manifest(NAME, pkg.ipk_version, "ipk", len(data), hashlib.sha256(data).digest(), "0", False, 1)
+
+
+@dataclasses.dataclass
+class Box:
+    root: OpkgRoot
+    state: Path
+
+    @property
+    def pm(self) -> PackageManager:
+        return self.root.pm
+
+    @property
+    def running(self) -> str | None:
+        return self.root.running
+
+    def watchdog(self, now: int) -> subprocess.CompletedProcess[str]:
+        return self.root.watchdog(self.state, now)
+
+
+@pytest.fixture
+def box(openwrt_tools: hosttools.Tools, ipks: tuple[Package, Path, Package, Path], tmp_path: Path) -> Box:
+    """A root with release 1 installed by the real opkg, and its package file kept (the rollback target)."""
+    v1, v1_ipk, _, _ = ipks
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    return Box(opkg_root(openwrt_tools, tmp_path, v1, v1_ipk), state)
+
+
+def test_good_update_passes_its_gate_and_the_watchdog_leaves_it(
+    box: Box, ipks: tuple[Package, Path, Package, Path]
+) -> None:
+    v1, v1_ipk, v2, v2_ipk = ipks
+    previous = keep(box.state, v1_ipk, manifest(v1, v1_ipk))
+    install(box.state, box.pm, v2_ipk, manifest(v2, v2_ipk), running=v1.ipk_version, previous=previous, gate_s=60)
+    assert box.running == v2.ipk_version
+    marker = read_marker(box.state / UPDATE_DIR / PENDING_FILE)
+    assert marker is not None and (marker["FROM"], marker["TO"]) == (v1.ipk_version, v2.ipk_version)
+
+    assert gate_passed(box.state, v2.ipk_version)  # the new version: started, connected, got its ack
+    out = box.watchdog(now=2**40)  # long after the deadline: nothing pending any more
+    assert out.returncode == 0, out.stderr
+    assert box.running == v2.ipk_version
+    assert take_report(box.state) is None
+
+
+def test_gate_not_passed_in_time_rolls_back_to_the_kept_package(
+    box: Box, ipks: tuple[Package, Path, Package, Path]
+) -> None:
+    v1, v1_ipk, v2, v2_ipk = ipks
+    previous = keep(box.state, v1_ipk, manifest(v1, v1_ipk))
+    install(box.state, box.pm, v2_ipk, manifest(v2, v2_ipk), running=v1.ipk_version, previous=previous, gate_s=60)
+    deadline = int(read_marker(box.state / UPDATE_DIR / PENDING_FILE)["DEADLINE"])  # type: ignore[index]
+
+    early = box.watchdog(now=deadline - 1)  # still within the gate: the new version keeps its chance
+    assert early.returncode == 0 and early.stderr == ""
+    assert box.running == v2.ipk_version
+
+    late = box.watchdog(now=deadline)  # the new version never claimed the marker (crashed, no link, no ack)
+    assert late.returncode == 0, late.stderr
+    assert box.running == v1.ipk_version
+    assert "did not pass its health gate" in late.stderr
+    assert not gate_passed(box.state, v2.ipk_version)  # too late: the watchdog took the marker
+    report = take_report(box.state)
+    assert report is not None
+    assert {k: report[k] for k in ("OUTCOME", "NAME", "FROM", "TO", "REASON")} == {
+        "OUTCOME": "rolled_back", "NAME": NAME, "FROM": v1.ipk_version, "TO": v2.ipk_version, "REASON": "gate_timeout"
+    }  # fmt: skip
+    assert take_report(box.state) is None  # reported once
+    again = box.watchdog(now=deadline + 60)
+    assert again.returncode == 0 and box.running == v1.ipk_version
+
+
+def test_watchdog_killed_mid_rollback_finishes_it_next_run(box: Box, ipks: tuple[Package, Path, Package, Path]) -> None:
+    v1, v1_ipk, v2, v2_ipk = ipks
+    previous = keep(box.state, v1_ipk, manifest(v1, v1_ipk))
+    install(box.state, box.pm, v2_ipk, manifest(v2, v2_ipk), running=v1.ipk_version, previous=previous, gate_s=0)
+    update = box.state / UPDATE_DIR
+    (update / PENDING_FILE).rename(update / ROLLBACK_FILE)  # claimed, then killed before reinstalling
+    assert box.running == v2.ipk_version
+    out = box.watchdog(now=0)  # the claim is honoured whatever the time
+    assert out.returncode == 0, out.stderr
+    assert box.running == v1.ipk_version
+    assert (take_report(box.state) or {}).get("OUTCOME") == "rolled_back"
+
+
+def test_a_package_opkg_refuses_changes_nothing(box: Box, ipks: tuple[Package, Path, Package, Path], tmp_path: Path) -> None:
+    v1, v1_ipk, v2, _ = ipks
+    previous = keep(box.state, v1_ipk, manifest(v1, v1_ipk))
+    broken = tmp_path / "glucoagent_broken.ipk"
+    broken.write_bytes(b"\x1f\x8b not an ipk at all")
+    m = dataclasses.replace(manifest(v2, broken), version=v2.ipk_version)
+    with pytest.raises(UpdateFailed) as exc:
+        install(box.state, box.pm, broken, m, running=v1.ipk_version, previous=previous, gate_s=60)
+    assert exc.value.code == "install_failed"
+    assert box.running == v1.ipk_version
+    assert not (box.state / UPDATE_DIR / PENDING_FILE).exists()  # nothing to gate, nothing to roll back
+
+
+def test_no_rollback_target_refuses_before_anything_changes(box: Box, ipks: tuple[Package, Path, Package, Path]) -> None:
+    v1, _, v2, v2_ipk = ipks
+    with pytest.raises(UpdateFailed) as exc:
+        install(box.state, box.pm, v2_ipk, manifest(v2, v2_ipk), running=v1.ipk_version,
+                previous=box.state / "missing.ipk", gate_s=60)  # fmt: skip
+    assert exc.value.code == "no_rollback_target"
+    assert box.running == v1.ipk_version
