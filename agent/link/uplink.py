@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -26,11 +27,13 @@ import cbor2
 import tenacity
 
 from agent.buffer.store import CLINICAL, HEALTH, OutboxRow, Store
+from agent.clock import Anchor, Clock
 from agent.config import Config, Endpoint
 from agent.errors import GlucoagentError, LinkError, SignatureError, StoreError
 from agent.identity.credentials import DeviceIdentity
-from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles, Will
+from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles, Will, refused_for_validity
 from agent.wire.ack import decode_ack
+from agent.wire.clocksync import NONCE_BYTES, decode_time_reply, encode_time_request
 from agent.wire.provisioning import STATUS_OFFLINE, STATUS_ONLINE
 from agent.wire.topics import DeviceTopics
 
@@ -102,6 +105,8 @@ class Uplink:
         on_command: Callable[[bytes], bool] | None = None,
         health_payload: Callable[[], bytes | None] | None = None,
         raise_condition: Callable[[str, str], None] | None = None,
+        clock: Clock | None = None,
+        on_time: Callable[[Anchor], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.identity = identity
@@ -130,6 +135,10 @@ class Uplink:
         self.raise_condition = raise_condition
         self._too_large: set[int] = set()  # row ids, judged by the current connection's limit
         self._too_large_reported = TOO_LARGE in self._conditions()
+        self.clock = clock or Clock()
+        self.on_time = on_time
+        self._relax = False  # next connect: handshake without the validity window (clock unset or far off)
+        self._time_request: tuple[bytes, float] | None = None  # (nonce, monotonic sent) awaiting the cloud's time
 
     def add_tick(self, work: Callable[[], None]) -> None:
         """Run ``work`` on the uplink thread at every loop pass (paho's client is not thread-safe)."""
@@ -155,6 +164,12 @@ class Uplink:
                 self._connect()
             except GlucoagentError as exc:
                 self.counters.connect_failures += 1
+                if not self._relax and refused_for_validity(exc) and self.clock.may_be_off():
+                    # Only the validity window failed, by a clock no authenticated time vouches for: connect
+                    # once more without it, to learn the cloud's signed time (docs/security.md).
+                    log.warning("uplink: %s; connecting to learn the cloud's signed time", exc)
+                    self._relax = True
+                    continue
                 delay = self._attempts.next_delay()
                 log.warning("uplink: %s; retrying in %.1fs", exc, delay)
                 self._stop.wait(delay)
@@ -182,7 +197,8 @@ class Uplink:
         return (self.link.disconnect_reason if self.link else None) or "closed"
 
     def _connect(self) -> None:
-        link = MqttLink(self.settings, on_message=self._on_message)
+        settings = dataclasses.replace(self.settings, relax_validity=self._relax)
+        link = MqttLink(settings, on_message=self._on_message)
         self.link = link
         link.connect()
         try:
@@ -196,6 +212,9 @@ class Uplink:
         self.counters.reconnects += 1
         self.counters.connected_since = time.time()
         self._too_large.clear()  # the limit is this broker's: judge every record again
+        self._time_request = None
+        if self._relax or self.clock.needs_time():
+            self._ask_time()
         log.info(
             "uplink: connected to %s:%d as %s (session present: %s, status mid %d)",
             self.settings.host,
@@ -229,6 +248,36 @@ class Uplink:
             return False
         return True
 
+    # --- the cloud's signed time (agent/wire/clocksync.py) --------------------------------------
+    def _ask_time(self) -> None:
+        assert self.link is not None
+        nonce = os.urandom(NONCE_BYTES)
+        self.link.publish(self.topics.time, encode_time_request(nonce))
+        self._time_request = (nonce, time.monotonic())
+
+    def _take_time(self, payload: bytes) -> bool:
+        """True when ``payload`` was the answer to our time request (taken or refused)."""
+        assert self._time_request is not None and self.link is not None
+        nonce, sent = self._time_request
+        try:
+            true = decode_time_reply(payload, self.identity.command_key, self.identity.device_id, nonce)
+        except SignatureError as exc:
+            self.counters.bad_messages += 1
+            log.error("ignoring a time reply that failed verification: %s", exc)
+            return True
+        if true is None:
+            return False
+        self._time_request = None
+        anchor = self.clock.learn(true, self.cfg.agent.settime_command, rtt_s=time.monotonic() - sent)
+        log.info("uplink: the cloud's signed time says the clock was off by %+.1f s", anchor.offset_s)
+        if self._relax:
+            if not self.link.peer_valid_at(anchor.true):
+                raise LinkError("the broker's certificate is outside its validity window at the cloud's time")
+            self._relax = False  # checked now against an authenticated time: the link may carry records
+        if self.on_time is not None:
+            self.on_time(anchor)
+        return True
+
     # --- serving ----------------------------------------------------------------------------
     def _serve(self) -> None:
         link = self.link
@@ -241,6 +290,9 @@ class Uplink:
             if not link.loop(wait):
                 return
             self._drain_inbox()
+            if self._relax:  # nothing but the time request on a link whose validity window was not checked
+                self._retry_time()
+                continue
             self._reap()
             self._fill_window()
             for work in self._ticks:
@@ -255,6 +307,8 @@ class Uplink:
             except queue.Empty:
                 break
             if topic == self.topics.acks:
+                if self._time_request is not None and self._take_time(payload):
+                    continue
                 for stream, numbers in self._verified_ack(payload).items():
                     acked[stream].update(numbers)
             else:
@@ -262,6 +316,11 @@ class Uplink:
         for stream, pending in acked.items():
             if pending:
                 self._apply_ack(stream, pending)
+
+    def _retry_time(self) -> None:
+        if self._time_request is None or time.monotonic() - self._time_request[1] > self.cfg.mqtt.ack_timeout_s:
+            log.warning("uplink: no answer to the time request; asking again")
+            self._ask_time()
 
     def _verified_ack(self, payload: bytes) -> dict[str, list[int]]:
         try:
