@@ -116,6 +116,7 @@ def verify_ignoring_validity(leaf_der: bytes, ca_pem: bytes, host: str) -> None:
 
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature
+    from cryptography.x509.oid import ExtendedKeyUsageOID
 
     def refuse(why: str) -> ssl.SSLCertVerificationError:
         err = ssl.SSLCertVerificationError(why)
@@ -138,6 +139,12 @@ def verify_ignoring_validity(leaf_der: bytes, ca_pem: bytes, host: str) -> None:
             continue
     if not issued:
         raise refuse("certificate not issued by the pinned fleet CA")
+    try:
+        purposes = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        purposes = None
+    if purposes is not None and ExtendedKeyUsageOID.SERVER_AUTH not in purposes:
+        raise refuse("certificate is not for a server (a device's certificate?)")
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound as exc:
