@@ -78,6 +78,7 @@ class Daemon:
             raise_condition=self.recorder.raise_condition,
             clock=self.clock,
             on_time=self.on_time,
+            commands_idle=self.commands_idle,
         )
         self.watcher = MeterWatcher(cfg, self.recorder, self.clock, on_stored=self.uplink.wake)
         schedule = renewal.RenewalSchedule(
@@ -93,6 +94,11 @@ class Daemon:
     def on_command(self, payload: bytes) -> bool:
         """Uplink thread: hand the message to the command worker (agent/commands/executor.py); False = not stored."""
         return self.commands.submit(payload)
+
+    def commands_idle(self) -> bool:
+        """Uplink thread (duty mode): no command stored but not yet run, no result waiting to be sent."""
+        commands = getattr(self, "commands", None)  # the uplink may ask before the executor exists
+        return commands is None or (not commands.inbox.leftover() and len(commands.outbox) == 0)
 
     def on_time(self, anchor: Anchor) -> None:
         """Uplink thread: the cloud's signed time was learnt; report the anchor that corrects this boot's records."""
@@ -233,7 +239,7 @@ class Daemon:
                 next_health = time.monotonic() + self.cfg.agent.health_interval_s
                 try:
                     self.recorder.health(self.health_sample())
-                    self.uplink.wake()
+                    self.uplink.wake(urgent=False)  # duty mode: a health sample waits for the next wake-up
                 except GlucoagentError as exc:
                     log.warning("health sample not recorded: %s", exc)
         log.info("stopping")

@@ -39,6 +39,7 @@ from agent.wire.topics import DeviceTopics
 
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.2  # longest wait on the socket when there is nothing to do
+DUTY_QUIET_S = 1.0  # duty mode: nothing came in for this long after the session resumed = the broker's mailbox is empty
 TOO_LARGE = "record_too_large"  # condition (and alert) while a record is too large for any message
 
 
@@ -107,6 +108,7 @@ class Uplink:
         raise_condition: Callable[[str, str], None] | None = None,
         clock: Clock | None = None,
         on_time: Callable[[Anchor], None] | None = None,
+        commands_idle: Callable[[], bool] = lambda: True,
     ) -> None:
         self.cfg = cfg
         self.identity = identity
@@ -139,6 +141,10 @@ class Uplink:
         self.on_time = on_time
         self._relax = False  # next connect: handshake without the validity window (clock unset or far off)
         self._time_request: tuple[bytes, float] | None = None  # (nonce, monotonic sent) awaiting the cloud's time
+        self.commands_idle = commands_idle  # no command waiting to run, no result waiting to be sent
+        self._urgent = threading.Event()  # duty mode: a reading or a result to send, come up now
+        self._last_in = 0.0  # monotonic time of the last message from the broker
+        self.wakeups = 0  # duty mode: times the link came up
 
     def add_tick(self, work: Callable[[], None]) -> None:
         """Run ``work`` on the uplink thread at every loop pass (paho's client is not thread-safe)."""
@@ -149,9 +155,37 @@ class Uplink:
         self._stop.set()
         self._wake.set()
 
-    def wake(self) -> None:
-        """New rows in the buffer: upload without waiting for the next tick."""
+    def wake(self, urgent: bool = True) -> None:
+        """New rows in the buffer: upload without waiting for the next tick. In duty mode only an ``urgent``
+        wake (a reading, a command's result) brings the link up; health samples ride the next wake-up."""
         self._wake.set()
+        if urgent:
+            self._urgent.set()
+
+    @property
+    def duty(self) -> bool:
+        return self.cfg.agent.link == "duty"
+
+    def _sleep(self) -> None:
+        """Duty mode, link down: until a reading is stored, a result waits, or wake_interval_s passed."""
+        log.info("uplink: duty mode: link down; next wake-up within %.0fs", self.cfg.agent.wake_interval_s)
+        deadline = time.monotonic() + self.cfg.agent.wake_interval_s
+        while not self._stop.is_set() and not self._urgent.is_set() and time.monotonic() < deadline:
+            self._urgent.wait(min(deadline - time.monotonic(), 60.0))
+        self._urgent.clear()
+        self.wakeups += 1
+
+    def _done(self, since: float) -> bool:
+        """Duty mode: everything is delivered and the broker's mailbox is empty, so the link may go down."""
+        now = time.monotonic()
+        if self._inflight or self._time_request is not None or self._relax or not self._inbox.empty():
+            return False
+        if now - max(since, self._last_in) < DUTY_QUIET_S or not self.commands_idle():
+            return False
+        try:
+            return not self.store.pending(1, self._too_large)
+        except StoreError:
+            return False
 
     @property
     def connected(self) -> bool:
@@ -159,7 +193,13 @@ class Uplink:
 
     def run(self) -> None:
         """Until stop(): connect, serve, back off, repeat. Never raises for link trouble."""
+        asleep = False  # duty mode: the last link went down on purpose
         while not self._stop.is_set():
+            if self.duty and asleep:
+                self._sleep()
+                if self._stop.is_set():
+                    break
+            asleep = False
             try:
                 self._connect()
             except GlucoagentError as exc:
@@ -176,7 +216,7 @@ class Uplink:
                 continue
             up_since = time.monotonic()
             try:
-                self._serve()
+                asleep = self._serve()
             except LinkError as exc:
                 log.warning("uplink: %s", exc)
             finally:
@@ -186,6 +226,9 @@ class Uplink:
                 self.counters.connected_since = None
             if self._stop.is_set():
                 break
+            if asleep:
+                self._attempts.reset()
+                continue
             if time.monotonic() - up_since >= self.cfg.mqtt.stable_s:
                 self._attempts.reset()
             delay = self._attempts.next_delay()
@@ -227,6 +270,11 @@ class Uplink:
     def _shutdown(self) -> None:
         link = self.link
         if link is not None and link.connected:
+            self._go_down(link)
+
+    def _go_down(self, link: MqttLink) -> None:
+        """Say offline (retained) and DISCONNECT cleanly: the session, with commands queued for us, stays."""
+        if link.connected:
             try:
                 mid = link.publish(self.topics.status, STATUS_OFFLINE, retain=True)
                 deadline = time.monotonic() + 2
@@ -238,6 +286,7 @@ class Uplink:
 
     def _on_message(self, topic: str, payload: bytes) -> bool:
         """False leaves the message unacknowledged, so the broker redelivers it after a reconnect."""
+        self._last_in = time.monotonic()
         if topic == self.topics.commands and self.on_command is not None:
             return self.on_command(payload)  # stores it durably first: only then is it PUBACKed
         self._wake.set()
@@ -279,16 +328,18 @@ class Uplink:
         return True
 
     # --- serving ----------------------------------------------------------------------------
-    def _serve(self) -> None:
+    def _serve(self) -> bool:
+        """Serve the link until it drops (False) or, in duty mode, until all is done and it went down (True)."""
         link = self.link
         assert link is not None
+        since = time.monotonic()
         while not self._stop.is_set():
             # Wait in select() on the socket, not on an event: a PUBACK or an ack ends the wait
             # at once. After a wake-up (an ack, new rows) only poll, so the work below runs now.
             wait = 0.0 if self._wake.is_set() else _IDLE_WAIT_S
             self._wake.clear()
             if not link.loop(wait):
-                return
+                return False
             self._drain_inbox()
             if self._relax:  # nothing but the time request on a link whose validity window was not checked
                 self._retry_time()
@@ -297,6 +348,10 @@ class Uplink:
             self._fill_window()
             for work in self._ticks:
                 work()
+            if self.duty and self._done(since):
+                self._go_down(link)
+                return True
+        return False
 
     def _drain_inbox(self) -> None:
         # Acks that arrived together are applied in one transaction per stream: fewer fsyncs, less flash wear.
