@@ -135,6 +135,7 @@ def run_duty_box(
                         os.killpg(sim.pid, 15)
                         sim.wait()
                         system.procs.remove(sim)
+                        time.sleep(1.5)  # unplugged for longer than port_scan_s (0.5 s): the box sees it go and come
                     sim = system.start_simulator("onetouch-ultra2", tty, records, "--baud", "0")
                 if command_at and now >= command_at[0] and link == "duty" and _offline(system, device_id):
                     command_at.pop(0)
