@@ -71,7 +71,14 @@ def test_box_with_a_wrong_clock_learns_the_signed_time_and_loses_nothing(tmp_pat
         assert len(keys) == len(set(keys))  # every reading once
         # Signed with the wrong wall time, corrected at the backend by the box's anchor to when they were taken.
         assert all(abs(r.wall - time.time()) > 100 * DAY for r in stored)
-        fixed = corrected_times(system.db, stored[0].device_id)
+        # The anchor rides a health sample, which may arrive after the readings it corrects.
+        fixed: dict[tuple[str, int], float] = {}
+
+        def all_corrected() -> bool:
+            fixed.update(corrected_times(system.db, stored[0].device_id))
+            return all((r.stream, r.seq) in fixed for r in stored)
+
+        assert system.wait_for(all_corrected, timeout=30), fixed
         ended = time.time()
         for r in stored:
             t = fixed[(r.stream, r.seq)]
