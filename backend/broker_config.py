@@ -56,7 +56,7 @@ BACKEND_CLIENT_PREFIX = "backend-"  # backend/mqtt_client.py link_settings: back
 SIDE_SUFFIXES = ("renew", "check", "update")  # <id>-renew agent/identity/renewal.py, -check agent/status.py, -update agent/update
 CONTROL_TOPIC = "$CONTROL/glucoagent/v1/disconnect"  # payload: an identity (CN) to disconnect everywhere
 
-DEVICE_WRITE = (topics.TELEMETRY, topics.STATUS, topics.HEALTH, topics.RESULTS, topics.FETCH)
+DEVICE_WRITE = (topics.TELEMETRY, topics.STATUS, topics.HEALTH, topics.RESULTS, topics.FETCH, topics.TIME)
 DEVICE_READ = (topics.ACKS, topics.COMMANDS, topics.CHUNKS)
 
 

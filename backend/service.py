@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.errors import GlucoagentError, LinkError
-from agent.wire import cose, release, telemetry, topics
+from agent.wire import clocksync, cose, release, telemetry, topics
 from agent.wire import provisioning as wire_provisioning
 from agent.wire.ack import encode_ack
 from backend.db import BackendDb
@@ -42,7 +42,7 @@ CERT_DAYS = 365
 MAX_PAYLOAD = 131_072
 SHARE_GROUP = "$share/ingest/"  # MQTT 5 shared subscription: each message goes to one ingest worker
 ROLES = ("all", "control", "ingest")
-CONTROL_TOPICS = [topics.ALL_PROVISION_REQUESTS, topics.ALL_STATUS, topics.ALL_RESULTS, topics.ALL_FETCH]
+CONTROL_TOPICS = [topics.ALL_PROVISION_REQUESTS, topics.ALL_STATUS, topics.ALL_RESULTS, topics.ALL_FETCH, topics.ALL_TIME]
 INGEST_TOPICS = [topics.ALL_TELEMETRY, topics.ALL_HEALTH]
 DRAIN_ON_STOP_S = 1.0  # an ingest worker told to stop handles what is already on its way for this long
 
@@ -202,6 +202,8 @@ class BackendService(ProvisioningMixin, IngestMixin):
             self.on_result(device_id, payload)
         elif leaf == topics.FETCH:
             self.on_fetch(device_id, payload)
+        elif leaf == topics.TIME:
+            self.on_time_request(device_id, payload)
 
     def on_fetch(self, device_id: str, payload: bytes) -> None:
         """A box asks for one chunk of a released package; unknown packages get no answer."""
@@ -215,6 +217,17 @@ class BackendService(ProvisioningMixin, IngestMixin):
             log.warning("fetch from %s: package %s was never released here", device_id, req.sha256.hex()[:16])
             return
         self.publish(topics.DeviceTopics(device_id).chunks, release.encode_chunk(chunk))
+
+    def on_time_request(self, device_id: str, payload: bytes) -> None:
+        """The cloud's time, signed by the command key and bound to the box's nonce (agent/wire/clocksync.py).
+        The broker's ACLs let only the certificate of ``device_id`` publish here, and the answer goes to its acks."""
+        try:
+            nonce = clocksync.decode_time_request(payload)
+        except ValueError as exc:
+            log.warning("time request from %s ignored: %s", device_id, exc)
+            return
+        reply = clocksync.encode_time_reply(self.keys.command_key, device_id, nonce, time.time())
+        self.publish(topics.DeviceTopics(device_id).acks, reply)
 
     def on_status(self, device_id: str, payload: bytes) -> None:
         self.db.set_status(device_id, payload.decode("utf-8", "replace")[:32], time.time())

@@ -20,6 +20,7 @@ STATUS = "status"  # retained: online / offline (last will)
 HEALTH = "health"
 RESULTS = "results"
 FETCH = "fetch"  # an update's chunk requests (docs/updates.md), from the box's <id>-update side connection
+TIME = "time"  # a request for the cloud's signed time (agent/wire/clocksync.py); answered on ACKS
 # cloud -> device
 ACKS = "acks"
 COMMANDS = "commands"
@@ -52,6 +53,10 @@ class DeviceTopics:
     @property
     def results(self) -> str:
         return self._t(RESULTS)
+
+    @property
+    def time(self) -> str:
+        return self._t(TIME)
 
     @property
     def acks(self) -> str:
@@ -88,6 +93,7 @@ ALL_HEALTH = f"{PREFIX}/dev/+/{HEALTH}"
 ALL_RESULTS = f"{PREFIX}/dev/+/{RESULTS}"
 ALL_STATUS = f"{PREFIX}/dev/+/{STATUS}"
 ALL_FETCH = f"{PREFIX}/dev/+/{FETCH}"
+ALL_TIME = f"{PREFIX}/dev/+/{TIME}"
 ALL_PROVISION_REQUESTS = f"{PREFIX}/prov/+/request"
 
 
