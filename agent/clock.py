@@ -13,6 +13,9 @@ import dataclasses
 import datetime as dt
 import enum
 import functools
+import logging
+import shlex
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -21,12 +24,26 @@ from pathlib import Path
 CLOCK_FLOOR = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
 _TIME_ERROR = 5  # adjtimex(2): clock not synchronised
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+FAR_OFF_S = 300.0  # a clock this far from the cloud's signed time is stepped to it
+log = logging.getLogger(__name__)
 
 
 class ClockQuality(enum.StrEnum):
     UNSET = "unset"  # before CLOCK_FLOOR: certainly wrong
     UNSYNCED = "unsynced"  # plausible, but the kernel says no time source disciplines it
-    SYNCED = "synced"  # kernel reports NTP/PPS synchronisation, or the cloud set it
+    SYNCED = "synced"  # kernel reports NTP/PPS synchronisation, or the cloud's sync_time command set it
+    CLOUD = "cloud"  # set from the cloud's signed time over the link (agent/wire/clocksync.py): +- one round trip
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Anchor:
+    """The cloud's signed time ``true`` seen at ``monotonic`` (CLOCK_BOOTTIME) of boot ``boot_id``: any record
+    of that boot was taken at ``true - (monotonic - record.monotonic)``, whatever its wall clock said."""
+
+    true: float
+    boot_id: bytes
+    monotonic: float
+    offset_s: float  # true - the box's wall clock at that moment
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -85,6 +102,7 @@ class Clock:
         self.trusted = False
         self._synced_cache = False
         self._synced_at = -10.0
+        self.anchor: Anchor | None = None  # the last authenticated time learnt from the cloud
 
     def quality(self, wall: float | None = None) -> ClockQuality:
         wall = time.time() if wall is None else wall
@@ -92,7 +110,44 @@ class Clock:
             return ClockQuality.UNSET
         if self.trusted or self._synced():
             return ClockQuality.SYNCED
+        if self.anchor is not None and not self.may_be_off():
+            return ClockQuality.CLOUD
         return ClockQuality.UNSYNCED
+
+    def needs_time(self) -> bool:
+        """Ask the cloud for its signed time: no NTP disciplines the clock and the cloud has not told us yet."""
+        if time.time() < CLOCK_FLOOR.timestamp():
+            return self.may_be_off()
+        return not (self.trusted or self._synced() or self.anchor is not None)
+
+    def may_be_off(self) -> bool:
+        """No authenticated time vouches for the clock now: none learnt, or the clock moved since by more
+        than FAR_OFF_S (a step, or a failed settime). Otherwise a certificate out of its window really is."""
+        if self.anchor is None:
+            return True
+        a = self.anchor
+        expected = a.true + time.clock_gettime(time.CLOCK_BOOTTIME) - a.monotonic
+        return abs(expected - time.time()) > FAR_OFF_S
+
+    def learn(self, true: float, settime_command: str, rtt_s: float = 0.0) -> Anchor:
+        """Take the cloud's *authenticated* time (never call this with anything else). Steps the system clock
+        with ``settime_command`` when it is more than FAR_OFF_S off; records the anchor either way."""
+        true += rtt_s / 2  # the reply was signed about half a round trip ago
+        mono = time.clock_gettime(time.CLOCK_BOOTTIME)
+        offset = true - time.time()
+        if abs(offset) > FAR_OFF_S:
+            argv = shlex.split(settime_command.replace("{epoch}", str(round(true))))
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+            except (OSError, subprocess.SubprocessError) as exc:
+                log.error("clock: cannot run %s: %s", argv[0], exc)
+            else:
+                if proc.returncode != 0:
+                    log.error("clock: %s exited %d: %s", argv[0], proc.returncode, proc.stderr.strip()[-200:])
+                else:
+                    log.info("clock: stepped by %+.0f s to the cloud's signed time", offset)
+        self.anchor = Anchor(true=true, boot_id=self._boot_id, monotonic=mono, offset_s=round(offset, 3))
+        return self.anchor
 
     def _synced(self) -> bool:
         # A meter read signs hundreds of records in a burst: ask the kernel at most once a second.

@@ -56,6 +56,8 @@ class AgentSection:
     settime_command: str = "date -u -s @{epoch}"
     reboot_command: str = "reboot"
     renew_before_days: int = 30  # the box asks for a new certificate this long before its certificate expires
+    link: str = "always"  # duty: the link comes up for a stored reading or every wake_interval_s, then goes down
+    wake_interval_s: float = 3600.0  # duty mode: the longest sleep (the broker keeps commands 7 days, SESSION_EXPIRY_S)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -182,6 +184,8 @@ SCHEMA: dict[str, dict[str, Callable[[str], Any]]] = {
         "settime_command": _system_command("epoch"),
         "reboot_command": _system_command(),
         "renew_before_days": _int_range(1, 180),
+        "link": _choice("always", "duty"),
+        "wake_interval_s": _float_range(1, 86_400),  # far below the session expiry (7 days)
     },
     "mqtt": {
         "endpoint": _endpoint,

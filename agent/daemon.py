@@ -16,7 +16,7 @@ from typing import Any
 
 from agent.buffer.intake import Recorder
 from agent.buffer.store import Store, open_store
-from agent.clock import Clock
+from agent.clock import Anchor, Clock
 from agent.commands.executor import CommandExecutor
 from agent.config import Config
 from agent.errors import GlucoagentError, StorageUnavailable
@@ -27,6 +27,7 @@ from agent.link.uplink import Uplink
 from agent.meters import MeterWatcher
 from agent.snapshot import clear_snapshot, write_snapshot
 from agent.status import SNAPSHOT_EVERY_S, store_state
+from agent.wire.clocksync import anchor_sample
 
 log = logging.getLogger(__name__)
 APPLY_WAIT_S = 10.0  # a configuration change the daemon's loop must take within this
@@ -70,7 +71,14 @@ class Daemon:
         if set_aside:
             self.recorder.raise_condition("store_corrupt", f"buffer file was corrupt; kept aside as {set_aside}")
         self.uplink = Uplink(
-            cfg, self.identity, self.store, on_command=self.on_command, raise_condition=self.recorder.raise_condition
+            cfg,
+            self.identity,
+            self.store,
+            on_command=self.on_command,
+            raise_condition=self.recorder.raise_condition,
+            clock=self.clock,
+            on_time=self.on_time,
+            commands_idle=self.commands_idle,
         )
         self.watcher = MeterWatcher(cfg, self.recorder, self.clock, on_stored=self.uplink.wake)
         schedule = renewal.RenewalSchedule(
@@ -86,6 +94,19 @@ class Daemon:
     def on_command(self, payload: bytes) -> bool:
         """Uplink thread: hand the message to the command worker (agent/commands/executor.py); False = not stored."""
         return self.commands.submit(payload)
+
+    def commands_idle(self) -> bool:
+        """Uplink thread (duty mode): no command stored but not yet run, no result waiting to be sent."""
+        commands = getattr(self, "commands", None)  # the uplink may ask before the executor exists
+        return commands is None or (not commands.inbox.leftover() and len(commands.outbox) == 0)
+
+    def on_time(self, anchor: Anchor) -> None:
+        """Uplink thread: the cloud's signed time was learnt; report the anchor that corrects this boot's records."""
+        sample = {**self.health_sample(), **anchor_sample(anchor.true, anchor.boot_id, anchor.monotonic, anchor.offset_s)}
+        try:
+            self.recorder.health(sample)
+        except GlucoagentError as exc:
+            log.error("clock anchor not recorded: %s", exc)
 
     def health_sample(self) -> dict[str, str | int | float | bool]:
         stats = self.store.stats()
@@ -218,7 +239,7 @@ class Daemon:
                 next_health = time.monotonic() + self.cfg.agent.health_interval_s
                 try:
                     self.recorder.health(self.health_sample())
-                    self.uplink.wake()
+                    self.uplink.wake(urgent=False)  # duty mode: a health sample waits for the next wake-up
                 except GlucoagentError as exc:
                     log.warning("health sample not recorded: %s", exc)
         log.info("stopping")

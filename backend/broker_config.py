@@ -56,7 +56,7 @@ BACKEND_CLIENT_PREFIX = "backend-"  # backend/mqtt_client.py link_settings: back
 SIDE_SUFFIXES = ("renew", "check")  # agent/renewal.py <id>-renew, agent/status.py <id>-check
 CONTROL_TOPIC = "$CONTROL/glucoagent/v1/disconnect"  # payload: an identity (CN) to disconnect everywhere
 
-DEVICE_WRITE = (topics.TELEMETRY, topics.STATUS, topics.HEALTH, topics.RESULTS)
+DEVICE_WRITE = (topics.TELEMETRY, topics.STATUS, topics.HEALTH, topics.RESULTS, topics.TIME)
 DEVICE_READ = (topics.ACKS, topics.COMMANDS)
 
 

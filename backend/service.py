@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.errors import GlucoagentError, LinkError
-from agent.wire import cose, telemetry, topics
+from agent.wire import clocksync, cose, telemetry, topics
 from agent.wire import provisioning as wire_provisioning
 from agent.wire.ack import encode_ack
 from backend.db import BackendDb
@@ -92,6 +92,7 @@ class BackendService(ProvisioningMixin, IngestMixin):
                         topics.ALL_HEALTH,
                         topics.ALL_STATUS,
                         topics.ALL_RESULTS,
+                        topics.ALL_TIME,
                     ]
                 )
             except GlucoagentError as exc:
@@ -148,6 +149,19 @@ class BackendService(ProvisioningMixin, IngestMixin):
             self.on_status(device_id, payload)
         elif leaf == topics.RESULTS:
             self.on_result(device_id, payload)
+        elif leaf == topics.TIME:
+            self.on_time_request(device_id, payload)
+
+    def on_time_request(self, device_id: str, payload: bytes) -> None:
+        """The cloud's time, signed by the command key and bound to the box's nonce (agent/wire/clocksync.py).
+        The broker's ACLs let only the certificate of ``device_id`` publish here, and the answer goes to its acks."""
+        try:
+            nonce = clocksync.decode_time_request(payload)
+        except ValueError as exc:
+            log.warning("time request from %s ignored: %s", device_id, exc)
+            return
+        reply = clocksync.encode_time_reply(self.keys.command_key, device_id, nonce, time.time())
+        self.publish(topics.DeviceTopics(device_id).acks, reply)
 
     def on_status(self, device_id: str, payload: bytes) -> None:
         self.db.set_status(device_id, payload.decode("utf-8", "replace")[:32], time.time())

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 CLOCK_SHIM = r"""
@@ -89,3 +91,26 @@ def build_clock_shim(directory: Path) -> Path:
     if proc.returncode != 0:
         raise RuntimeError(f"the shim did not build: {proc.stderr.strip()[:300]}")
     return out
+
+
+def settime_command(offset_file: Path) -> str:
+    """An ``agent.settime_command`` that steps the shimmed clock (instead of the system's) to ``{epoch}``."""
+    return f"{sys.executable} -m testbed.clockshim {offset_file} {{epoch}}"
+
+
+def step_to(offset_file: Path, epoch: float) -> float:
+    """Move the shim's offset so the shimmed wall clock reads ``epoch`` now; returns the new offset.
+    Runs under the shim itself (inherited LD_PRELOAD), so time.time() already includes the old offset."""
+    try:
+        old = float(offset_file.read_text().strip() or 0)
+    except (OSError, ValueError):
+        old = 0.0
+    new = old + (epoch - time.time())
+    tmp = offset_file.with_suffix(".tmp")
+    tmp.write_text(f"{new:.3f}")
+    tmp.replace(offset_file)
+    return new
+
+
+if __name__ == "__main__":
+    step_to(Path(sys.argv[1]), float(sys.argv[2]))

@@ -69,6 +69,9 @@ class LinkSettings:
     clean_start: bool = False  # persistent session: the broker holds commands for an offline box
     will: Will | None = None
     max_inflight: int = 20
+    # The box's clock is unset or far off: check the broker's chain, name and signature but not the
+    # validity window (docs/security.md "A box without a clock"). Only to learn the time.
+    relax_validity: bool = False
 
 
 Message = tuple[str, bytes]
@@ -101,11 +104,87 @@ def max_publish_payload(max_packet: int, topic: str, *, qos: int = 1, v5: bool =
     return max(best, -1)
 
 
-def _tls_context(files: TlsFiles) -> ssl.SSLContext:
+def verify_ignoring_validity(leaf_der: bytes, ca_pem: bytes, host: str) -> None:
+    """The broker's certificate is issued (signature checked) by a pinned fleet CA and names ``host``;
+    its notBefore/notAfter are not compared with our clock. Raises ssl.SSLCertVerificationError.
+
+    Python 3.11's ssl exposes no X509_V_FLAG_NO_CHECK_TIME, so the handshake runs unverified and this
+    check runs right after it, before a byte of MQTT is sent: the TLS handshake proved the peer holds
+    the key of the certificate it presented, and this proves the fleet CA issued that certificate
+    for this host name. cryptography is imported here only (it costs ~7 MiB held for ever)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    def refuse(why: str) -> ssl.SSLCertVerificationError:
+        err = ssl.SSLCertVerificationError(why)
+        err.verify_message = why
+        err.verify_code = 0
+        return err
+
+    try:
+        leaf = x509.load_der_x509_certificate(leaf_der)
+        cas = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError as exc:
+        raise refuse(f"unreadable certificate: {exc}") from exc
+    issued = False
+    for ca in cas:
+        try:
+            leaf.verify_directly_issued_by(ca)
+            issued = True
+            break
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    if not issued:
+        raise refuse("certificate not issued by the pinned fleet CA")
+    try:
+        purposes = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        purposes = None
+    if purposes is not None and ExtendedKeyUsageOID.SERVER_AUTH not in purposes:
+        raise refuse("certificate is not for a server (a device's certificate?)")
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound as exc:
+        raise refuse("certificate names no host (no subjectAltName)") from exc
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        names = [n.lower() for n in san.get_values_for_type(x509.DNSName)]
+        ok = host.lower() in names or any(
+            n.startswith("*.") and "." in host and host.lower().split(".", 1)[1] == n[2:] for n in names
+        )
+    else:
+        ok = ip in san.get_values_for_type(x509.IPAddress)
+    if not ok:
+        raise refuse(f"certificate does not name {host}")
+
+
+def _relaxed_socket_class(ca: Path, host: str) -> type[ssl.SSLSocket]:
+    ca_pem = ca.read_bytes()
+
+    class _PinnedSocket(ssl.SSLSocket):
+        def do_handshake(self, block: bool = False) -> None:
+            super().do_handshake(block)
+            der = self.getpeercert(binary_form=True)
+            if not der:
+                raise ssl.SSLCertVerificationError("the broker presented no certificate")
+            verify_ignoring_validity(der, ca_pem, host)
+
+    return _PinnedSocket
+
+
+def _tls_context(files: TlsFiles, relax_validity_for: str | None = None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.ca))  # fleet CA pinned, no system CAs
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
+    if relax_validity_for is not None:  # verified by _PinnedSocket after the handshake instead
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.sslsocket_class = _relaxed_socket_class(files.ca, relax_validity_for)
     try:
         ctx.load_cert_chain(str(files.cert), str(files.key))
     except (OSError, ssl.SSLError) as exc:
@@ -140,6 +219,16 @@ def classify_connect_error(exc: BaseException, host: str, port: int) -> LinkErro
     return LinkError(f"connecting to {where}: {exc}")
 
 
+def refused_for_validity(exc: BaseException) -> bool:
+    """A strict handshake failed only on the certificate's validity window (our clock, or a really
+    expired certificate): the case a relaxed handshake plus the cloud's signed time can settle."""
+    cause = exc.__cause__
+    return isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_code in (
+        _X509_CERT_NOT_YET_VALID,
+        _X509_CERT_HAS_EXPIRED,
+    )
+
+
 class MqttLink:
     """One MQTT connection. Not reconnecting by itself: call ``connect()`` again after a drop."""
 
@@ -160,7 +249,9 @@ class MqttLink:
         self.client.max_inflight_messages_set(settings.max_inflight)
         self.client.connect_timeout = settings.connect_timeout_s  # TCP connect and TLS handshake (paho: 5 s)
         self.client.max_queued_messages_set(0)
-        self.client.tls_set_context(_tls_context(settings.tls))
+        self.client.tls_set_context(_tls_context(settings.tls, settings.host if settings.relax_validity else None))
+        if settings.relax_validity:
+            self.client.tls_insecure_set(True)  # paho's own name check needs a verified peer; ours ran in the handshake
         if settings.will:
             self.client.will_set(settings.will.topic, settings.will.payload, qos=1, retain=settings.will.retain)
         self.client.on_connect = self._handle_connect
@@ -241,6 +332,18 @@ class MqttLink:
     def max_packet_size(self) -> int | None:
         """The Maximum Packet Size the broker declared in its CONNACK (None: it declared none)."""
         return self._max_packet
+
+    def peer_valid_at(self, when: float) -> bool:
+        """Whether the broker's certificate on this connection is within its validity window at ``when``
+        (an authenticated time, not the box's clock): what a relaxed handshake left unchecked."""
+        from cryptography import x509
+
+        sock = self.client.socket()
+        der = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
+        if not der:
+            return False
+        cert = x509.load_der_x509_certificate(der)
+        return cert.not_valid_before_utc.timestamp() <= when <= cert.not_valid_after_utc.timestamp()
 
     def max_payload(self, topic: str, qos: int = 1) -> int | None:
         """The largest payload the broker takes on ``topic`` (None: no declared limit)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -26,16 +27,19 @@ import cbor2
 import tenacity
 
 from agent.buffer.store import CLINICAL, HEALTH, OutboxRow, Store
+from agent.clock import Anchor, Clock
 from agent.config import Config, Endpoint
 from agent.errors import GlucoagentError, LinkError, SignatureError, StoreError
 from agent.identity.credentials import DeviceIdentity
-from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles, Will
+from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles, Will, refused_for_validity
 from agent.wire.ack import decode_ack
+from agent.wire.clocksync import NONCE_BYTES, decode_time_reply, encode_time_request
 from agent.wire.provisioning import STATUS_OFFLINE, STATUS_ONLINE
 from agent.wire.topics import DeviceTopics
 
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.2  # longest wait on the socket when there is nothing to do
+DUTY_QUIET_S = 1.0  # duty mode: nothing came in for this long after the session resumed = the broker's mailbox is empty
 TOO_LARGE = "record_too_large"  # condition (and alert) while a record is too large for any message
 
 
@@ -102,6 +106,9 @@ class Uplink:
         on_command: Callable[[bytes], bool] | None = None,
         health_payload: Callable[[], bytes | None] | None = None,
         raise_condition: Callable[[str, str], None] | None = None,
+        clock: Clock | None = None,
+        on_time: Callable[[Anchor], None] | None = None,
+        commands_idle: Callable[[], bool] = lambda: True,
     ) -> None:
         self.cfg = cfg
         self.identity = identity
@@ -130,6 +137,14 @@ class Uplink:
         self.raise_condition = raise_condition
         self._too_large: set[int] = set()  # row ids, judged by the current connection's limit
         self._too_large_reported = TOO_LARGE in self._conditions()
+        self.clock = clock or Clock()
+        self.on_time = on_time
+        self._relax = False  # next connect: handshake without the validity window (clock unset or far off)
+        self._time_request: tuple[bytes, float] | None = None  # (nonce, monotonic sent) awaiting the cloud's time
+        self.commands_idle = commands_idle  # no command waiting to run, no result waiting to be sent
+        self._urgent = threading.Event()  # duty mode: a reading or a result to send, come up now
+        self._last_in = 0.0  # monotonic time of the last message from the broker
+        self.wakeups = 0  # duty mode: times the link came up
 
     def add_tick(self, work: Callable[[], None]) -> None:
         """Run ``work`` on the uplink thread at every loop pass (paho's client is not thread-safe)."""
@@ -140,9 +155,37 @@ class Uplink:
         self._stop.set()
         self._wake.set()
 
-    def wake(self) -> None:
-        """New rows in the buffer: upload without waiting for the next tick."""
+    def wake(self, urgent: bool = True) -> None:
+        """New rows in the buffer: upload without waiting for the next tick. In duty mode only an ``urgent``
+        wake (a reading, a command's result) brings the link up; health samples ride the next wake-up."""
         self._wake.set()
+        if urgent:
+            self._urgent.set()
+
+    @property
+    def duty(self) -> bool:
+        return self.cfg.agent.link == "duty"
+
+    def _sleep(self) -> None:
+        """Duty mode, link down: until a reading is stored, a result waits, or wake_interval_s passed."""
+        log.info("uplink: duty mode: link down; next wake-up within %.0fs", self.cfg.agent.wake_interval_s)
+        deadline = time.monotonic() + self.cfg.agent.wake_interval_s
+        while not self._stop.is_set() and not self._urgent.is_set() and time.monotonic() < deadline:
+            self._urgent.wait(min(deadline - time.monotonic(), 60.0))
+        self._urgent.clear()
+        self.wakeups += 1
+
+    def _done(self, since: float) -> bool:
+        """Duty mode: everything is delivered and the broker's mailbox is empty, so the link may go down."""
+        now = time.monotonic()
+        if self._inflight or self._time_request is not None or self._relax or not self._inbox.empty():
+            return False
+        if now - max(since, self._last_in) < DUTY_QUIET_S or not self.commands_idle():
+            return False
+        try:
+            return not self.store.pending(1, self._too_large)
+        except StoreError:
+            return False
 
     @property
     def connected(self) -> bool:
@@ -150,18 +193,30 @@ class Uplink:
 
     def run(self) -> None:
         """Until stop(): connect, serve, back off, repeat. Never raises for link trouble."""
+        asleep = False  # duty mode: the last link went down on purpose
         while not self._stop.is_set():
+            if self.duty and asleep:
+                self._sleep()
+                if self._stop.is_set():
+                    break
+            asleep = False
             try:
                 self._connect()
             except GlucoagentError as exc:
                 self.counters.connect_failures += 1
+                if not self._relax and refused_for_validity(exc) and self.clock.may_be_off():
+                    # Only the validity window failed, by a clock no authenticated time vouches for: connect
+                    # once more without it, to learn the cloud's signed time (docs/security.md).
+                    log.warning("uplink: %s; connecting to learn the cloud's signed time", exc)
+                    self._relax = True
+                    continue
                 delay = self._attempts.next_delay()
                 log.warning("uplink: %s; retrying in %.1fs", exc, delay)
                 self._stop.wait(delay)
                 continue
             up_since = time.monotonic()
             try:
-                self._serve()
+                asleep = self._serve()
             except LinkError as exc:
                 log.warning("uplink: %s", exc)
             finally:
@@ -171,6 +226,9 @@ class Uplink:
                 self.counters.connected_since = None
             if self._stop.is_set():
                 break
+            if asleep:
+                self._attempts.reset()
+                continue
             if time.monotonic() - up_since >= self.cfg.mqtt.stable_s:
                 self._attempts.reset()
             delay = self._attempts.next_delay()
@@ -182,7 +240,8 @@ class Uplink:
         return (self.link.disconnect_reason if self.link else None) or "closed"
 
     def _connect(self) -> None:
-        link = MqttLink(self.settings, on_message=self._on_message)
+        settings = dataclasses.replace(self.settings, relax_validity=self._relax)
+        link = MqttLink(settings, on_message=self._on_message)
         self.link = link
         link.connect()
         try:
@@ -196,6 +255,9 @@ class Uplink:
         self.counters.reconnects += 1
         self.counters.connected_since = time.time()
         self._too_large.clear()  # the limit is this broker's: judge every record again
+        self._time_request = None
+        if self._relax or self.clock.needs_time():
+            self._ask_time()
         log.info(
             "uplink: connected to %s:%d as %s (session present: %s, status mid %d)",
             self.settings.host,
@@ -208,6 +270,11 @@ class Uplink:
     def _shutdown(self) -> None:
         link = self.link
         if link is not None and link.connected:
+            self._go_down(link)
+
+    def _go_down(self, link: MqttLink) -> None:
+        """Say offline (retained) and DISCONNECT cleanly: the session, with commands queued for us, stays."""
+        if link.connected:
             try:
                 mid = link.publish(self.topics.status, STATUS_OFFLINE, retain=True)
                 deadline = time.monotonic() + 2
@@ -219,6 +286,7 @@ class Uplink:
 
     def _on_message(self, topic: str, payload: bytes) -> bool:
         """False leaves the message unacknowledged, so the broker redelivers it after a reconnect."""
+        self._last_in = time.monotonic()
         if topic == self.topics.commands and self.on_command is not None:
             return self.on_command(payload)  # stores it durably first: only then is it PUBACKed
         self._wake.set()
@@ -229,22 +297,61 @@ class Uplink:
             return False
         return True
 
+    # --- the cloud's signed time (agent/wire/clocksync.py) --------------------------------------
+    def _ask_time(self) -> None:
+        assert self.link is not None
+        nonce = os.urandom(NONCE_BYTES)
+        self.link.publish(self.topics.time, encode_time_request(nonce))
+        self._time_request = (nonce, time.monotonic())
+
+    def _take_time(self, payload: bytes) -> bool:
+        """True when ``payload`` was the answer to our time request (taken or refused)."""
+        assert self._time_request is not None and self.link is not None
+        nonce, sent = self._time_request
+        try:
+            true = decode_time_reply(payload, self.identity.command_key, self.identity.device_id, nonce)
+        except SignatureError as exc:
+            self.counters.bad_messages += 1
+            log.error("ignoring a time reply that failed verification: %s", exc)
+            return True
+        if true is None:
+            return False
+        self._time_request = None
+        anchor = self.clock.learn(true, self.cfg.agent.settime_command, rtt_s=time.monotonic() - sent)
+        log.info("uplink: the cloud's signed time says the clock was off by %+.1f s", anchor.offset_s)
+        if self._relax:
+            if not self.link.peer_valid_at(anchor.true):
+                raise LinkError("the broker's certificate is outside its validity window at the cloud's time")
+            self._relax = False  # checked now against an authenticated time: the link may carry records
+        if self.on_time is not None:
+            self.on_time(anchor)
+        return True
+
     # --- serving ----------------------------------------------------------------------------
-    def _serve(self) -> None:
+    def _serve(self) -> bool:
+        """Serve the link until it drops (False) or, in duty mode, until all is done and it went down (True)."""
         link = self.link
         assert link is not None
+        since = time.monotonic()
         while not self._stop.is_set():
             # Wait in select() on the socket, not on an event: a PUBACK or an ack ends the wait
             # at once. After a wake-up (an ack, new rows) only poll, so the work below runs now.
             wait = 0.0 if self._wake.is_set() else _IDLE_WAIT_S
             self._wake.clear()
             if not link.loop(wait):
-                return
+                return False
             self._drain_inbox()
+            if self._relax:  # nothing but the time request on a link whose validity window was not checked
+                self._retry_time()
+                continue
             self._reap()
             self._fill_window()
             for work in self._ticks:
                 work()
+            if self.duty and self._done(since):
+                self._go_down(link)
+                return True
+        return False
 
     def _drain_inbox(self) -> None:
         # Acks that arrived together are applied in one transaction per stream: fewer fsyncs, less flash wear.
@@ -255,6 +362,8 @@ class Uplink:
             except queue.Empty:
                 break
             if topic == self.topics.acks:
+                if self._time_request is not None and self._take_time(payload):
+                    continue
                 for stream, numbers in self._verified_ack(payload).items():
                     acked[stream].update(numbers)
             else:
@@ -262,6 +371,11 @@ class Uplink:
         for stream, pending in acked.items():
             if pending:
                 self._apply_ack(stream, pending)
+
+    def _retry_time(self) -> None:
+        if self._time_request is None or time.monotonic() - self._time_request[1] > self.cfg.mqtt.ack_timeout_s:
+            log.warning("uplink: no answer to the time request; asking again")
+            self._ask_time()
 
     def _verified_ack(self, payload: bytes) -> dict[str, list[int]]:
         try:

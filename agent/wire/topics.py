@@ -19,6 +19,7 @@ TELEMETRY = "telemetry"
 STATUS = "status"  # retained: online / offline (last will)
 HEALTH = "health"
 RESULTS = "results"
+TIME = "time"  # a request for the cloud's signed time (agent/wire/clocksync.py); answered on ACKS
 # cloud -> device
 ACKS = "acks"
 COMMANDS = "commands"
@@ -52,6 +53,10 @@ class DeviceTopics:
         return self._t(RESULTS)
 
     @property
+    def time(self) -> str:
+        return self._t(TIME)
+
+    @property
     def acks(self) -> str:
         return self._t(ACKS)
 
@@ -77,6 +82,7 @@ ALL_TELEMETRY = f"{PREFIX}/dev/+/{TELEMETRY}"
 ALL_HEALTH = f"{PREFIX}/dev/+/{HEALTH}"
 ALL_RESULTS = f"{PREFIX}/dev/+/{RESULTS}"
 ALL_STATUS = f"{PREFIX}/dev/+/{STATUS}"
+ALL_TIME = f"{PREFIX}/dev/+/{TIME}"
 ALL_PROVISION_REQUESTS = f"{PREFIX}/prov/+/request"
 
 
