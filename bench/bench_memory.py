@@ -109,6 +109,16 @@ def _health_size(state: Path) -> float:
     return float(size or "nan")
 
 
+# ru_maxrss keeps the high-water mark across fork and exec, so the child must be forked from a small
+# process, not from this one (tens of MiB after the other benchmarks): a bare interpreter launches it.
+_PEAK_OF = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)"
+)
+
+
 def _provision_peak(system: LocalSystem, state: Path) -> float:
     """``glucoagent provision`` run to its end; its own peak RSS (MiB) from the kernel's rusage."""
     argv = [
@@ -121,14 +131,11 @@ def _provision_peak(system: LocalSystem, state: Path) -> float:
         f"--token={system.token('patient-1')}",
         "--patient=patient-1",
     ]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"provision failed ({proc.returncode}): {proc.stderr.read() if proc.stderr else ''!r}")
-    if proc.stderr:
-        proc.stderr.close()
-    return usage.ru_maxrss / 1024
+    out = subprocess.run([sys.executable, "-c", _PEAK_OF, *argv], capture_output=True, text=True, check=True)
+    code, peak_kib = (int(x) for x in out.stdout.split())
+    if code != 0:
+        raise RuntimeError(f"provision failed ({code})")
+    return peak_kib / 1024
 
 
 def _renew(system: LocalSystem, device_id: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.table import Row
 
-MODULES = ("bench.bench_drivers", "bench.bench_store", "bench.bench_uplink", "bench.bench_memory", "bench.bench_openwrt")
+MODULES = ("bench.bench_drivers", "bench.bench_store", "bench.bench_uplink", "bench.bench_memory", "bench.bench_duty", "bench.bench_openwrt")
 DOC = Path("docs/performance.md")
 
 
