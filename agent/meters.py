@@ -23,7 +23,7 @@ from agent.clock import Clock
 from agent.config import Config, DevicePort
 from agent.errors import BufferFull, GlucoagentError
 from drivers.errors import DriverError, NoPen
-from drivers.novopen import PenRead
+from drivers.models import MeterRead
 from drivers.reader import read_device
 from drivers.registry import AUTO, is_pen
 
@@ -177,7 +177,7 @@ class MeterWatcher:
     def read_port(self, port: DevicePort) -> int:
         """Read one device (meter or pen) and store what is new; returns how many records were stored."""
         result = read_device(port.port, port.protocol, wall_clock=self.clock.local_naive, insulin=self.cfg.insulin)
-        if isinstance(result, PenRead):
+        if not isinstance(result, MeterRead):  # a PenRead; its driver loads only with a pen configured
             kind, protocol, what, count = "pen", port.protocol, "doses", len(result.doses)
             source = f"{protocol}:{result.identity.serial}"
             seqs = self.recorder.accept_doses(source, result.doses, complete=result.complete)

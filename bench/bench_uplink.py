@@ -62,7 +62,7 @@ ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 ctx.minimum_version = ssl.TLSVersion.TLSv1_2
 ctx.load_verify_locations(ca)
 ctx.load_cert_chain(cert, key)
-c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-baseline", protocol=mqtt.MQTTv5)
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="backend-bench-baseline", protocol=mqtt.MQTTv5)
 c.tls_set_context(ctx)
 c.connect(host, int(port), keepalive=30)
 c.loop_start()

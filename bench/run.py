@@ -24,6 +24,7 @@ MODULES = (
     "bench.bench_uplink",
     "bench.bench_ingest",
     "bench.bench_memory",
+    "bench.bench_duty",
     "bench.bench_openwrt",
 )
 DOC = Path("docs/performance.md")

@@ -10,12 +10,15 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from drivers.base import SerialTransport
 from drivers.errors import DriverError, NoResponse, PortError
 from drivers.models import GlucoseReading, MeterRead
-from drivers.novopen import PenRead
 from drivers.registry import AUTO, driver_module, is_pen, open_device, probe
+
+if TYPE_CHECKING:  # the pen driver (2.4 MiB resident) loads only where a pen is configured
+    from drivers.novopen import PenRead
 
 log = logging.getLogger(__name__)
 
