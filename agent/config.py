@@ -96,6 +96,17 @@ class DevicePort:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class BleRadio:
+    """``config ble 'NAME'``: a BLE controller (HCI over a UART). The devices it reads are the ones bonded with
+    ``glucoagent pair``, listed in ``<state_dir>/ble-devices.json`` beside the 0600 key store (docs/ble.md)."""
+
+    name: str
+    port: str
+    scan_s: float = 30.0  # pause between rounds over the bonded devices
+    connect_s: float = 10.0  # how long a round waits for one device to advertise
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Config:
     agent: AgentSection = AgentSection()
     mqtt: MqttSection = MqttSection()
@@ -103,6 +114,7 @@ class Config:
     alerts: AlertsSection = AlertsSection()
     ports: tuple[DevicePort, ...] = ()
     insulin: Mapping[str, str] = dataclasses.field(default_factory=dict)  # pen serial -> insulin
+    ble: BleRadio | None = None  # None: the agent never imports the BLE stack
     source: str = "<defaults>"
 
     @property
@@ -237,6 +249,7 @@ def build_config(sections: list[Any], source: str) -> Config:
     parts: dict[str, Any] = {}
     ports: list[DevicePort] = []
     insulin: dict[str, str] = {}
+    ble: BleRadio | None = None
     classes = {"agent": AgentSection, "mqtt": MqttSection, "buffer": BufferSection, "alerts": AlertsSection}
     for sec in sections:
 
@@ -264,6 +277,10 @@ def build_config(sections: list[Any], source: str) -> Config:
             if extra:
                 raise ConfigError(f"{where(sorted(extra)[0])}{sec.type}[{name}].{sorted(extra)[0]}: unknown option")
             ports.append(DevicePort(name=name, port=port, protocol=protocol))
+        elif sec.type == "ble":
+            if ble is not None:
+                raise ConfigError(f"{source}:{sec.line}: section 'ble' given twice (one controller per box)")
+            ble = _ble_radio(sec, where)
         elif sec.type == "insulin":
             serial, kind = sec.options.get("pen_serial", ""), sec.options.get("insulin", "")
             if not serial or not kind:
@@ -271,7 +288,7 @@ def build_config(sections: list[Any], source: str) -> Config:
             insulin[serial] = kind
         else:
             raise ConfigError(f"{source}:{sec.line}: unknown section type '{sec.type}'")
-    cfg = Config(**parts, ports=tuple(ports), insulin=insulin, source=source)
+    cfg = Config(**parts, ports=tuple(ports), insulin=insulin, ble=ble, source=source)
     if cfg.alerts.severe_hypo_mgdl > cfg.alerts.hypo_mgdl:
         raise ConfigError(f"{source}: alerts.severe_hypo_mgdl must not exceed alerts.hypo_mgdl")
     if cfg.mqtt.backoff_min_s > cfg.mqtt.backoff_cap_s:
@@ -280,6 +297,29 @@ def build_config(sections: list[Any], source: str) -> Config:
         # MQTT 3.1.1 PUBACKs a publish the broker's ACL dropped: taking it as delivery would lose data.
         raise ConfigError(f"{source}: mqtt.ack 'puback' needs mqtt.protocol 'mqttv5'")
     return cfg
+
+
+_BLE_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "port": str,
+    "scan_s": _float_range(1, 86_400),
+    "connect_s": _float_range(1, 300),
+}
+
+
+def _ble_radio(sec: Any, where: Callable[[str], str]) -> BleRadio:
+    name = sec.name or "ble"
+    values: dict[str, Any] = {}
+    for option, text in sec.options.items():
+        conv = _BLE_OPTIONS.get(option)
+        if conv is None or not isinstance(text, str):
+            raise ConfigError(f"{where(option)}ble[{name}].{option}: unknown option")
+        try:
+            values[option] = conv(text)
+        except ValueError as exc:
+            raise ConfigError(f"{where(option)}ble[{name}].{option}: {exc}") from None
+    if not values.get("port"):
+        raise ConfigError(f"{where('port')}ble[{name}].port: required")
+    return BleRadio(name=name, **values)
 
 
 def load_config(path: Path | None) -> Config:

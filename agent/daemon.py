@@ -7,6 +7,7 @@ import os
 import queue
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -73,6 +74,11 @@ class Daemon:
             cfg, self.identity, self.store, on_command=self.on_command, raise_condition=self.recorder.raise_condition
         )
         self.watcher = MeterWatcher(cfg, self.recorder, self.clock, on_stored=self.uplink.wake)
+        self.ble: Any = None  # agent.ble_source.BleSource, imported only when a BLE controller is configured
+        if cfg.ble is not None:
+            from agent.ble_source import BleSource
+
+            self.ble = BleSource(cfg.ble, cfg.agent.state_dir, self.recorder, on_stored=self.uplink.wake)
         schedule = renewal.RenewalSchedule(
             renewal.cert_not_after(self.identity.cert_path), cfg.agent.renew_before_days * 86_400.0
         )
@@ -106,6 +112,7 @@ class Daemon:
             "serial_errors": self.watcher.serial_errors,
             "free_storage_bytes": free,
             "rss_kib": memory_rss_kib(),
+            "ble_loaded": "drivers.ble.central" in sys.modules,
             "clock": self.clock.quality().value,
         }
 
@@ -175,7 +182,10 @@ class Daemon:
                 self.store.clear_condition("buffer_full")  # uploads made room; the meter's rest comes next read
                 log.info("buffer has room again")
                 state = store_state(self.store)
-            write_snapshot(self.cfg.run_path, {"connected": self.uplink.connected, **state})
+            write_snapshot(
+                self.cfg.run_path,
+                {"connected": self.uplink.connected, "ble_loaded": "drivers.ble.central" in sys.modules, **state},
+            )
         except (OSError, GlucoagentError) as exc:
             log.warning("status snapshot not written: %s", exc)
 
@@ -195,6 +205,8 @@ class Daemon:
             threading.Thread(target=self.watcher.run, name="meters", daemon=True),
             threading.Thread(target=self.commands.run, name="commands", daemon=True),  # recovers first
         ]
+        if self.ble is not None:
+            threads.append(threading.Thread(target=self.ble.run, name="ble", daemon=True))
         for t in threads:
             t.start()
         log.info("glucoagent running as %s (pid %d)", self.identity.device_id, os.getpid())
@@ -224,6 +236,8 @@ class Daemon:
         log.info("stopping")
         self.commands.stop()
         self.watcher.stop()
+        if self.ble is not None:
+            self.ble.stop()
         self.uplink.stop()
         for t in threads:
             t.join(timeout=8)

@@ -35,12 +35,18 @@ def test_blood_pressure_record_is_byte_exact_with_11073_codes() -> None:
     f = t.decode(BP_PACK).fields
     # IEEE 11073-10101: partition 2 (SCADA) x 65536 + term 18949/18950/18951 (NIBP), 18474 (pulse, non-invasive)
     assert (f["bp:150021"], f["bp:150022"], f["bp:150023"], f["bp:149546"]) == (
-        Decimal("121.5"), Decimal("79.0"), Decimal("93.2"), Decimal(64)
+        Decimal("121.5"),
+        Decimal("79.0"),
+        Decimal("93.2"),
+        Decimal(64),
     )
     assert t.MDC_PRESS_BLD_NONINV_SYS == 2 * 65536 + 18949 and t.MDC_PULS_RATE_NON_INV == 2 * 65536 + 18474
     assert f["bp:native"] == "16.2/10.53/12.43 kPa" and f["bp:status"] == "body-movement,irregular-pulse"
     assert (f["bp:device"], f["bp:key"], f["bp:device_time"], f["bp:user"]) == (
-        BP.device_serial, BP.record_key, "2026-01-01T07:30:00", 1
+        BP.device_serial,
+        BP.record_key,
+        "2026-01-01T07:30:00",
+        1,
     )
 
 

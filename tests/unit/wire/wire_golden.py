@@ -9,7 +9,16 @@ from decimal import Decimal
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.clock import ClockQuality, Timestamp
-from drivers.models import BloodPressureReading, BpStatus, GlucoseReading, InsulinDose, Meal, PressureUnit, RangeFlag, Unit
+from drivers.models import (
+    BloodPressureReading,
+    BpStatus,
+    GlucoseReading,
+    InsulinDose,
+    Meal,
+    PressureUnit,
+    RangeFlag,
+    Unit,
+)
 
 KEY = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))  # Ed25519 signatures are deterministic
 OTHER = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
