@@ -37,7 +37,7 @@ def keystore_path(state_dir: Path) -> Path:
 
 
 def load_devices(state_dir: Path) -> dict[str, dict[str, str]]:
-    """address -> {"kind": glucose|blood-pressure, "name": advertised name}; {} when none is bonded."""
+    """address -> {"kind": glucose|blood-pressure, "name": advertised name, "radio": ble section}; {} when none."""
     try:
         data = json.loads((state_dir / DEVICES).read_text())
     except FileNotFoundError:
@@ -46,7 +46,7 @@ def load_devices(state_dir: Path) -> dict[str, dict[str, str]]:
         raise GlucoagentError(f"{state_dir / DEVICES}: unreadable ({exc})") from None
     if not isinstance(data, dict):
         raise GlucoagentError(f"{state_dir / DEVICES}: not a device list")
-    return {str(a): {"kind": str(d.get("kind", "")), "name": str(d.get("name", ""))} for a, d in data.items()}
+    return {str(a): {k: str(d.get(k, "")) for k in ("kind", "name", "radio")} for a, d in data.items()}
 
 
 def save_devices(state_dir: Path, devices: dict[str, dict[str, str]]) -> None:
@@ -104,6 +104,8 @@ class BleSource:
                 self._note("*", f"device list: {exc}", logging.ERROR)
                 devices = {}
             for address, dev in devices.items():
+                if dev["radio"] != self.radio.name:
+                    continue
                 if self._stop.is_set():
                     break
                 self.read_device(central, address, dev["kind"])
@@ -172,7 +174,7 @@ def forget_device(state_dir: Path, address: str) -> bool:
     return removed
 
 
-def remember_device(state_dir: Path, address: str, kind: str, name: str) -> None:
+def remember_device(state_dir: Path, address: str, kind: str, name: str, radio: str) -> None:
     devices = load_devices(state_dir)
-    devices[address.upper()] = {"kind": kind, "name": name}
+    devices[address.upper()] = {"kind": kind, "name": name, "radio": radio}
     save_devices(state_dir, devices)

@@ -134,18 +134,29 @@ def cmd_hotplug(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ble_radio(args: argparse.Namespace) -> tuple[Config, str]:
+def _ble_radio(args: argparse.Namespace, name: str | None) -> tuple[Config, str, str]:
+    """(config, port, radio name) of the controller ``name``, or of the only one configured."""
+    if args.verbose:
+        from agent.logsetup import setup_logging
+
+        setup_logging("info")
+    else:  # the outcome is the one line this command prints; bumble's warnings (e.g. DTR on a pty) are noise here
+        logging.getLogger().addHandler(logging.NullHandler())
     cfg = _config(args)
-    if cfg.ble is None:
+    radios = [r for r in cfg.ble if name is None or r.name == name]
+    if not cfg.ble:
         raise GlucoagentError("no BLE controller configured: add a 'config ble' section with its port (docs/ble.md)")
-    return cfg, cfg.ble.port
+    if len(radios) != 1:
+        names = ", ".join(r.name for r in cfg.ble)
+        raise GlucoagentError(f"name the BLE controller with --radio (configured: {names})")
+    return cfg, radios[0].port, radios[0].name
 
 
 def cmd_pair(args: argparse.Namespace) -> int:
     from agent.ble_source import GLUCOSE, keystore_path, remember_device
     from drivers.ble.central import BleCentral
 
-    cfg, port = _ble_radio(args)
+    cfg, port, radio = _ble_radio(args, args.radio)
     central = BleCentral(port, keystore_path(cfg.agent.state_dir), connect_timeout=args.timeout)
     seen = [a for a in central.scan(args.scan) if a.services]
     for a in seen:
@@ -169,7 +180,7 @@ def cmd_pair(args: argparse.Namespace) -> int:
         return int(text)
 
     central.pair(address, None if args.just_works else passkey)
-    remember_device(cfg.agent.state_dir, address, kind, advert.name if advert and advert.name else "")
+    remember_device(cfg.agent.state_dir, address, kind, advert.name if advert and advert.name else "", radio)
     print(f"paired: {address} ({kind if kind != GLUCOSE else 'glucose meter'})")
     return 0
 
@@ -178,7 +189,7 @@ def cmd_unpair(args: argparse.Namespace) -> int:
     from agent.ble_source import forget_device, keystore_path
     from drivers.ble.central import BleCentral
 
-    cfg, port = _ble_radio(args)
+    cfg, port, _ = _ble_radio(args, args.radio)
     listed = forget_device(cfg.agent.state_dir, args.address)
     bonded = BleCentral(port, keystore_path(cfg.agent.state_dir)).unpair(args.address.upper())
     if not (listed or bonded):
@@ -238,9 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=("glucose", "blood-pressure"), help="when the device is not seen advertising")
     p.add_argument("--scan", type=float, default=5.0, help="seconds to scan (default 5)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the device (default 10)")
+    p.add_argument("--radio", help="the 'config ble' section to use (default: the only one)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log the Bluetooth exchange to stderr (never keys)")
     p.set_defaults(func=cmd_pair)
     p = sub.add_parser("unpair", help="forget a Bluetooth LE device: its bond keys and its place in the device list")
     p.add_argument("address")
+    p.add_argument("--radio", help="the 'config ble' section it was paired through (default: the only one)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
     p.set_defaults(func=cmd_unpair)
     add_driver_parsers(sub)  # simulate, decode: drivers/cli.py
     return parser

@@ -97,8 +97,9 @@ class DevicePort:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class BleRadio:
-    """``config ble 'NAME'``: a BLE controller (HCI over a UART). The devices it reads are the ones bonded with
-    ``glucoagent pair``, listed in ``<state_dir>/ble-devices.json`` beside the 0600 key store (docs/ble.md)."""
+    """``config ble 'NAME'``: a BLE controller (HCI over a UART); a box may have more than one. The devices
+    it reads are the ones ``glucoagent pair`` bonded through it, listed in ``<state_dir>/ble-devices.json``
+    beside the 0600 key store (docs/ble.md)."""
 
     name: str
     port: str
@@ -114,7 +115,7 @@ class Config:
     alerts: AlertsSection = AlertsSection()
     ports: tuple[DevicePort, ...] = ()
     insulin: Mapping[str, str] = dataclasses.field(default_factory=dict)  # pen serial -> insulin
-    ble: BleRadio | None = None  # None: the agent never imports the BLE stack
+    ble: tuple[BleRadio, ...] = ()  # none: the agent never imports the BLE stack
     source: str = "<defaults>"
 
     @property
@@ -249,7 +250,7 @@ def build_config(sections: list[Any], source: str) -> Config:
     parts: dict[str, Any] = {}
     ports: list[DevicePort] = []
     insulin: dict[str, str] = {}
-    ble: BleRadio | None = None
+    ble: list[BleRadio] = []
     classes = {"agent": AgentSection, "mqtt": MqttSection, "buffer": BufferSection, "alerts": AlertsSection}
     for sec in sections:
 
@@ -278,9 +279,10 @@ def build_config(sections: list[Any], source: str) -> Config:
                 raise ConfigError(f"{where(sorted(extra)[0])}{sec.type}[{name}].{sorted(extra)[0]}: unknown option")
             ports.append(DevicePort(name=name, port=port, protocol=protocol))
         elif sec.type == "ble":
-            if ble is not None:
-                raise ConfigError(f"{source}:{sec.line}: section 'ble' given twice (one controller per box)")
-            ble = _ble_radio(sec, where)
+            radio = _ble_radio(sec, where)
+            if any(r.name == radio.name for r in ble):
+                raise ConfigError(f"{source}:{sec.line}: ble[{radio.name}] given twice")
+            ble.append(radio)
         elif sec.type == "insulin":
             serial, kind = sec.options.get("pen_serial", ""), sec.options.get("insulin", "")
             if not serial or not kind:
@@ -288,7 +290,7 @@ def build_config(sections: list[Any], source: str) -> Config:
             insulin[serial] = kind
         else:
             raise ConfigError(f"{source}:{sec.line}: unknown section type '{sec.type}'")
-    cfg = Config(**parts, ports=tuple(ports), insulin=insulin, ble=ble, source=source)
+    cfg = Config(**parts, ports=tuple(ports), insulin=insulin, ble=tuple(ble), source=source)
     if cfg.alerts.severe_hypo_mgdl > cfg.alerts.hypo_mgdl:
         raise ConfigError(f"{source}: alerts.severe_hypo_mgdl must not exceed alerts.hypo_mgdl")
     if cfg.mqtt.backoff_min_s > cfg.mqtt.backoff_cap_s:

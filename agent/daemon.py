@@ -74,11 +74,11 @@ class Daemon:
             cfg, self.identity, self.store, on_command=self.on_command, raise_condition=self.recorder.raise_condition
         )
         self.watcher = MeterWatcher(cfg, self.recorder, self.clock, on_stored=self.uplink.wake)
-        self.ble: Any = None  # agent.ble_source.BleSource, imported only when a BLE controller is configured
-        if cfg.ble is not None:
+        self.ble: list[Any] = []  # agent.ble_source.BleSource per controller, imported only when one is configured
+        if cfg.ble:
             from agent.ble_source import BleSource
 
-            self.ble = BleSource(cfg.ble, cfg.agent.state_dir, self.recorder, on_stored=self.uplink.wake)
+            self.ble = [BleSource(r, cfg.agent.state_dir, self.recorder, on_stored=self.uplink.wake) for r in cfg.ble]
         schedule = renewal.RenewalSchedule(
             renewal.cert_not_after(self.identity.cert_path), cfg.agent.renew_before_days * 86_400.0
         )
@@ -205,8 +205,7 @@ class Daemon:
             threading.Thread(target=self.watcher.run, name="meters", daemon=True),
             threading.Thread(target=self.commands.run, name="commands", daemon=True),  # recovers first
         ]
-        if self.ble is not None:
-            threads.append(threading.Thread(target=self.ble.run, name="ble", daemon=True))
+        threads += [threading.Thread(target=b.run, name=f"ble-{b.radio.name}", daemon=True) for b in self.ble]
         for t in threads:
             t.start()
         log.info("glucoagent running as %s (pid %d)", self.identity.device_id, os.getpid())
@@ -236,8 +235,8 @@ class Daemon:
         log.info("stopping")
         self.commands.stop()
         self.watcher.stop()
-        if self.ble is not None:
-            self.ble.stop()
+        for b in self.ble:
+            b.stop()
         self.uplink.stop()
         for t in threads:
             t.join(timeout=8)
