@@ -126,6 +126,13 @@ def _pair_and_read(system: LocalSystem, meter: ble_glucose.GlucoseMeter, gls_lin
     assert status.returncode == 0, status.stderr
     sources = {m["source"]: m for m in json.loads(status.stdout)["meters"]}
     assert sources[f"ble-glucose:{GLS}"]["last_seen"] > 0 and sources[f"ble-bp:{BP}"]["last_seen"] > 0
+    bonded = {d["address"]: d for d in json.loads(status.stdout)["ble_devices"]}
+    assert (
+        bonded[GLS]["kind"] == "glucose" and bonded[GLS]["last_contact"] == sources[f"ble-glucose:{GLS}"]["last_seen"]
+    )
+    assert bonded[BP]["kind"] == "blood-pressure" and bonded[BP]["radio"] == "cuff"
+    text = system.glucoagent(state, "status", config=config).stdout
+    assert f"bonded:         {GLS}" in text and "last contact 20" in text
     text = log.read_text()
     assert str(ble_glucose.DEFAULT_PASSKEY) not in text and str(ble_bp.DEFAULT_PASSKEY) not in text
 
