@@ -279,10 +279,7 @@ def build_config(sections: list[Any], source: str) -> Config:
                 raise ConfigError(f"{where(sorted(extra)[0])}{sec.type}[{name}].{sorted(extra)[0]}: unknown option")
             ports.append(DevicePort(name=name, port=port, protocol=protocol))
         elif sec.type == "ble":
-            radio = _ble_radio(sec, where)
-            if any(r.name == radio.name for r in ble):
-                raise ConfigError(f"{source}:{sec.line}: ble[{radio.name}] given twice")
-            ble.append(radio)
+            ble.append(_ble_radio(sec, where))  # uci merges sections of the same name: names are unique here
         elif sec.type == "insulin":
             serial, kind = sec.options.get("pen_serial", ""), sec.options.get("insulin", "")
             if not serial or not kind:
