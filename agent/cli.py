@@ -233,9 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="wipe even unsent readings")
     p.set_defaults(func=cmd_deprovision)
 
-    p = sub.add_parser(
-        "hotplug", help="tell the daemon a serial device came or went (what the hotplug script does in shell)"
-    )
+    p = sub.add_parser("hotplug", help="tell the daemon a serial device came or went (what the hotplug script does in shell)")
     p.add_argument("action", choices=("add", "remove"))
     p.add_argument("devname", help="device name, e.g. ttyUSB0")
     p.set_defaults(func=cmd_hotplug)

@@ -18,15 +18,8 @@ from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles, classify_connect_e
 from agent.snapshot import read_snapshot
 
 SNAPSHOT_EVERY_S = 2.0  # how often the daemon publishes its state (agent/snapshot.py)
-STORE_KEYS = (
-    "buffer_depth",
-    "buffer_health_samples",
-    "oldest_unsent_age_s",
-    "last_upload_ack",
-    "next_seq",
-    "conditions",
-    "meters",
-)
+STORE_KEYS = ("buffer_depth", "buffer_health_samples", "oldest_unsent_age_s", "last_upload_ack", "next_seq",
+              "conditions", "meters")
 
 
 def store_state(store: Store) -> dict[str, Any]:
@@ -194,3 +187,5 @@ def run_checks(cfg: Config, out: Any = print) -> int:
     finally:
         link.disconnect()
     return first_failure
+
+

@@ -227,11 +227,7 @@ class _Reader:
         """``parse_backslash``: False for a line join (the next line is read over the newline)."""
         self.pos += 1
         c = self.cur()
-        if (
-            c == self.NUL
-            or c == "\n"
-            or (c == "\r" and self.char(self.pos + 1) == "\n" and self.char(self.pos + 2) == self.NUL)
-        ):
+        if c == self.NUL or c == "\n" or (c == "\r" and self.char(self.pos + 1) == "\n" and self.char(self.pos + 2) == self.NUL):
             self.getln(self.pos)
             return False
         return True

@@ -18,14 +18,8 @@ from pathlib import Path
 
 from bench.table import Row
 
-MODULES = (
-    "bench.bench_drivers",
-    "bench.bench_store",
-    "bench.bench_uplink",
-    "bench.bench_memory",
-    "bench.bench_openwrt",
-    "bench.bench_ble",
-)
+MODULES = ("bench.bench_drivers", "bench.bench_store", "bench.bench_uplink", "bench.bench_memory", "bench.bench_openwrt",
+           "bench.bench_ble")
 DOC = Path("docs/performance.md")
 
 
@@ -88,11 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + out)
     elapsed = time.monotonic() - t0
     if not args.no_write and not args.only:
-        notes = (
-            DOC.read_text().split("<!-- notes -->", 1)[1]
-            if DOC.exists() and "<!-- notes -->" in DOC.read_text()
-            else ""
-        )
+        notes = DOC.read_text().split("<!-- notes -->", 1)[1] if DOC.exists() and "<!-- notes -->" in DOC.read_text() else ""
         DOC.write_text(
             "# Performance\n\n"
             f"Produced by `make bench` on {dt.date.today().isoformat()} ({elapsed:.0f} s), on {machine()}.\n"

@@ -43,6 +43,7 @@ ALERT_RESERVE = 16  # alerts may exceed the limit by this much
 SEQ_BLOCK = 10_000  # sequence numbers reserved ahead in the side file (one small write per block)
 
 
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class OutboxRow:
     id: int

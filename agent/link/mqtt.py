@@ -143,7 +143,9 @@ def classify_connect_error(exc: BaseException, host: str, port: int) -> LinkErro
 class MqttLink:
     """One MQTT connection. Not reconnecting by itself: call ``connect()`` again after a drop."""
 
-    def __init__(self, settings: LinkSettings, on_message: Callable[[str, bytes], bool | None] | None = None) -> None:
+    def __init__(
+        self, settings: LinkSettings, on_message: Callable[[str, bytes], bool | None] | None = None
+    ) -> None:
         self.s = settings
         self._on_message = on_message
         v5 = settings.protocol == "mqttv5"
@@ -265,9 +267,7 @@ class MqttLink:
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise classify_connect_error(exc, self.s.host, self.s.port) from exc
         sock = self.client.socket()
-        if isinstance(
-            sock, socket.socket
-        ):  # paho leaves Nagle on: a small PUBLISH would wait ~40 ms for the peer's delayed ACK
+        if isinstance(sock, socket.socket):  # paho leaves Nagle on: a small PUBLISH would wait ~40 ms for the peer's delayed ACK
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         deadline = time.monotonic() + self.s.connect_timeout_s
