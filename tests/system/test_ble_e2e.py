@@ -107,6 +107,8 @@ def _pair_and_read(system: LocalSystem, meter: ble_glucose.GlucoseMeter, gls_lin
 
     # More rounds (scan_s 1): the meter's "report >= 300" returns only the record already held; the cuff sends
     # its 40 again and the ledger drops them.
+    clinical = len([r for r in system.db.records(device_id=device_id) if r.stream == "c"])
+    assert system.wait_for(lambda: snapshot(state).get("next_seq") == clinical + 1, timeout=20)  # a fresh snapshot
     next_seq = snapshot(state)["next_seq"]
     for _ in range(2):
         since = time.time()
