@@ -141,7 +141,7 @@ def run() -> list[Row]:
             "decode of the same 500 alone",
         ),
         Row(
-            "installed bytes of the BLE modules carried",
+            "installed bytes of the BLE modules carried (source + bytecode)",
             carried,
             full,
             f"<= {GOAL_BYTES:,} B",
