@@ -149,6 +149,8 @@ class Daemon:
 
     def read_meters_now(self) -> int:
         self.watcher.read_now()
+        for b in self.ble:
+            b.read_now()
         return sum(1 for s in self.watcher.ports.values() if s.present)
 
     def meter_ports(self) -> list[dict[str, Any]]:
