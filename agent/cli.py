@@ -135,6 +135,70 @@ def cmd_hotplug(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ble_radio(args: argparse.Namespace, name: str | None) -> tuple[Config, str, str]:
+    """(config, port, radio name) of the controller ``name``, or of the only one configured."""
+    if args.verbose:
+        from agent.logsetup import setup_logging
+
+        setup_logging("info")
+    else:  # the outcome is the one line this command prints; bumble's warnings (e.g. DTR on a pty) are noise here
+        logging.getLogger().addHandler(logging.NullHandler())
+    cfg = _config(args)
+    radios = [r for r in cfg.ble if name is None or r.name == name]
+    if not cfg.ble:
+        raise GlucoagentError("no BLE controller configured: add a 'config ble' section with its port (docs/ble.md)")
+    if len(radios) != 1:
+        names = ", ".join(r.name for r in cfg.ble)
+        raise GlucoagentError(f"name the BLE controller with --radio (configured: {names})")
+    return cfg, radios[0].port, radios[0].name
+
+
+def cmd_pair(args: argparse.Namespace) -> int:
+    from agent.ble_source import GLUCOSE, keystore_path, remember_device
+    from drivers.ble.central import BleCentral
+
+    cfg, port, radio = _ble_radio(args, args.radio)
+    central = BleCentral(port, keystore_path(cfg.agent.state_dir), connect_timeout=args.timeout)
+    seen = [a for a in central.scan(args.scan) if a.services]
+    for a in seen:
+        print(f"{a.address}  {a.name or '-':20}  {','.join(a.services):24}  {a.rssi} dBm")
+    address = (args.address or "").upper()
+    if not address:
+        if len(seen) != 1:
+            raise GlucoagentError(f"{len(seen)} health devices seen: name the one to pair (glucoagent pair ADDRESS)")
+        address = seen[0].address.upper()
+    advert = next((a for a in seen if a.address.upper() == address), None)
+    kind = advert.services[0] if advert is not None else args.kind
+    if kind is None:
+        raise GlucoagentError(f"{address} was not seen advertising a health service; give --kind")
+
+    def passkey() -> int:
+        if args.passkey is not None:
+            return int(args.passkey)
+        text = input(f"passkey shown on {address}: ").strip()
+        if not text.isdigit():
+            raise GlucoagentError("the passkey is the 6-digit number the device shows")
+        return int(text)
+
+    central.pair(address, None if args.just_works else passkey)
+    remember_device(cfg.agent.state_dir, address, kind, advert.name if advert and advert.name else "", radio)
+    print(f"paired: {address} ({kind if kind != GLUCOSE else 'glucose meter'})")
+    return 0
+
+
+def cmd_unpair(args: argparse.Namespace) -> int:
+    from agent.ble_source import forget_device, keystore_path
+    from drivers.ble.central import BleCentral
+
+    cfg, port, _ = _ble_radio(args, args.radio)
+    listed = forget_device(cfg.agent.state_dir, args.address)
+    bonded = BleCentral(port, keystore_path(cfg.agent.state_dir)).unpair(args.address.upper())
+    if not (listed or bonded):
+        raise GlucoagentError(f"{args.address} is not paired with this box")
+    print(f"unpaired: {args.address.upper()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glucoagent", description="Device agent of a connected glucometer.")
     parser.add_argument("--version", action="version", version=f"glucoagent {__version__}")
@@ -175,6 +239,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("devname", help="device name, e.g. ttyUSB0")
     p.set_defaults(func=cmd_hotplug)
 
+    p = sub.add_parser(
+        "pair", help="bond with a Bluetooth LE glucose meter or blood-pressure cuff (lists what it sees)"
+    )
+    p.add_argument("address", nargs="?", help="the device's address (default: the only health device seen)")
+    p.add_argument("--passkey", type=int, help="the 6-digit passkey the device shows (default: asked for)")
+    p.add_argument("--just-works", action="store_true", help="pair without a passkey (devices without a display)")
+    p.add_argument("--kind", choices=("glucose", "blood-pressure"), help="when the device is not seen advertising")
+    p.add_argument("--scan", type=float, default=5.0, help="seconds to scan (default 5)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the device (default 10)")
+    p.add_argument("--radio", help="the 'config ble' section to use (default: the only one)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log the Bluetooth exchange to stderr (never keys)")
+    p.set_defaults(func=cmd_pair)
+    p = sub.add_parser("unpair", help="forget a Bluetooth LE device: its bond keys and its place in the device list")
+    p.add_argument("address")
+    p.add_argument("--radio", help="the 'config ble' section it was paired through (default: the only one)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
+    p.set_defaults(func=cmd_unpair)
     add_driver_parsers(sub)  # simulate, decode: drivers/cli.py
     return parser
 

@@ -141,6 +141,18 @@ class DevicePort:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class BleRadio:
+    """``config ble 'NAME'``: a BLE controller (HCI over a UART); a box may have more than one. The devices
+    it reads are the ones ``glucoagent pair`` bonded through it, listed in ``<state_dir>/ble-devices.json``
+    beside the 0600 key store (docs/ble.md)."""
+
+    name: str
+    port: str
+    scan_s: float = 30.0  # pause between rounds over the bonded devices
+    connect_s: float = 10.0  # how long a round waits for one device to advertise
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Config:
     agent: AgentSection = AgentSection()
     mqtt: MqttSection = MqttSection()
@@ -149,6 +161,7 @@ class Config:
     update: UpdateSection = UpdateSection()
     ports: tuple[DevicePort, ...] = ()
     insulin: Mapping[str, str] = dataclasses.field(default_factory=dict)  # pen serial -> insulin
+    ble: tuple[BleRadio, ...] = ()  # none: the agent never imports the BLE stack
     source: str = "<defaults>"
 
     @property
@@ -323,6 +336,7 @@ def build_config(sections: list[Any], source: str) -> Config:
     parts: dict[str, Any] = {}
     ports: list[DevicePort] = []
     insulin: dict[str, str] = {}
+    ble: list[BleRadio] = []
     classes = {"agent": AgentSection, "mqtt": MqttSection, "buffer": BufferSection, "alerts": AlertsSection, "update": UpdateSection}
     for sec in sections:
 
@@ -350,6 +364,8 @@ def build_config(sections: list[Any], source: str) -> Config:
             if extra:
                 raise ConfigError(f"{where(sorted(extra)[0])}{sec.type}[{name}].{sorted(extra)[0]}: unknown option")
             ports.append(DevicePort(name=name, port=port, protocol=protocol))
+        elif sec.type == "ble":
+            ble.append(_ble_radio(sec, where))  # uci merges sections of the same name: names are unique here
         elif sec.type == "insulin":
             serial, kind = sec.options.get("pen_serial", ""), sec.options.get("insulin", "")
             if not serial or not kind:
@@ -357,7 +373,7 @@ def build_config(sections: list[Any], source: str) -> Config:
             insulin[serial] = kind
         else:
             raise ConfigError(f"{source}:{sec.line}: unknown section type '{sec.type}'")
-    cfg = Config(**parts, ports=tuple(ports), insulin=insulin, source=source)
+    cfg = Config(**parts, ports=tuple(ports), insulin=insulin, ble=tuple(ble), source=source)
     if cfg.alerts.severe_hypo_mgdl > cfg.alerts.hypo_mgdl:
         raise ConfigError(f"{source}: alerts.severe_hypo_mgdl must not exceed alerts.hypo_mgdl")
     if cfg.mqtt.backoff_min_s > cfg.mqtt.backoff_cap_s:
@@ -368,6 +384,29 @@ def build_config(sections: list[Any], source: str) -> Config:
     if cfg.mqtt.transport == "websockets" and not cfg.mqtt.ws_endpoint:
         raise ConfigError(f"{source}: mqtt.transport 'websockets' needs mqtt.ws_endpoint wss://HOST:PORT/PATH")
     return cfg
+
+
+_BLE_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "port": str,
+    "scan_s": _float_range(1, 86_400),
+    "connect_s": _float_range(1, 300),
+}
+
+
+def _ble_radio(sec: Any, where: Callable[[str], str]) -> BleRadio:
+    name = sec.name or "ble"
+    values: dict[str, Any] = {}
+    for option, text in sec.options.items():
+        conv = _BLE_OPTIONS.get(option)
+        if conv is None or not isinstance(text, str):
+            raise ConfigError(f"{where(option)}ble[{name}].{option}: unknown option")
+        try:
+            values[option] = conv(text)
+        except ValueError as exc:
+            raise ConfigError(f"{where(option)}ble[{name}].{option}: {exc}") from None
+    if not values.get("port"):
+        raise ConfigError(f"{where('port')}ble[{name}].port: required")
+    return BleRadio(name=name, **values)
 
 
 def load_config(path: Path | None) -> Config:

@@ -7,6 +7,7 @@ import os
 import queue
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -81,6 +82,11 @@ class Daemon:
             commands_idle=self.commands_idle,
         )
         self.watcher = MeterWatcher(cfg, self.recorder, self.clock, on_stored=self.uplink.wake)
+        self.ble: list[Any] = []  # agent.ble_source.BleSource per controller, imported only when one is configured
+        if cfg.ble:
+            from agent.ble_source import BleSource
+
+            self.ble = [BleSource(r, cfg.agent.state_dir, self.recorder, on_stored=self.uplink.wake) for r in cfg.ble]
         schedule = renewal.RenewalSchedule(
             renewal.cert_not_after(self.identity.cert_path), cfg.agent.renew_before_days * 86_400.0
         )
@@ -127,6 +133,7 @@ class Daemon:
             "serial_errors": self.watcher.serial_errors,
             "free_storage_bytes": free,
             "rss_kib": memory_rss_kib(),
+            "ble_loaded": "drivers.ble.central" in sys.modules,
             "clock": self.clock.quality().value,
         }
 
@@ -163,6 +170,8 @@ class Daemon:
 
     def read_meters_now(self) -> int:
         self.watcher.read_now()
+        for b in self.ble:
+            b.read_now()
         return sum(1 for s in self.watcher.ports.values() if s.present)
 
     def meter_ports(self) -> list[dict[str, Any]]:
@@ -196,7 +205,10 @@ class Daemon:
                 self.store.clear_condition("buffer_full")  # uploads made room; the meter's rest comes next read
                 log.info("buffer has room again")
                 state = store_state(self.store)
-            write_snapshot(self.cfg.run_path, {"connected": self.uplink.connected, **state})
+            write_snapshot(
+                self.cfg.run_path,
+                {"connected": self.uplink.connected, "ble_loaded": "drivers.ble.central" in sys.modules, **state},
+            )
         except (OSError, GlucoagentError) as exc:
             log.warning("status snapshot not written: %s", exc)
 
@@ -216,6 +228,7 @@ class Daemon:
             threading.Thread(target=self.watcher.run, name="meters", daemon=True),
             threading.Thread(target=self.commands.run, name="commands", daemon=True),  # recovers first
         ]
+        threads += [threading.Thread(target=b.run, name=f"ble-{b.radio.name}", daemon=True) for b in self.ble]
         for t in threads:
             t.start()
         log.info("glucoagent running as %s (pid %d)", self.identity.device_id, os.getpid())
@@ -245,6 +258,8 @@ class Daemon:
         log.info("stopping")
         self.commands.stop()
         self.watcher.stop()
+        for b in self.ble:
+            b.stop()
         self.uplink.stop()
         for t in threads:
             t.join(timeout=8)

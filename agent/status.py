@@ -41,6 +41,19 @@ def store_state(store: Store) -> dict[str, Any]:
 
 
 def collect_status(cfg: Config) -> dict[str, Any]:
+    out = _collect(cfg)
+    if cfg.ble:  # the device list is a small JSON file: reading it imports no Bluetooth stack
+        from agent.ble_source import load_devices, source_name
+
+        seen = {m["source"]: m["last_seen"] for m in out.get("meters", [])}
+        out["ble_devices"] = [
+            {**dev, "address": addr, "last_contact": seen.get(source_name(dev["kind"], addr))}
+            for addr, dev in sorted(load_devices(cfg.agent.state_dir).items())
+        ]
+    return out
+
+
+def _collect(cfg: Config) -> dict[str, Any]:
     state = cfg.agent.state_dir
     out: dict[str, Any] = {"provisioned": is_provisioned(state), "state_dir": str(state)}
     out["clock"] = Clock().quality().value
@@ -103,6 +116,11 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(
             f"meter:          {m['source']} on {m['port']}, last seen {ts(m['last_seen'])}"
             + ("" if m["last_read_complete"] else " (last read incomplete)")
+        )
+    for d in st.get("ble_devices", []):
+        name = f" {d['name']!r}" if d.get("name") else ""
+        lines.append(
+            f"bonded:         {d['address']}{name} ({d['kind']}, via {d['radio']}), last contact {ts(d['last_contact'])}"
         )
     for code, msg in st.get("conditions", {}).items():
         lines.append(f"ALERT {code}: {msg}")

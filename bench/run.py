@@ -26,6 +26,7 @@ MODULES = (
     "bench.bench_memory",
     "bench.bench_duty",
     "bench.bench_openwrt",
+    "bench.bench_ble",
 )
 DOC = Path("docs/performance.md")
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
 __all__ = [
+    "BLE_MODULES",
     "DEPENDS",
     "VENDORED",
     "BuildError",
@@ -35,6 +36,7 @@ __all__ = [
     "Entry",
     "Package",
     "Vendored",
+    "ble_files",
     "data_entries",
     "describe",
     "package_version",
@@ -134,6 +136,45 @@ VENDORED: tuple[Vendored, ...] = (
     Vendored("tenacity", ("tenacity",), "Apache-2.0", "", "https://github.com/jd/tenacity"),
     Vendored("paho-mqtt", ("paho",), "EPL-2.0 OR BSD-3-Clause", "2.", "https://github.com/eclipse/paho.mqtt.python"),
 )
+
+#: What Bluetooth LE needs on a box that has a controller (docs/ble.md "Cost"): exactly the modules
+#: drivers/ble/central.py loads through a scan, a pairing and a read (tests/openwrt/test_ble_modules.py runs
+#: one and compares), not bumble's apps, USB, websockets, prompt_toolkit or click. Not in the glucoagent
+#: package: a box without BLE carries none of it; ``ble_files`` is what a BLE add-on package carries.
+BLE_MODULES: dict[str, tuple[str, ...]] = {
+    "bumble": (
+        "bumble", "bumble._version", "bumble.att", "bumble.colors", "bumble.company_ids", "bumble.core",
+        "bumble.crypto", "bumble.crypto.cryptography", "bumble.data_types", "bumble.device", "bumble.drivers",
+        "bumble.drivers.common", "bumble.drivers.intel", "bumble.drivers.rtk", "bumble.gatt", "bumble.gatt_adapters",
+        "bumble.gatt_client", "bumble.gatt_server", "bumble.hci", "bumble.host", "bumble.keys", "bumble.l2cap",
+        "bumble.pairing", "bumble.profiles", "bumble.profiles.gap", "bumble.profiles.gatt_service", "bumble.sdp",
+        "bumble.smp", "bumble.snoop", "bumble.transport", "bumble.transport.common", "bumble.transport.serial",
+        "bumble.utils",
+    ),
+    "pyee": ("pyee", "pyee.asyncio", "pyee.base"),
+    "pyserial-asyncio": ("serial_asyncio",),
+}  # fmt: skip
+
+
+def ble_files() -> list[tuple[str, bytes]]:
+    """(path relative to vendor/, source bytes) of ``BLE_MODULES`` from the build venv, with the licences."""
+    out: list[tuple[str, bytes]] = []
+    for dist_name, modules in BLE_MODULES.items():
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            raise BuildError(f"{dist_name} is not installed in the build environment ({sys.prefix})") from None
+        wanted = {m.replace(".", "/") + suffix for m in modules for suffix in (".py", "/__init__.py")}
+        for record in sorted(dist.files or [], key=str):
+            rel = str(record)
+            if rel in wanted or ("dist-info/" in rel and "licen" in rel.lower()):
+                out.append((rel, Path(str(record.locate())).read_bytes()))
+        found = {rel for rel, _ in out}
+        missing = [m for m in modules if not {m.replace(".", "/") + ".py", m.replace(".", "/") + "/__init__.py"} & found]
+        if missing:
+            raise BuildError(f"{dist_name}: modules not found in the build environment: {missing}")
+    return out
+
 
 # Paths installed on the device.
 LAUNCHER = "/usr/bin/glucoagent"

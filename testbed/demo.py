@@ -3,7 +3,8 @@
 Starts mosquitto (mutual TLS, per-device ACLs), the reference backend, a
 simulated OneTouch Ultra 2 on a pseudo-terminal; provisions a fresh device
 through the real claim flow with a one-time token; runs the agent; prints each
-reading as the backend verifies it; ends with ``delivered N/N, lost 0,
+reading (and, with ``--bp N``, each measurement of a paired Bluetooth blood-pressure cuff) as the backend
+verifies it; ends with ``delivered N/N, lost 0,
 duplicates 0``. Everything goes under one run directory; everything started is stopped.
 """
 
@@ -33,7 +34,7 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def run_demo(records: int = 20, timeout_s: float = 60.0, run_root: Path = Path("runs")) -> int:
+def run_demo(records: int = 20, timeout_s: float = 60.0, run_root: Path = Path("runs"), bp: int = 0) -> int:
     run = (run_root / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
     _say(f"demo: everything goes under {run}")
     system = LocalSystem(run)
@@ -49,14 +50,19 @@ def run_demo(records: int = 20, timeout_s: float = 60.0, run_root: Path = Path("
         system.start()
         _say(f"demo: mosquitto on {system.broker.endpoint} (TLS 1.2+, client certificates required, per-device ACLs)")
         _say("demo: reference backend connected (provisioning CA, ingest verifier, command signer)")
-        return _run(system, records, timeout_s, shown, lock)
+        return _run(system, records, timeout_s, shown, lock, bp)
     finally:
         system.stop()
         _say("demo: stopped agent, simulator, backend and broker")
 
 
 def _run(
-    system: LocalSystem, n: int, timeout_s: float, shown: list[tuple[str, telemetry.Record]], lock: threading.Lock
+    system: LocalSystem,
+    n: int,
+    timeout_s: float,
+    shown: list[tuple[str, telemetry.Record]],
+    lock: threading.Lock,
+    bp: int = 0,
 ) -> int:
     meter_records = random_records(PROTOCOL, n, seed=2026)
     records_file = system.run / "meter-records.json"
@@ -73,22 +79,35 @@ def _run(
     if prov.returncode != 0:
         _say("demo: FAILED: provisioning failed")
         return 1
+    if bp and not _pair_cuff(system, state, config, bp):
+        return 1
     system.start_agent(state, config)
     _say("demo: agent running; readings as the backend verifies them:\n")
     _say(HEADER)
     _say("-" * len(HEADER))
     printed = 0
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def show_new() -> None:
+        nonlocal printed
         with lock:
             fresh, printed = shown[printed:], len(shown)
         for device_id, rec in fresh:
             if rec.kind is telemetry.Kind.READING:
                 _say(_row(device_id, rec))
-        if len(system.db.records(kind="reading")) >= n:
+            elif rec.kind is telemetry.Kind.BP:
+                _say(_bp_row(device_id, rec))
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        show_new()
+        if len(system.db.records(kind="reading")) >= n and len(system.db.records(kind="bp")) >= bp:
             time.sleep(1.0)  # let a late duplicate show up if there were one
             break
         time.sleep(0.2)
+    show_new()
+    if bp:
+        stored = [r.fields.get("bp:key") for r in system.db.records(kind="bp")]
+        _say(f"blood pressure: delivered {len(set(stored))}/{bp}, duplicates {len(stored) - len(set(stored))}")
     return _summary(system.db, meter_records)
 
 
@@ -106,6 +125,30 @@ def _row(device_id: str, rec: telemetry.Record) -> str:
     return (
         f"{device_id:<16} {rec.seq:>4} {when:<19} {value:>6} {unit:<6} {','.join(x for x in flags if x) or '-':<16} ok"
     )
+
+
+def _pair_cuff(system: LocalSystem, state: Path, config: Path, count: int) -> bool:
+    """A simulated Bluetooth blood-pressure cuff, paired the technician's way (`glucoagent pair` + passkey)."""
+    from drivers.simulators.ble_bp import DEFAULT_ADDRESS, DEFAULT_PASSKEY
+
+    link = system.run / "ttyBLE0"
+    system.start_simulator("ble-bp", link, None, "--count", str(count))
+    config.write_text(config.read_text() + f"\nconfig ble 'radio'\n\toption port '{link}'\n\toption scan_s '5'\n")
+    _say(f"demo: simulated Bluetooth blood-pressure cuff with {count} measurements; pairing with its passkey:")
+    out = system.glucoagent(state, "pair", DEFAULT_ADDRESS, "--passkey", str(DEFAULT_PASSKEY), config=config)
+    for line in (out.stdout + out.stderr).splitlines():
+        _say(f"    {line}")
+    return out.returncode == 0
+
+
+def _bp_row(device_id: str, rec: telemetry.Record) -> str:
+    """A blood-pressure record in the same table: systolic/diastolic (MAP) in the value column, pulse as a flag."""
+    f = rec.fields
+    sys_, dia = f.get(f"bp:{telemetry.MDC_PRESS_BLD_NONINV_SYS}"), f.get(f"bp:{telemetry.MDC_PRESS_BLD_NONINV_DIA}")
+    pulse = f.get(f"bp:{telemetry.MDC_PULS_RATE_NON_INV}")
+    when = str(f.get("bp:device_time", "-")).replace("T", " ")
+    flags = ",".join(x for x in (f"pulse {pulse}" if pulse is not None else "", str(f.get("bp:status", ""))) if x)
+    return f"{device_id:<16} {rec.seq:>4} {when:<19} {f'{sys_}/{dia}':>6} {'mmHg':<6} {flags or '-':<16} ok"
 
 
 def _summary(db: BackendDb, meter_records: list[GlucoseReading]) -> int:
@@ -127,9 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Run the whole system on this machine and show readings arriving verified.",
     )
     parser.add_argument("--records", type=int, default=20, help="readings in the simulated meter")
+    parser.add_argument("--bp", type=int, default=0, help="also a Bluetooth blood-pressure cuff with N measurements")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--run-root", type=Path, default=Path("runs"))
-    parser.set_defaults(func=lambda a: run_demo(records=a.records, timeout_s=a.timeout, run_root=a.run_root))
+    parser.set_defaults(func=lambda a: run_demo(records=a.records, timeout_s=a.timeout, run_root=a.run_root, bp=a.bp))
     return dispatch(parser.parse_args(argv), "glucoagent-demo")
 
 

@@ -17,7 +17,7 @@ from agent.config import AlertsSection
 from agent.errors import BufferFull, StorageUnavailable
 from agent.identity.signer import Signer
 from agent.wire import telemetry
-from drivers.models import GlucoseReading, InsulinDose, RangeFlag, Unit
+from drivers.models import BloodPressureReading, GlucoseReading, InsulinDose, RangeFlag, Unit
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,20 @@ class Recorder:
             for d in doses
         ]
         return self._accept(items, source, [d.record_key for d in doses] if complete else None)
+
+    def accept_bp(self, source: str, readings: Sequence[BloodPressureReading]) -> list[int]:
+        """Blood-pressure measurements of one cuff connection; the ledger drops those already stored (a cuff
+        sends its memory again on every connection). Never ``complete``: a cuff's memory is no full list."""
+        items = [
+            Intake(
+                telemetry.Kind.BP,
+                PRIO_RECORD,
+                self.signer.builder(telemetry.Kind.BP, telemetry.bp_entries(r)),
+                r.record_key,
+            )
+            for r in readings
+        ]
+        return self._accept(items, source, None)
 
     def _accept(self, items: list[Intake], source: str, complete_keys: list[str] | None) -> list[int]:
         try:

@@ -183,6 +183,12 @@ class Store:
         with self._lock:
             return self._known(self._db, source, list(keys))
 
+    def newest_key(self, source: str) -> str | None:
+        """The ledger key ``source`` stored last (highest sequence number): where a BLE meter's next read starts.
+        It is written in the same transaction as its record, so it is never ahead of what was stored."""
+        rows = self._read("SELECT record_key FROM ledger WHERE source = ? ORDER BY seq DESC LIMIT 1", (source,))
+        return str(rows[0][0]) if rows else None
+
     @staticmethod
     def _known(db: sqlite3.Connection, source: str, keys: list[str]) -> set[str]:
         found: set[str] = set()

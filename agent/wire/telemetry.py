@@ -94,8 +94,36 @@ class InsulinDose(Protocol):
     def insulin(self) -> str | None: ...
 
 
+class BloodPressureReading(Protocol):
+    @property
+    def device_serial(self) -> str: ...
+    @property
+    def record_key(self) -> str: ...
+    @property
+    def device_time(self) -> dt.datetime | None: ...
+    @property
+    def systolic_mmhg(self) -> Decimal: ...
+    @property
+    def diastolic_mmhg(self) -> Decimal: ...
+    @property
+    def map_mmhg(self) -> Decimal | None: ...
+    @property
+    def native_unit(self) -> _Named: ...
+    @property
+    def native_values(self) -> tuple[str, str, str]: ...
+    @property
+    def pulse_bpm(self) -> Decimal | None: ...
+    @property
+    def user_id(self) -> int | None: ...
+    @property
+    def status(self) -> frozenset[_Named]: ...
+    @property
+    def clock_offset_s(self) -> float | None: ...
+
+
 class Kind(enum.StrEnum):
     READING = "reading"
+    BP = "bp"
     DOSE = "dose"
     ALERT = "alert"
     HEALTH = "health"
@@ -150,6 +178,40 @@ def reading_entries(r: GlucoseReading) -> list[dict[int, Any]]:
         entries.append({N: "glu:comment", VS: r.comment})
     if r.suspect:
         entries.append({N: "glu:suspect", VB: True})
+    return entries
+
+
+# IEEE 11073-10101 context-free codes (partition 2 SCADA x 65536 + term; docs/telemetry.md): the entry names
+# of a blood-pressure record, so a consumer that knows 11073 needs no table of ours.
+MDC_PRESS_BLD_NONINV_SYS = 150021
+MDC_PRESS_BLD_NONINV_DIA = 150022
+MDC_PRESS_BLD_NONINV_MEAN = 150023
+MDC_PULS_RATE_NON_INV = 149546
+MMHG = "mm[Hg]"  # UCUM: SenML registers no millimetre of mercury, and Pa would make the cuff's exact numbers inexact
+
+
+def bp_entries(r: BloodPressureReading) -> list[dict[int, Any]]:
+    entries: list[dict[int, Any]] = [
+        {N: f"bp:{MDC_PRESS_BLD_NONINV_SYS}", U: MMHG, V: r.systolic_mmhg},
+        {N: f"bp:{MDC_PRESS_BLD_NONINV_DIA}", U: MMHG, V: r.diastolic_mmhg},
+    ]
+    if r.map_mmhg is not None:
+        entries.append({N: f"bp:{MDC_PRESS_BLD_NONINV_MEAN}", U: MMHG, V: r.map_mmhg})
+    if r.pulse_bpm is not None:
+        entries.append({N: f"bp:{MDC_PULS_RATE_NON_INV}", U: "beat/min", V: r.pulse_bpm})
+    entries += [
+        {N: "bp:native", VS: f"{'/'.join(r.native_values)} {r.native_unit.value}"},
+        {N: "bp:device", VS: r.device_serial},
+        {N: "bp:key", VS: r.record_key},
+    ]
+    if r.device_time is not None:
+        entries.append({N: "bp:device_time", VS: r.device_time.isoformat()})
+    if r.user_id is not None:
+        entries.append({N: "bp:user", V: r.user_id})
+    if r.status:
+        entries.append({N: "bp:status", VS: ",".join(sorted(s.value for s in r.status))})
+    if r.clock_offset_s is not None:
+        entries.append({N: "bp:clock_offset", U: "s", V: r.clock_offset_s})
     return entries
 
 

@@ -58,6 +58,20 @@ class _Display(PairingDelegate):
         log.info("device display: passkey %0*d", digits, number)
 
 
+class _BoxController(Controller):
+    """The box's controller. A real controller reset (a new host starting, e.g. the agent after a crash) ends its
+    links, and the peer sees the link supervision timeout; bumble's reset leaves them, so a simulated meter would
+    stay "connected" to a dead central and never advertise again."""
+
+    def on_hci_reset_command(self, command: Any) -> Any:
+        from bumble import hci, ll
+
+        for connection in list(self.le_connections.values()):
+            connection.send_ll_control_pdu(ll.TerminateInd(hci.HCI_CONNECTION_TIMEOUT_ERROR))
+            del self.le_connections[connection.peer_address]
+        return super().on_hci_reset_command(command)
+
+
 class VirtualRadio:
     """Open with ``async with VirtualRadio(link, peripheral) as radio``; ``radio.device`` is the device host."""
 
@@ -74,7 +88,7 @@ class VirtualRadio:
             if self.link.is_symlink():
                 self.link.unlink()
         self._transport = await open_transport(f"pty:{self.link}")
-        Controller("box", host_source=self._transport.source, host_sink=self._transport.sink, link=self.air)
+        _BoxController("box", host_source=self._transport.source, host_sink=self._transport.sink, link=self.air)
         ours = Controller("device", link=self.air)
         config = DeviceConfiguration(
             name=self.peripheral.name,

@@ -9,7 +9,7 @@ import cbor2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wire_golden import ALERT_PACK, DEV, DOSE, DOSE_PACK, HEALTH_PACK, READING, READING_PACK, TS
+from wire_golden import ALERT_PACK, BP, BP_PACK, DEV, DOSE, DOSE_PACK, HEALTH_PACK, READING, READING_PACK, TS
 
 from agent.wire import telemetry as t
 
@@ -28,6 +28,34 @@ def test_dose_alert_health_records_are_byte_exact() -> None:
     assert t.encode(_header(9, t.Kind.ALERT), alert) == ALERT_PACK
     health = t.health_entries({"uptime_s": 3723, "buffer_rows": 2, "link": "up", "meter": True})
     assert t.encode(_header(3, t.Kind.HEALTH), health) == HEALTH_PACK
+
+
+def test_blood_pressure_record_is_byte_exact_with_11073_codes() -> None:
+    assert t.encode(_header(10, t.Kind.BP), t.bp_entries(BP)) == BP_PACK
+    f = t.decode(BP_PACK).fields
+    # IEEE 11073-10101: partition 2 (SCADA) x 65536 + term 18949/18950/18951 (NIBP), 18474 (pulse, non-invasive)
+    assert (f["bp:150021"], f["bp:150022"], f["bp:150023"], f["bp:149546"]) == (
+        Decimal("121.5"),
+        Decimal("79.0"),
+        Decimal("93.2"),
+        Decimal(64),
+    )
+    assert t.MDC_PRESS_BLD_NONINV_SYS == 2 * 65536 + 18949 and t.MDC_PULS_RATE_NON_INV == 2 * 65536 + 18474
+    assert f["bp:native"] == "16.2/10.53/12.43 kPa" and f["bp:status"] == "body-movement,irregular-pulse"
+    assert (f["bp:device"], f["bp:key"], f["bp:device_time"], f["bp:user"]) == (
+        BP.device_serial,
+        BP.record_key,
+        "2026-01-01T07:30:00",
+        1,
+    )
+
+
+def test_blood_pressure_without_map_pulse_or_time_leaves_those_entries_out() -> None:
+    import dataclasses
+
+    bare = dataclasses.replace(BP, map_mmhg=None, pulse_bpm=None, device_time=None, user_id=None, status=frozenset())
+    f = t.decode(t.encode(_header(11, t.Kind.BP), t.bp_entries(bare))).fields
+    assert not {"bp:150023", "bp:149546", "bp:device_time", "bp:user", "bp:status"} & set(f)
 
 
 def test_reading_round_trip_keeps_every_clinical_field() -> None:
