@@ -76,11 +76,13 @@ openwrt-tools: setup
 
 ipk: setup
 	$(BIN)/python -m openwrt.build_ipk --out dist
+	$(BIN)/python -m openwrt.build_ipk --out dist --ble
 
 # The apk-tools v3 package for OpenWrt 25.12+, from the same description, by the real `apk mkpkg`
 # (built from $(OPENWRT_TOOLS), or APK=/path/to/an/apk3 such as an SDK's staging_dir/host/bin/apk).
 apk: setup
 	$(BIN)/python -m openwrt.build_apk --out dist $(if $(APK),--apk $(APK),--tools-src $(OPENWRT_TOOLS))
+	$(BIN)/python -m openwrt.build_apk --out dist --ble $(if $(APK),--apk $(APK),--tools-src $(OPENWRT_TOOLS))
 
 # One SBOM per artefact, each read from the built package (the .apk through the real apk).
 sbom: ipk apk

@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from openwrt import hosttools
-from openwrt.package import FILE_MODE, REPO, BuildError, Entry, Package, describe, stage
+from openwrt.package import FILE_MODE, REPO, BuildError, Entry, Package, describe, describe_ble, stage
 
 __all__ = [
     "apk_meta_entries",
@@ -216,9 +216,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_TOOLS_SRC,
         help="OpenWrt tool sources to build apk from when --apk is not given (default ../shared/openwrt-tools)",
     )
+    parser.add_argument("--ble", action="store_true", help="the BLE add-on package (glucoagent-ble) instead")
     args = parser.parse_args(argv)
     try:
-        path = build_apk(args.out, apk=args.apk, tools_src=args.tools_src)
+        if args.ble:
+            path = write_apk(describe_ble(), args.out, find_apk_tool(args.apk, args.tools_src))
+        else:
+            path = build_apk(args.out, apk=args.apk, tools_src=args.tools_src)
     except BuildError as exc:
         print(f"build_apk: {exc}", file=sys.stderr)
         return 1

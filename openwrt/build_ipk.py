@@ -49,6 +49,7 @@ from openwrt.package import (
     Vendored,
     data_entries,
     describe,
+    describe_ble,
     package_version,
     source_date_epoch,
     stage,
@@ -185,12 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="build_ipk", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "dist", help="output directory (default dist/)")
     parser.add_argument("--stage", type=Path, help="only write the installed tree here (for the OpenWrt SDK)")
+    parser.add_argument("--ble", action="store_true", help="the BLE add-on package (glucoagent-ble) instead")
     args = parser.parse_args(argv)
     try:
         if args.stage:
             print(stage(args.stage))
             return 0
-        path = build_ipk(args.out)
+        path = write_ipk(describe_ble(), args.out) if args.ble else build_ipk(args.out)
     except BuildError as exc:
         print(f"build_ipk: {exc}", file=sys.stderr)
         return 1

@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 
 __all__ = [
     "BLE_MODULES",
+    "BLE_PACKAGE",
     "DEPENDS",
     "VENDORED",
     "BuildError",
@@ -39,6 +40,7 @@ __all__ = [
     "ble_files",
     "data_entries",
     "describe",
+    "describe_ble",
     "package_version",
     "source_date_epoch",
     "stage",
@@ -458,6 +460,42 @@ def describe(repo: Path = REPO) -> Package:
         url=URL,
         description=DESCRIPTION,
         postinst_pkg=(repo / "openwrt" / "files" / POSTINST_PKG).read_text(),
+    )
+
+
+BLE_PACKAGE = f"{PACKAGE}-ble"
+BLE_DEPENDS: tuple[str, ...] = (PACKAGE, "python3-asyncio")  # bumble runs on asyncio; cryptography: glucoagent's
+BLE_DESCRIPTION = (
+    "Bluetooth LE glucose meters and blood-pressure cuffs for glucoagent",
+    "The BLE host modules (bumble, pyee, pyserial-asyncio) the agent loads only when a",
+    "`config ble` section names a controller; install it on boxes that read BLE devices.",
+)
+
+
+def describe_ble(repo: Path = REPO) -> Package:
+    """The BLE add-on: exactly ``BLE_MODULES`` (with licences) in the agent's vendor directory, nothing else."""
+    _check_python()
+    with (repo / "pyproject.toml").open("rb") as fh:
+        version = tomllib.load(fh)["project"]["version"]
+    entries = _python_files(VENDOR_DIR, ble_files())
+    entries += _parents(entries)
+    return Package(
+        name=BLE_PACKAGE,
+        version=version,
+        release=RELEASE,
+        arch=ARCH,
+        epoch=source_date_epoch(repo),
+        files=tuple(sorted(entries, key=lambda e: PurePosixPath(e.path).parts)),
+        conffiles=(),
+        depends=tuple(Depend.parse(d) for d in BLE_DEPENDS),
+        maintainer=MAINTAINER,
+        license="Apache-2.0 (bumble), MIT (pyee), BSD-3-Clause (pyserial-asyncio)",
+        license_files=f"{VENDOR_DIR}/*.dist-info/*",
+        section=SECTION,
+        source=SOURCE,
+        url=URL,
+        description=BLE_DESCRIPTION,
+        postinst_pkg="",
     )
 
 
