@@ -8,10 +8,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support.opkg_root import opkg_root
 
 from openwrt import build_apk, hosttools
-from openwrt.build_ipk import tar_gz, write_ipk
-from openwrt.package import BLE_MODULES, BLE_PACKAGE, PACKAGE, VENDOR_DIR, Entry, Package, describe, describe_ble
+from openwrt.build_ipk import write_ipk
+from openwrt.package import BLE_MODULES, BLE_PACKAGE, PACKAGE, VENDOR_DIR, Package, describe, describe_ble
 
 TIMEOUT = 120
 
@@ -39,20 +40,6 @@ def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str
     return res
 
 
-def _stub_ipk(name: str, version: str, out: Path) -> Path:
-    control = f"Package: {name}\nVersion: {version}\nArchitecture: all\n"
-    control_gz, _ = tar_gz([Entry("/", None, 0o755), Entry("/control", control.encode(), 0o644)], 0)
-    data_gz, _ = tar_gz([Entry("/", None, 0o755)], 0)
-    outer, _ = tar_gz(
-        [Entry("/debian-binary", b"2.0\n", 0o644), Entry("/data.tar.gz", data_gz, 0o644),
-         Entry("/control.tar.gz", control_gz, 0o644)],
-        0,
-    )  # fmt: skip
-    path = out / f"{name}.ipk"
-    path.write_bytes(outer)
-    return path
-
-
 def _root(tools: hosttools.Tools, root: Path) -> Path:
     shutil.copytree(tools.openwrt_files.root, root, symlinks=True)
     for d in ("etc/rc.d", "var/lock", "tmp"):
@@ -68,18 +55,14 @@ def test_opkg_installs_and_removes_the_add_on_beside_the_agent(
     openwrt_tools: hosttools.Tools, packages: tuple[Package, Package], tmp_path: Path
 ) -> None:
     agent, ble = packages
-    tools, root = openwrt_tools, _root(openwrt_tools, tmp_path / "root")
     out = tmp_path / "ipk"
-    out.mkdir()
-    deps = {d.name for p in packages for d in p.depends} - {PACKAGE}
-    stubs = [_stub_ipk(n, "3.11.9-1" if n.startswith("python3-light") else "99-1", out) for n in sorted(deps)]
-    env = {**tools.env, "IPKG_INSTROOT": str(root), "TMPDIR": str(root / "tmp"), "IPKG_NO_SCRIPT": "1"}
-    opkg = [str(tools.opkg), "--offline-root", str(root), "--force-postinstall"]
-    _run([*opkg, "install", *map(str, stubs), str(write_ipk(agent, out)), str(write_ipk(ble, out))], env)
-    assert _present(root, agent) and _present(root, ble)
-    _run([*opkg, "remove", BLE_PACKAGE], env)
-    assert _present(root, agent)  # the agent stays whole
-    assert not any((root / e.path.lstrip("/")).exists() for e in ble.files if e.data is not None)
+    box = opkg_root(openwrt_tools, tmp_path, agent, write_ipk(agent, out))  # the agent and its dependencies
+    _run([*box.pm.install, str(write_ipk(ble, out))], box.env)
+    assert _present(box.root, agent) and _present(box.root, ble)
+    opkg = [str(openwrt_tools.opkg), "--offline-root", str(box.root), "--conf", str(box.root / "etc/opkg.conf")]
+    _run([*opkg, "remove", BLE_PACKAGE], box.env)
+    assert _present(box.root, agent)  # the agent stays whole
+    assert not any((box.root / e.path.lstrip("/")).exists() for e in ble.files if e.data is not None)
 
 
 def test_apk_installs_and_removes_the_add_on_beside_the_agent(
