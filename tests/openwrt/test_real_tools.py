@@ -27,11 +27,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from support import opkg_root
 
 from openwrt import build_apk as A
 from openwrt import build_ipk as B
 from openwrt import hosttools
-from openwrt.package import FILE_MODE, UCI_CONFIG, Entry, Package, describe
+from openwrt.package import UCI_CONFIG, Entry, Package, describe
 
 PKG = "glucoagent"
 #: Versions the stub dependencies claim: python3-light as on 24.10; the rest any.
@@ -74,24 +75,7 @@ def apks(pkg: Package, openwrt_tools: hosttools.Tools, tmp_path_factory: pytest.
 
 @pytest.fixture(scope="module")
 def dep_ipks(pkg: Package, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    out = tmp_path_factory.mktemp("dep-ipks")
-    made = []
-    for dep in pkg.depends:
-        control = f"Package: {dep.name}\nVersion: {DEP_VERSION.get(dep.name, '1')}-1\nArchitecture: all\n"
-        control_gz, _ = B.tar_gz([Entry("/", None, 0o755), Entry("/control", control.encode(), FILE_MODE)], 0)
-        data_gz, _ = B.tar_gz([Entry("/", None, 0o755)], 0)
-        outer, _ = B.tar_gz(
-            [
-                Entry("/debian-binary", b"2.0\n", FILE_MODE),
-                Entry("/data.tar.gz", data_gz, FILE_MODE),
-                Entry("/control.tar.gz", control_gz, FILE_MODE),
-            ],
-            0,
-        )
-        path = out / f"{dep.name}.ipk"
-        path.write_bytes(outer)
-        made.append(path)
-    return made
+    return opkg_root.dep_ipks(pkg, tmp_path_factory.mktemp("dep-ipks"))
 
 
 @pytest.fixture(scope="module")
