@@ -20,7 +20,6 @@ test failed).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import re
 import subprocess
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.uci_text import encode_word
 
 from agent.errors import ConfigError
 from agent.uci import UciSection, dump_uci, parse_uci, quote, set_option
@@ -289,33 +289,6 @@ def test_files_written_by_uci(openwrt_tools: hosttools.Tools, work: Path, script
 # --- hand-written text ----------------------------------------------------------------------------------
 
 
-def _encode_piece(draw: st.DrawFn, piece: str) -> str:
-    styles = ["double"]
-    if "'" not in piece:
-        styles.append("single")
-    if "\n" not in piece and "\r" not in piece:
-        styles.append("bare")
-    style = draw(st.sampled_from(styles))
-    if style == "single":
-        return f"'{piece}'"
-    if style == "double":
-        body = "".join("\\" + c if c in '"\\' or (c.isalpha() and draw(st.booleans())) else c for c in piece)
-        return f'"{body}"' if not draw(st.booleans()) else f'"{body}\\\n"'
-    special = set(" \t\r\f\v'\"\\#;")
-    tokens = ["\\" + c if c in special else c for c in piece]
-    if tokens and draw(st.booleans()):
-        tokens.insert(draw(st.integers(0, len(tokens))), "\\\n")  # a line join
-    return "".join(tokens) or "''"
-
-
-def _encode_word(draw: st.DrawFn, word: str) -> str:
-    if not word:
-        return draw(st.sampled_from(["''", '""', "''\"\""]))
-    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(word) - 1)), max_size=3))))
-    bounds = [0, *[c for c in cuts if c < len(word)], len(word)]
-    return "".join(_encode_piece(draw, word[a:b]) for a, b in itertools.pairwise(bounds))
-
-
 @st.composite
 def hand_written(draw: st.DrawFn) -> str:
     """UCI text as a person might write it: every quoting style and separator, in every place."""
@@ -331,7 +304,7 @@ def hand_written(draw: st.DrawFn) -> str:
         for n, a in enumerate(args):
             # strtok cuts the command word at a space or tab only; the arguments may be apart by any blank
             blanks = [" ", "\t", "  ", " \r "] + (["\v", "\f"] if n else [])
-            parts.append(draw(st.sampled_from(blanks)) + _encode_word(draw, a))
+            parts.append(draw(st.sampled_from(blanks)) + encode_word(draw, a))
         parts.append(sep())
 
     if draw(st.booleans()):
