@@ -16,6 +16,9 @@ VECTORS ?= ../shared/vectors
 OPENWRT_TOOLS ?= ../shared/openwrt-tools
 # mosquitto loads this plugin (backend/broker.py): it binds each client id to its certificate's CN.
 AUTH_PLUGIN := build/glucoagent_auth.so
+# Test worker processes (pytest-xdist; each test module stays in one worker): the tests mostly wait on
+# brokers, ptys and kills, so 3 workers on 2 cores halve the wall time. TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 3
 
 .PHONY: setup debs demo test lint bench soak ipk apk sbom openwrt-tools clean
 
@@ -52,7 +55,7 @@ test: setup lint
 	  if [ -d "$(OPENWRT_TOOLS)" ]; then GLUCOAGENT_OPENWRT_TOOLS="$$($(BIN)/python -m openwrt.hosttools --src $(OPENWRT_TOOLS))" || exit 1; \
 	    export GLUCOAGENT_OPENWRT_TOOLS; \
 	  else echo "OpenWrt tools suite did not run: $(OPENWRT_TOOLS) is absent"; fi; \
-	  $(BIN)/pytest -q -p no:cacheprovider tests
+	  $(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 lint: setup
 	$(BIN)/ruff check agent drivers backend bench openwrt testbed tests
