@@ -17,7 +17,7 @@ OPENWRT_TOOLS ?= ../shared/openwrt-tools
 # mosquitto loads this plugin (backend/broker.py): it binds each client id to its certificate's CN.
 AUTH_PLUGIN := build/glucoagent_auth.so
 
-.PHONY: setup debs demo test lint bench soak ipk apk sbom openwrt-tools clean
+.PHONY: setup debs demo demo-update test lint bench soak ipk apk sbom openwrt-tools clean
 
 setup: debs $(STAMP) $(AUTH_PLUGIN)
 
@@ -45,6 +45,10 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/python -m testbed.demo
+
+# One signed update end to end, then a broken one rolled back by the watchdog, readings throughout (docs/updates.md).
+demo-update: setup
+	$(BIN)/python -m testbed.demo_update --tools-src $(OPENWRT_TOOLS)
 
 test: setup lint
 	@if [ -d "$(VECTORS)" ]; then export GLUCOAGENT_VECTORS="$$(cd $(VECTORS) && pwd)"; \
