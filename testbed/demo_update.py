@@ -11,11 +11,13 @@ every ``--grow-s`` seconds the whole time.
 1. release 2 and a broken release 3 (its launcher imports a module the release lacks: it crashes at
    start) are signed with ``glucoagent-backend release``;
 2. ``update`` to release 2: chunked download over MQTT, opkg install, restart, health gate: ``ok updated``;
+   then a forged release 3 and release 3 signed for the other package manager: ``refused``, nothing changed;
 3. ``update`` to release 3: installed, crashes at every start, the gate deadline passes, the watchdog
    reinstalls release 2 and restarts it, which reports ``failed rolled_back``;
 4. the meter stops growing, the box drains, and the backend's records are audited against what the meter
    held: ``delivered N/N, lost 0, duplicates 0``; plus the versions, outcomes and the rollback time.
 
+``--format apk``: the same on an apk box (OpenWrt 25.12+; tests/openwrt/test_update_apk.py runs that).
 Exit 0 only when every step did what it should and the audit is clean. ``run_update_demo`` is also what
 ``make bench`` (bench/bench_update.py) measures the rollback time with.
 """
@@ -39,12 +41,13 @@ from agent.update.install import PENDING_FILE, read_marker
 from agent.update.staging import UPDATE_DIR
 from backend.commands import record_sent, sign_command, stored_result
 from drivers.simulators.records import random_records
+from openwrt import build_apk as A
 from openwrt import build_ipk as B
 from openwrt import hosttools
 from openwrt.package import EXEC_MODE, LAUNCHER, Entry, Package, describe
 from testbed.harness import GLUCOAGENT, LocalSystem, device_config, spawn, stop_process
 from testbed.soak_devices import Meter
-from testbed.update_box import BoxRoot, opkg_root
+from testbed.update_box import BoxRoot, apk_root, opkg_root
 
 BACKEND = str(Path(GLUCOAGENT).with_name("glucoagent-backend"))
 PATIENT = "demo-patient-0016"
@@ -72,16 +75,18 @@ class DemoFailed(Exception):
 class Figures:
     """What the demo measured (seconds, wall clock of this machine)."""
 
-    versions: list[str]  # release 1, 2, 3 as opkg writes them
+    versions: list[str]  # release 1, 2, 3 as the package manager writes them
     good_update_s: float  # release 2: installed -> running and its gate passed (the result stored)
     rollback_s: float  # release 3: installed -> release 2 running again and the rollback reported
     deadline_to_reported_s: float  # of which: from the gate deadline on (cron wait, reinstall, restart, report)
-    reinstall_s: float  # a plain opkg install of the same package (the rig's baseline)
+    reinstall_s: float  # the package manager alone installing release 3 over release 2 (the rig's baseline)
     delivered: int
     expected: int
     lost: int
     duplicates: int
-    outcomes: list[tuple[str, str, str]]  # (update to, status, code)
+    outcomes: list[tuple[str, str, str]]  # (what was sent, status, code)
+    running: str | None  # the version the package database records at the end
+    tool: str  # opkg or apk
 
 
 class Clock:
@@ -214,20 +219,35 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str, log: Path | 
 
 
 def run_update_demo(
-    run: Path, tools_src: Path, *, grow_s: float = 2.0, cron_s: float = 5.0, say: Callable[[str], None] = print
+    run: Path,
+    tools: hosttools.Tools,
+    *,
+    grow_s: float = 2.0,
+    cron_s: float = 5.0,
+    say: Callable[[str], None] = print,
+    fmt: str = "ipk",
 ) -> Figures:
-    """The whole demo under ``run``; Figures, or DemoFailed naming the step that went wrong."""
+    """The whole demo under ``run`` on an opkg box (``fmt`` ipk, OpenWrt 24.10) or an apk box (apk, 25.12+);
+    Figures, or DemoFailed naming the step that went wrong."""
     clock = Clock(say)
-    tools = hosttools.load(hosttools.build(tools_src))
-    clock.say(f"OpenWrt's real opkg: {tools.opkg}")
+    tool = "opkg" if fmt == "ipk" else "apk"
+    clock.say(f"OpenWrt's real {tool}: {tools.opkg if fmt == 'ipk' else tools.apk}")
     v1 = describe()
     v2 = dataclasses.replace(v1, release=v1.release + 1)
     v3 = broken_release(v2)
     dist = run / "dist"
-    ipks = [B.write_ipk(p, dist / str(p.release)) for p in (v1, v2, v3)]
-    clock.say(f"packages built: {', '.join(p.name for p in ipks)} (release {v3.release} crashes at start)")
-    box = opkg_root(tools, run / "box", v1, ipks[0])
-    clock.say(f"box: {box.root} with glucoagent {box.running} installed by opkg")
+    if fmt == "ipk":
+        pkgs = [B.write_ipk(p, dist / str(p.release)) for p in (v1, v2, v3)]
+        versions = [p.ipk_version for p in (v1, v2, v3)]
+        box = opkg_root(tools, run / "box", v1, pkgs[0])
+        other = pkgs[2].with_name(f"{v3.name}-{v3.apk_version}.apk")  # the same bytes, signed as an .apk
+    else:
+        pkgs = [A.write_apk(p, dist / str(p.release), tools.apk) for p in (v1, v2, v3)]
+        versions = [p.apk_version for p in (v1, v2, v3)]
+        box = apk_root(tools, run / "box", v1, pkgs[0])
+        other = pkgs[2].with_name(f"{v3.name}_{v3.ipk_version}_all.ipk")
+    clock.say(f"packages built: {', '.join(p.name for p in pkgs)} (release {v3.release} crashes at start)")
+    clock.say(f"box: {box.root} with glucoagent {box.running} installed by {tool}")
 
     system = LocalSystem(run)
     stack = contextlib.ExitStack()
@@ -276,9 +296,11 @@ def run_update_demo(
         clock.say(f"readings arriving: {len(readings())} at the backend")
 
         clock.say("release manager signs the releases (release key, apart from the command key):")
-        m1 = sign_release(system, ipks[0], clock)
-        m2 = sign_release(system, ipks[1], clock, "--min-from", v1.ipk_version)
-        m3 = sign_release(system, ipks[2], clock, "--min-from", v2.ipk_version)
+        m1 = sign_release(system, pkgs[0], clock)
+        m2 = sign_release(system, pkgs[1], clock, "--min-from", versions[0])
+        m3 = sign_release(system, pkgs[2], clock, "--min-from", versions[1])
+        other.write_bytes(pkgs[2].read_bytes())
+        m_other = sign_release(system, other, clock, "--min-from", versions[1])
 
         def send(args: dict[str, Any]) -> str:
             cmd_id, envelope = sign_command(system.home.command_key, device_id, "update", args)
@@ -296,30 +318,44 @@ def run_update_demo(
 
         # --- a good update ---------------------------------------------------------------------
         before = len(readings())
-        clock.say(
-            f"cloud sends update {v1.ipk_version} -> {v2.ipk_version} (with release 1's manifest: its first update)"
-        )
+        clock.say(f"cloud sends update {versions[0]} -> {versions[1]} (with release 1's manifest: its first update)")
         good_id = send({"manifest": m2, "previous": m1})
         _wait(marker.exists, 120, "the install of release 2", log)
         installed_at = marker.stat().st_mtime
-        clock.say(f"box: downloaded over MQTT, verified, installing with opkg (pending marker, gate {GATE_S} s)")
+        clock.say(f"box: downloaded over MQTT, verified, installing with {tool} (pending marker, gate {GATE_S} s)")
         _wait(lambda: result(good_id) is not None, 120, "the health gate of release 2", log)
         good_done = time.time()
         found = result(good_id)
         assert found is not None
-        outcomes.append((v2.ipk_version, found[0], found[1]))
+        outcomes.append((f"update to {versions[1]}", found[0], found[1]))
         clock.say(f"result: {found[0]} {found[1]} {found[3]}: {found[2]}")
-        if found[:2] != ("ok", "updated") or box.running != v2.ipk_version:
+        if found[:2] != ("ok", "updated") or box.running != versions[1]:
             raise DemoFailed(
-                f"release 2: expected ok updated and {v2.ipk_version} installed, got {found[:2]}, {box.running}"
+                f"release 2: expected ok updated and {versions[1]} installed, got {found[:2]}, {box.running}"
             )
         good_update_s = good_done - installed_at
         clock.say(f"readings during the update: {len(readings()) - before} more at the backend")
 
+        # --- refused before anything changes: a forged release, a release for the other package manager -----------
+        exits = len(procd.exits)
+        for what, manifest, code in (
+            ("a forged release 3 (one signature byte flipped)", m3[:-1] + bytes([m3[-1] ^ 1]), "bad_signature"),
+            (f"release 3 signed as {other.suffix[1:]} for this {fmt} box", m_other, "wrong_format"),
+        ):
+            clock.say(f"cloud sends {what}")
+            refused_id = send({"manifest": manifest})
+            _wait(lambda i=refused_id: result(i) is not None, 60, f"the answer to {what}", log)  # type: ignore[misc]
+            found = result(refused_id)
+            assert found is not None
+            outcomes.append((what, found[0], found[1]))
+            clock.say(f"result: {found[0]} {found[1]}: {found[2]}")
+            if found[:2] != ("refused", code) or box.running != versions[1] or len(procd.exits) != exits:
+                raise DemoFailed(f"{what}: expected refused {code}, nothing changed; got {found[:2]}, {box.running}")
+
         # --- a broken update, rolled back ------------------------------------------------------------
         _wait(lambda: len(readings()) > before + 2, 60, "readings from release 2", log)
         before = len(readings())
-        clock.say(f"cloud sends update {v2.ipk_version} -> {v3.ipk_version} (the broken release)")
+        clock.say(f"cloud sends update {versions[1]} -> {versions[2]} (the broken release)")
         bad_id = send({"manifest": m3})
         held_at_broken = meter.held
         _wait(marker.exists, 120, "the install of release 3", log)
@@ -329,24 +365,24 @@ def run_update_demo(
         clock.say(
             f"box: release 3 installing; the watchdog rolls it back unless its gate passes by {time.strftime('%H:%M:%S', time.localtime(deadline))}"
         )
-        _wait(lambda: box.running == v3.ipk_version or result(bad_id) is not None, 60, "opkg to install release 3", log)
+        _wait(lambda: box.running == versions[2] or result(bad_id) is not None, 60, f"{tool} to install release 3", log)
         _wait(lambda: result(bad_id) is not None, GATE_S + 4 * cron_s + 120, "the rollback report", log)
         reported = time.time()
         found = result(bad_id)
         assert found is not None
-        outcomes.append((v3.ipk_version, found[0], found[1]))
+        outcomes.append((f"update to {versions[2]}", found[0], found[1]))
         clock.say(f"result: {found[0]} {found[1]} {found[3]}: {found[2]}")
-        if found[:2] != ("failed", "rolled_back") or box.running != v2.ipk_version:
+        if found[:2] != ("failed", "rolled_back") or box.running != versions[1]:
             raise DemoFailed(
-                f"release 3: expected failed rolled_back and {v2.ipk_version} back, got {found[:2]}, {box.running}"
+                f"release 3: expected failed rolled_back and {versions[1]} back, got {found[:2]}, {box.running}"
             )
-        crashed = [rc for version, rc in procd.exits if version == v3.ipk_version and rc != 0]
+        crashed = [rc for version, rc in procd.exits if version == versions[2] and rc != 0]
         if not crashed:
             raise DemoFailed("release 3 never started and crashed: the rollback proved nothing")
         rollback_s = reported - broken_at
         taken = {(r.meter_time.isoformat(), r.value_mgdl) for r in meter.holding()[: meter.held - held_at_broken]}
         stored_now = {(r.fields.get("glu:meter_time"), r.fields.get("glu:mgdl")) for r in readings()}
-        back = [t for t, version in procd.starts if t > broken_at and version == v2.ipk_version]
+        back = [t for t, version in procd.starts if t > broken_at and version == versions[1]]
         crash = [line for line in log.read_text(errors="replace").splitlines() if "Error:" in line]
         clock.say(f"release 3 crashed {len(crashed)} times ({crash[-1].strip() if crash else 'see ' + str(log)})")
         clock.say(
@@ -375,13 +411,16 @@ def run_update_demo(
             raise DemoFailed(f"the clinical sequence numbers have gaps: {seqs}")
         procd.stop()
         cron.stop()
+        running = box.running
+        # The baseline: the package manager alone replacing release 2 by release 3 again (a real install;
+        # reinstalling the installed file is a no-op for apk), the agent stopped.
         t = time.monotonic()
-        out = subprocess.run([*box.pm.install, str(ipks[1])], capture_output=True, text=True, timeout=120, check=False)
+        out = subprocess.run([*box.pm.install, str(pkgs[2])], capture_output=True, text=True, timeout=120, check=False)
         reinstall_s = time.monotonic() - t
-        if out.returncode != 0:
-            raise DemoFailed(f"plain opkg reinstall failed: {out.stderr}")
+        if out.returncode != 0 or box.running != versions[2]:
+            raise DemoFailed(f"plain {tool} install of release 3 failed: {out.stdout}{out.stderr}")
         return Figures(
-            versions=[v1.ipk_version, v2.ipk_version, v3.ipk_version],
+            versions=versions,
             good_update_s=good_update_s,
             rollback_s=rollback_s,
             deadline_to_reported_s=reported - deadline,
@@ -391,6 +430,8 @@ def run_update_demo(
             lost=len(expected) - delivered,
             duplicates=len(got) - len(set(got)),
             outcomes=outcomes,
+            running=running,
+            tool=tool,
         )
 
 
@@ -404,6 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-root", type=Path, default=Path("runs"))
     parser.add_argument("--grow-s", type=float, default=2.0, help="the meter gains a reading this often")
     parser.add_argument("--cron-s", type=float, default=5.0, help="the watchdog runs this often (a box: 60)")
+    parser.add_argument(
+        "--format", choices=("ipk", "apk"), default="ipk", help="an opkg box (24.10) or an apk box (25.12+)"
+    )
     parser.set_defaults(func=_main)
     return dispatch(parser.parse_args(argv), "glucoagent-demo-update")
 
@@ -412,8 +456,9 @@ def _main(args: argparse.Namespace) -> int:
     run = (args.run_root / time.strftime("demo-update-%Y%m%d-%H%M%S")).resolve()
     print(f"demo-update: everything goes under {run}", flush=True)
     try:
+        tools = hosttools.load(hosttools.build(args.tools_src))
         f = run_update_demo(
-            run, args.tools_src, grow_s=args.grow_s, cron_s=args.cron_s, say=lambda s: print(s, flush=True)
+            run, tools, grow_s=args.grow_s, cron_s=args.cron_s, fmt=args.format, say=lambda s: print(s, flush=True)
         )
     except (DemoFailed, hosttools.ToolsError) as exc:
         print(f"demo-update: FAILED: {exc}", flush=True)
@@ -422,13 +467,13 @@ def _main(args: argparse.Namespace) -> int:
         print("demo-update: stopped agent, meter, watchdog, backend and broker", flush=True)
     print()
     print(f"versions: {' -> '.join(f.versions)} -> {f.versions[1]} (rolled back)")
-    for to, status, code in f.outcomes:
-        print(f"update to {to}: {status} {code}")
+    for what, status, code in f.outcomes:
+        print(f"{what}: {status} {code}")
     print(f"good update: installed -> running, gate passed, reported in {f.good_update_s:.1f} s")
     print(
         f"rollback: broken release installed -> previous version running and reporting in {f.rollback_s:.1f} s "
         f"(gate {GATE_S} s; after its deadline {f.deadline_to_reported_s:.1f} s: cron wait, reinstall, restart, "
-        f"report; a plain opkg install of the package takes {f.reinstall_s:.2f} s)"
+        f"report; the same install by {f.tool} alone takes {f.reinstall_s:.2f} s)"
     )
     print(f"delivered {f.delivered}/{f.expected}, lost {f.lost}, duplicates {f.duplicates}")
     return 0 if f.lost == 0 and f.duplicates == 0 else 1
