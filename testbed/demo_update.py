@@ -381,14 +381,21 @@ def run_update_demo(
             raise DemoFailed("release 3 never started and crashed: the rollback proved nothing")
         rollback_s = reported - broken_at
         taken = {(r.meter_time.isoformat(), r.value_mgdl) for r in meter.holding()[: meter.held - held_at_broken]}
-        stored_now = {(r.fields.get("glu:meter_time"), r.fields.get("glu:mgdl")) for r in readings()}
         back = [t for t, version in procd.starts if t > broken_at and version == versions[1]]
         crash = [line for line in log.read_text(errors="replace").splitlines() if "Error:" in line]
         clock.say(f"release 3 crashed {len(crashed)} times ({crash[-1].strip() if crash else 'see ' + str(log)})")
         clock.say(
             f"rollback: release 2 running again {back[0] - broken_at:.1f} s and reporting {rollback_s:.1f} s after "
-            f"release 3's install; the {len(taken)} readings the meter took meanwhile: {len(taken & stored_now)} "
-            "at the backend already"
+            "release 3's install"
+        )
+
+        def arrived() -> bool:
+            return taken <= {(r.fields.get("glu:meter_time"), r.fields.get("glu:mgdl")) for r in readings()}
+
+        _wait(arrived, 60, "the readings taken while release 3 crashed", log)
+        clock.say(
+            f"the {len(taken)} readings the meter took meanwhile are at the backend, "
+            f"{time.time() - reported:.1f} s after the rollback report"
         )
 
         # --- drain and audit ----------------------------------------------------------------------
