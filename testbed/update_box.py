@@ -58,16 +58,20 @@ def dep_ipks(pkg: Package, out: Path) -> list[Path]:
     return made
 
 
+def stub_apk(tools: hosttools.Tools, name: str, version: str, path: Path) -> Path:
+    """An empty package standing for an OpenWrt feed package of that name and version (``apk mkpkg``)."""
+    info = [f"name:{name}", f"version:{version}", "arch:noarch"]
+    _run([str(tools.apk), "mkpkg", *(a for i in info for a in ("--info", i)), "--output", str(path)], tools.env)
+    return path
+
+
 def dep_apks(tools: hosttools.Tools, pkg: Package, out: Path) -> list[Path]:
     """The same stand-ins as .apk files, made by the real ``apk mkpkg``."""
     out.mkdir(parents=True, exist_ok=True)
-    made = []
-    for dep in pkg.depends:
-        path = out / f"{dep.name}.apk"
-        info = [f"name:{dep.name}", f"version:{DEP_VERSION.get(dep.name, '1')}-r1", "arch:noarch"]
-        _run([str(tools.apk), "mkpkg", *(a for i in info for a in ("--info", i)), "--output", str(path)], tools.env)
-        made.append(path)
-    return made
+    return [
+        stub_apk(tools, dep.name, f"{DEP_VERSION.get(dep.name, '1')}-r1", out / f"{dep.name}.apk")
+        for dep in pkg.depends
+    ]
 
 
 def _run(argv: list[str], env: dict[str, str]) -> None:

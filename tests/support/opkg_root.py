@@ -3,8 +3,8 @@ testbed/update_box.py, where `make demo-update` and the bench use it too; the te
 
 from __future__ import annotations
 
-from testbed.update_box import NAME, WATCHDOG, BoxRoot, apk_root, dep_apks, dep_ipks, opkg_root
+from testbed.update_box import NAME, WATCHDOG, BoxRoot, apk_root, dep_apks, dep_ipks, opkg_root, stub_apk
 
 OpkgRoot = BoxRoot
 
-__all__ = ["NAME", "WATCHDOG", "BoxRoot", "OpkgRoot", "apk_root", "dep_apks", "dep_ipks", "opkg_root"]
+__all__ = ["NAME", "WATCHDOG", "BoxRoot", "OpkgRoot", "apk_root", "dep_apks", "dep_ipks", "opkg_root", "stub_apk"]
