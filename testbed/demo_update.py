@@ -313,6 +313,9 @@ def run_update_demo(
             found = stored_result(system.db, device_id, cmd_id)
             return found if found is not None and found[0] != "sent" else None
 
+        def answered(cmd_id: str) -> Callable[[], bool]:
+            return lambda: result(cmd_id) is not None
+
         marker = state / UPDATE_DIR / PENDING_FILE
         outcomes: list[tuple[str, str, str]] = []
 
@@ -323,7 +326,7 @@ def run_update_demo(
         _wait(marker.exists, 120, "the install of release 2", log)
         installed_at = marker.stat().st_mtime
         clock.say(f"box: downloaded over MQTT, verified, installing with {tool} (pending marker, gate {GATE_S} s)")
-        _wait(lambda: result(good_id) is not None, 120, "the health gate of release 2", log)
+        _wait(answered(good_id), 120, "the health gate of release 2", log)
         good_done = time.time()
         found = result(good_id)
         assert found is not None
@@ -344,7 +347,7 @@ def run_update_demo(
         ):
             clock.say(f"cloud sends {what}")
             refused_id = send({"manifest": manifest})
-            _wait(lambda i=refused_id: result(i) is not None, 60, f"the answer to {what}", log)  # type: ignore[misc]
+            _wait(answered(refused_id), 60, f"the answer to {what}", log)
             found = result(refused_id)
             assert found is not None
             outcomes.append((what, found[0], found[1]))
@@ -366,7 +369,7 @@ def run_update_demo(
             f"box: release 3 installing; the watchdog rolls it back unless its gate passes by {time.strftime('%H:%M:%S', time.localtime(deadline))}"
         )
         _wait(lambda: box.running == versions[2] or result(bad_id) is not None, 60, f"{tool} to install release 3", log)
-        _wait(lambda: result(bad_id) is not None, GATE_S + 4 * cron_s + 120, "the rollback report", log)
+        _wait(answered(bad_id), GATE_S + 4 * cron_s + 120, "the rollback report", log)
         reported = time.time()
         found = result(bad_id)
         assert found is not None
