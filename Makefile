@@ -20,7 +20,7 @@ AUTH_PLUGIN := build/glucoagent_auth.so
 # brokers, ptys and kills, so 3 workers on 2 cores halve the wall time. TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 3
 
-.PHONY: setup debs demo test lint bench soak ipk apk sbom openwrt-tools clean
+.PHONY: setup debs demo demo-update test lint bench soak ipk apk sbom openwrt-tools clean
 
 setup: debs $(STAMP) $(AUTH_PLUGIN)
 
@@ -48,6 +48,10 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/python -m testbed.demo
+
+# One signed update end to end, then a broken one rolled back by the watchdog, readings throughout (docs/updates.md).
+demo-update: setup
+	$(BIN)/python -m testbed.demo_update --tools-src $(OPENWRT_TOOLS)
 
 test: setup lint
 	@if [ -d "$(VECTORS)" ]; then export GLUCOAGENT_VECTORS="$$(cd $(VECTORS) && pwd)"; \

@@ -126,8 +126,8 @@ class UpdateSection:
     """Self-update (docs/updates.md). The package manager and its database are the box's, never the cloud's to set."""
 
     package: str = "glucoagent"
-    install_command: str = "opkg install --force-downgrade --force-reinstall"  # apk: apk add --allow-untrusted
-    status_file: str = "/usr/lib/opkg/status"  # apk: /lib/apk/db/installed
+    install_command: str = ""  # empty: the box's own (apk on 25.12+, else opkg; agent/update/install.py)
+    status_file: str = ""  # empty: /lib/apk/db/installed when it exists, else /usr/lib/opkg/status
     gate_s: int = 300  # the new version must get an end-to-end ack within this, else the watchdog rolls back
     reserve_bytes: int = 1024 * 1024  # kept free in the state directory beyond the package
     chunk_timeout_s: float = 10.0

@@ -27,6 +27,7 @@ MODULES = (
     "bench.bench_duty",
     "bench.bench_openwrt",
     "bench.bench_ble",
+    "bench.bench_update",
 )
 DOC = Path("docs/performance.md")
 

@@ -65,6 +65,8 @@ def run(ctx: Context, cmd: Command, _received: float) -> Outcome | None:
     if running is None:
         raise CommandRejected("not_installed", f"{m.name} is not in the package database {pm.status_file}")
     check_applicable(m, running)
+    if m.format != pm.format:  # an .ipk handed to apk (or the reverse) would fail only after the download
+        raise CommandRejected("wrong_format", f"this box installs {pm.format} packages, not {m.format}")
     previous = ctx.state_dir / UPDATE_DIR / KEPT_DIR / kept_name(
         Manifest(m.name, running, m.format, 1, bytes(32), "0", False, 0)
     )

@@ -37,9 +37,24 @@ class PackageManager:
     install: tuple[str, ...]  # argv; the package path is appended
     status_file: Path  # opkg: <root>/usr/lib/opkg/status; apk: <root>/lib/apk/db/installed
 
+    @property
+    def format(self) -> str:
+        """The package format it installs: apk's database is ``installed``, opkg's ``status``."""
+        return "apk" if self.status_file.name == APK.status_file.name else "ipk"
+
     @classmethod
-    def parse(cls, command: str, status_file: str) -> PackageManager:
-        return cls(tuple(shlex.split(command)), Path(status_file))
+    def parse(cls, command: str, status_file: str, root: Path = Path("/")) -> PackageManager:
+        """The configured one; what is left empty is what the box has: apk when its database exists
+        (OpenWrt 25.12+), else opkg (24.10). The shell watchdog chooses the same way (``command -v apk``)."""
+        found = APK if (root / APK.status_file.relative_to("/")).exists() else OPKG
+        return cls(
+            tuple(shlex.split(command)) if command.strip() else found.install,
+            Path(status_file) if status_file else found.status_file,
+        )
+
+
+OPKG = PackageManager(("opkg", "install", "--force-downgrade", "--force-reinstall"), Path("/usr/lib/opkg/status"))
+APK = PackageManager(("apk", "add", "--allow-untrusted", "--no-network"), Path("/lib/apk/db/installed"))
 
 
 def installed_version(status_file: Path, name: str) -> str | None:

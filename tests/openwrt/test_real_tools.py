@@ -35,8 +35,6 @@ from openwrt import hosttools
 from openwrt.package import UCI_CONFIG, Entry, Package, describe
 
 PKG = "glucoagent"
-#: Versions the stub dependencies claim: python3-light as on 24.10; the rest any.
-DEP_VERSION = {"python3-light": "3.11.14"}
 EDIT = "\n# edited on the box by a technician\nconfig agent 'edited'\n"
 TIMEOUT = 120
 
@@ -80,19 +78,7 @@ def dep_ipks(pkg: Package, tmp_path_factory: pytest.TempPathFactory) -> list[Pat
 
 @pytest.fixture(scope="module")
 def dep_apks(pkg: Package, openwrt_tools: hosttools.Tools, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    out = tmp_path_factory.mktemp("dep-apks")
-    made = []
-    for dep in pkg.depends:
-        path = out / f"{dep.name}.apk"
-        _stub_apk(openwrt_tools, dep.name, f"{DEP_VERSION.get(dep.name, '1')}-r1", path)
-        made.append(path)
-    return made
-
-
-def _stub_apk(tools: hosttools.Tools, name: str, version: str, path: Path) -> None:
-    """An empty package that stands for an OpenWrt feed package of that name and version."""
-    info = [f"name:{name}", f"version:{version}", "arch:noarch"]
-    _run([str(tools.apk), "mkpkg", *(a for i in info for a in ("--info", i)), "--output", str(path)], tools.env)
+    return opkg_root.dep_apks(openwrt_tools, pkg, tmp_path_factory.mktemp("dep-apks"))
 
 
 # --- roots and the package managers ----------------------------------------------------------------------
@@ -303,7 +289,7 @@ def test_apk_refuses_a_python_older_than_the_bytecode(
 ) -> None:
     """The constraint is real: python3-light 3.10 does not satisfy ``python3-light>=3.11``."""
     old = tmp_path / "python3-light.apk"
-    _stub_apk(openwrt_tools, "python3-light", "3.10.13-r1", old)
+    opkg_root.stub_apk(openwrt_tools, "python3-light", "3.10.13-r1", old)
     deps = [str(p) for p in dep_apks if p.name != "python3-light.apk"] + [str(old)]
     root = _base_root(openwrt_tools, tmp_path / "root")
     res = _apk(openwrt_tools, root, "--initdb", "--no-scripts", "add", *deps, str(apks[0]), check=False)
