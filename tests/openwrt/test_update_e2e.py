@@ -109,6 +109,30 @@ class Box:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"the agent did not stop after installing:\n{self.log()[-4000:]}") from None
 
+    def health_shows(self, timeout: float = 60, **want: str) -> dict[str, Any]:
+        """The newest health sample that carries ``want`` (``agent_version``, ``update_outcome``, ...)."""
+        found: dict[str, Any] = {}
+
+        def shown() -> bool:
+            for rec in reversed(self.system.db.records(device_id=self.device_id, kind="health")):
+                if all(rec.fields.get(f"health:{k}") == v for k, v in want.items()):
+                    found.update(rec.fields)
+                    return True
+            return False
+
+        assert self.system.wait_for(shown, timeout), self.log()[-3000:]
+        return found
+
+    def listed(self) -> dict[str, Any]:
+        """This box's line of ``glucoagent-backend devices --json``."""
+        out = subprocess.run([BACKEND, "devices", "--json", "--home", str(self.system.home.root)],
+                             capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        rows = [json.loads(line) for line in out.stdout.splitlines()]
+        mine = [r for r in rows if r["device_id"] == self.device_id]
+        assert len(mine) == 1, out.stdout
+        return mine[0]
+
     def log(self) -> str:
         path = self.state / "agent.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -153,6 +177,13 @@ def test_good_update_then_replay_downgrade_and_recall(
     assert not (box.state / UPDATE_DIR / PENDING_FILE).exists()
     kept = sorted(p.name for p in (box.state / UPDATE_DIR / KEPT_DIR).iterdir())
     assert kept == [f"glucoagent_{v1.ipk_version}.ipk", f"glucoagent_{v2.ipk_version}.ipk"]
+    # The cloud sees the version now running and the outcome, in the health samples and the devices listing.
+    sample = box.health_shows(agent_version=v2.ipk_version, update_outcome="kept")
+    assert (sample["health:update_from"], sample["health:update_to"]) == (v1.ipk_version, v2.ipk_version)
+    assert sample["health:update_reason"] == "updated" and sample["health:update_at"] > 0
+    listed = box.listed()
+    assert listed["version"] == v2.ipk_version and listed["status"] == "online"
+    assert listed["update"]["outcome"] == "kept" and listed["update"]["to"] == v2.ipk_version
 
     # The same envelope again: the journal answers with the stored result, nothing runs.
     system.service.publish(f"gluco/v1/dev/{box.device_id}/commands", envelope)  # type: ignore[union-attr]
@@ -162,6 +193,8 @@ def test_good_update_then_replay_downgrade_and_recall(
     again_id, _ = box.send({"manifest": m2})
     assert box.result(again_id)[:2] == ("refused", "same_version")
     assert box.root.running == v2.ipk_version
+    refused = box.health_shows(agent_version=v2.ipk_version, update_outcome="refused")
+    assert (refused["health:update_to"], refused["health:update_reason"]) == (v2.ipk_version, "same_version")
     assert "replayed: not executed again" in box.log()
 
     # Recall: the same earlier package, re-signed with the downgrade allowed.
@@ -195,6 +228,9 @@ def test_a_new_version_that_never_starts_is_rolled_back_and_reported(
     status, code, _msg, data = box.result(cmd_id)
     assert (status, code) == ("failed", "rolled_back"), box.log()
     assert data == {"from": v1.ipk_version, "to": v2.ipk_version, "reason": "gate_timeout"}
+    sample = box.health_shows(agent_version=v1.ipk_version, update_outcome="rolled_back")
+    assert (sample["health:update_to"], sample["health:update_reason"]) == (v2.ipk_version, "gate_timeout")
+    assert box.listed()["update"]["outcome"] == "rolled_back"
 
     # The buffer across three starts, an install and a rollback: every reading once, the stream gap-free.
     assert system.wait_for(lambda: len(box.readings()) >= 20, 60), box.log()[-3000:]
