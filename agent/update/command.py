@@ -23,6 +23,7 @@ from agent.config import UpdateSection
 from agent.errors import CommandRejected
 from agent.update.fetch import FetchPolicy, download
 from agent.update.install import (
+    INSTALL_TIMEOUT_S,
     KEPT_DIR,
     PENDING_FILE,
     PackageManager,
@@ -34,6 +35,7 @@ from agent.update.install import (
     prune_kept,
     read_marker,
     take_report,
+    wait_for_installer,
     write_marker,
 )
 from agent.update.keys import load_release_key
@@ -115,10 +117,10 @@ def _run(ctx: Context, cmd: Command, seen: list[Manifest]) -> Outcome | None:
                 raise CommandRejected("bad_previous", f"previous is {prev.name} {prev.version}, the box runs {running}")
             previous = _fetch(ctx, prev, cfg)
         package = _fetch(ctx, m, cfg)
+        prune_kept(ctx.state_dir, {previous.name, package.name})  # before: the install may never return here
         install(ctx.state_dir, pm, package, m, running=running, previous=previous, gate_s=cfg.gate_s)
     except UpdateFailed as exc:
         return Outcome("failed", exc.code, str(exc), {"from": running, "to": m.version})
-    prune_kept(ctx.state_dir, {previous.name, package.name})
     log.warning("update: %s %s installed over %s; restarting for its health gate", m.name, m.version, running)
     ctx.host.request_stop()  # procd starts the new version; the next start gives the result
     return None
@@ -146,6 +148,8 @@ def _check(ctx: Context, _cmd_id: str) -> Outcome | None:
         return Outcome(
             "failed", "rolled_back", f"{data['to']} did not pass its health gate; {data['from']} reinstalled", data
         )
+    if not wait_for_installer(ctx.state_dir):
+        log.error("update: the package manager still runs after %.0fs; reading its database anyway", INSTALL_TIMEOUT_S)
     marker = read_marker(ctx.state_dir / UPDATE_DIR / PENDING_FILE)
     if marker is None:
         return INTERRUPTED  # stopped while downloading or checking: nothing changed (the download resumes)
