@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from openwrt import build_ipk as B
 from openwrt import hosttools
 from openwrt.package import Package, describe
 from support.opkg_root import OpkgRoot, opkg_root
-from testbed.harness import GLUCOAGENT, LocalSystem, device_config
+from testbed.harness import GLUCOAGENT, LocalSystem, device_config, spawn
 
 BACKEND = str(Path(GLUCOAGENT).with_name("glucoagent-backend"))
 Ipks = tuple[Package, Path, Package, Path]
@@ -171,3 +172,32 @@ def make_box(system: LocalSystem, tools: hosttools.Tools, ipks: Ipks, where: Pat
     box = Box(system, state, where / "glucoagent.conf", out.stdout.split()[-1], root, opts)
     box.write_config([])
     return box
+
+
+REPO = Path(__file__).resolve().parents[2]
+# How a test runs an agent from another source tree: its ``agent`` package first on the path.
+LAUNCH = "import sys; sys.path.insert(0, sys.argv.pop(1)); from agent.cli import main; sys.exit(main())"
+
+
+def newer_agent_tree(where: Path, migration: tuple[str, ...], oldest_reader: int) -> Path:
+    """A copy of this tree's ``agent`` package with one buffer migration more: a release that changes the
+    buffer schema. Returns the directory to put first on the path."""
+    tree = where / "newer-agent"
+    shutil.copytree(REPO / "agent", tree / "agent", ignore=shutil.ignore_patterns("__pycache__"))
+    schema = tree / "agent" / "buffer" / "schema.py"
+    text = schema.read_text()
+    extra = (
+        f"\nMIGRATIONS[max(MIGRATIONS) + 1] = {migration!r}\n"
+        f"OLDEST_READER[max(MIGRATIONS)] = {oldest_reader}\nSCHEMA_VERSION = max(MIGRATIONS)\n"
+    )
+    schema.write_text(text + extra)
+    return tree
+
+
+def start_from(box: Box, tree: Path) -> subprocess.Popen[bytes]:
+    """Start the box's agent from the source tree ``tree`` (procd starting a new version's code)."""
+    python = str(Path(GLUCOAGENT).with_name("python"))
+    argv = [python, "-c", LAUNCH, str(tree), "--state-dir", str(box.state), "--config", str(box.config), "run"]
+    box.proc = spawn(argv, box.state / "agent.log")
+    box.system.procs.append(box.proc)
+    return box.proc
