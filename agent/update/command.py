@@ -28,8 +28,10 @@ from agent.update.install import (
     PENDING_FILE,
     PackageManager,
     gate_passed,
+    hand_to_watchdog,
     install,
     installed_version,
+    installer_started,
     keep,
     kept_name,
     prune_kept,
@@ -145,9 +147,8 @@ def _check(ctx: Context, _cmd_id: str) -> Outcome | None:
         (ctx.state_dir / UPDATE_DIR / GATE_FILE).unlink(missing_ok=True)
         if gate.get("TO") == data["to"] and gate.get("GATE"):
             data["gate"] = gate["GATE"]  # what the new version saw; absent when it never got that far
-        return Outcome(
-            "failed", "rolled_back", f"{data['to']} did not pass its health gate; {data['from']} reinstalled", data
-        )
+        why = "did not pass its health gate" if data["reason"] == "gate_timeout" else f"failed ({data['reason']})"
+        return Outcome("failed", "rolled_back", f"{data['to']} {why}; {data['from']} reinstalled", data)
     if not wait_for_installer(ctx.state_dir):
         log.error("update: the package manager still runs after %.0fs; reading its database anyway", INSTALL_TIMEOUT_S)
     marker = read_marker(ctx.state_dir / UPDATE_DIR / PENDING_FILE)
@@ -155,6 +156,12 @@ def _check(ctx: Context, _cmd_id: str) -> Outcome | None:
         return INTERRUPTED  # stopped while downloading or checking: nothing changed (the download resumes)
     running = installed_version(_pm(cfg).status_file, marker.get("NAME", cfg.package))
     data = {"from": marker.get("FROM", ""), "to": marker.get("TO", "")}
+    if running != data["to"] and installer_started(ctx.state_dir):
+        # The package manager was cut off (a power loss): files of either version may be on disk. The
+        # watchdog reinstalls the previous package; the start after that reports the rollback.
+        if hand_to_watchdog(ctx.state_dir, "install_interrupted"):
+            log.error("update: the install of %s was cut off; the watchdog reinstalls %s", data["to"], running)
+        return None
     if running != data["to"]:
         (ctx.state_dir / UPDATE_DIR / PENDING_FILE).unlink(missing_ok=True)
         return Outcome("failed", "interrupted", f"cut off before {data['to']} was installed; {running} runs", data)

@@ -215,6 +215,32 @@ def gate_passed(state_dir: Path, running: str) -> bool:
     return True
 
 
+def installer_started(state_dir: Path) -> bool:
+    """The pending update's package manager was started (its log opened after the marker was written): a run
+    cut off by a power loss may have left files of either version, whatever the database says."""
+    directory = state_dir / UPDATE_DIR
+    try:
+        return (directory / INSTALL_LOG).stat().st_mtime_ns >= (directory / PENDING_FILE).stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
+
+
+def hand_to_watchdog(state_dir: Path, reason: str) -> bool:
+    """Claim the pending marker for the watchdog's rollback (its ``rollback`` file, with ``REASON``): its next
+    run reinstalls the previous package whatever the deadline. False when the watchdog took it first."""
+    directory = state_dir / UPDATE_DIR
+    claimed = directory / f".{PENDING_FILE}.handed"
+    try:
+        os.rename(directory / PENDING_FILE, claimed)
+    except FileNotFoundError:
+        return False
+    fields = read_marker(claimed) or {}
+    write_marker(directory / ROLLBACK_FILE, {**fields, "REASON": reason})
+    claimed.unlink()
+    fsync_dir(directory)
+    return True
+
+
 def take_report(state_dir: Path) -> dict[str, str] | None:
     """The watchdog's report of a rollback, once: for the next start's signed result."""
     path = state_dir / UPDATE_DIR / REPORT_FILE

@@ -249,3 +249,31 @@ def test_a_release_that_starts_but_cannot_connect_is_rolled_back(box: Box, syste
     assert data == {"from": v1.ipk_version, "to": v2.ipk_version, "reason": "gate_timeout", "gate": "no_connection"}
     sample = box.health_shows(agent_version=v1.ipk_version, update_outcome="rolled_back")
     assert sample["health:update_to"] == v2.ipk_version and sample["health:update_reason"] == "gate_timeout"
+
+
+def test_an_install_cut_off_with_the_agent_is_rolled_back(
+    box: Box, system: LocalSystem, ipks: Ipks, tmp_path: Path
+) -> None:
+    """A power loss during the install: the agent and the package manager die together. The next start
+    cannot trust the files on disk whatever the database says; it hands the marker to the watchdog, which
+    reinstalls v1 at its next run, and the start after that reports it."""
+    v1, _, v2, _ = ipks
+    flag = tmp_path / "installer.pid"
+    slow_installer(box, tmp_path, f"echo $$ > {flag}; sleep 30")
+    cmd_id = first_update(box, system, ipks)
+    assert system.wait_for(lambda: flag.exists() and flag.read_text().strip() != "", 90, poll=0.01)
+    os.killpg(int(flag.read_text()), signal.SIGKILL)  # the installer's own session
+    sigkill(box)
+    assert marker(box) is not None
+    box.start()
+    rollback = box.state / UPDATE_DIR / "rollback"
+    assert system.wait_for(rollback.exists, 30), box.log()[-3000:]
+    assert read_marker(rollback)["REASON"] == "install_interrupted"  # type: ignore[index]
+    out = box.root.watchdog(box.state, now=0)  # cron's next run: a claim is acted on whatever the time
+    assert out.returncode == 0, out.stderr
+    assert box.root.running == v1.ipk_version
+    assert box.proc is not None
+    stop_process(box.proc)  # the watchdog's restart
+    box.start()
+    _, _, _, data = settled(box, cmd_id, ("failed", "rolled_back"), v1.ipk_version)
+    assert data == {"from": v1.ipk_version, "to": v2.ipk_version, "reason": "install_interrupted"}
