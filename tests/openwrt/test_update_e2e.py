@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.update_rig import Box, Ipks, SlowShelf, make_box, release, two_versions
+from support.update_rig import BACKEND, Box, Ipks, SlowShelf, make_box, release, two_versions
 
 from agent.update.install import KEPT_DIR, PENDING_FILE, read_marker
 from agent.update.staging import PROGRESS_FILE, UPDATE_DIR
@@ -65,6 +66,10 @@ def test_good_update_then_replay_downgrade_and_recall(
     listed = box.listed()
     assert listed["version"] == v2.ipk_version and listed["status"] == "online"
     assert listed["update"]["outcome"] == "kept" and listed["update"]["to"] == v2.ipk_version
+    text = subprocess.run([BACKEND, "devices", "--home", str(system.home.root)], capture_output=True, text=True,
+                          timeout=60, check=True).stdout  # fmt: skip
+    line = next(x for x in text.splitlines() if x.startswith(box.device_id))
+    assert f"online  version {v2.ipk_version}  last update: kept {v1.ipk_version} -> {v2.ipk_version} (updated)" in line
 
     # The same envelope again: the journal answers with the stored result, nothing runs.
     system.service.publish(f"gluco/v1/dev/{box.device_id}/commands", envelope)  # type: ignore[union-attr]
