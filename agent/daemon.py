@@ -28,6 +28,8 @@ from agent.link.uplink import Uplink
 from agent.meters import MeterWatcher
 from agent.snapshot import clear_snapshot, write_snapshot
 from agent.status import SNAPSHOT_EVERY_S, store_state
+from agent.update.outcome import VersionProbe
+from agent.update.outcome import health_fields as update_health
 from agent.wire.clocksync import anchor_sample
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,7 @@ class Daemon:
         self._stop = threading.Event()
         self._calls: queue.Queue[Callable[[], None]] = queue.Queue()  # run on the daemon's own thread
         self._poke = threading.Event()  # a call is waiting, or stop
+        self.version_probe = VersionProbe(Path(cfg.update.status_file), cfg.update.package)
         self.commands = CommandExecutor(
             self, self.uplink, self.store, self.clock, self.identity, schedule, renewed=renewed
         )
@@ -135,6 +138,7 @@ class Daemon:
             "rss_kib": memory_rss_kib(),
             "ble_loaded": "drivers.ble.central" in sys.modules,
             "clock": self.clock.quality().value,
+            **update_health(self.cfg.agent.state_dir, self.version_probe),  # running version, last update
         }
 
     def stop(self, *_: Any) -> None:

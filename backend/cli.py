@@ -227,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="where to write the manifest (default: PACKAGE.manifest)")
     p.set_defaults(func=cmd_release)
 
+    p = sub.add_parser("devices", help="list each box: link status, running agent version, last update outcome")
+    p.add_argument("--home", type=Path, default=home_default)
+    p.add_argument("--json", action="store_true", help="one JSON object per device")
+    p.set_defaults(func=cmd_devices)
+
     p = sub.add_parser("erase", help="delete every reading, dose, alert and binding of a patient (audited)")
     p.add_argument("--home", type=Path, default=home_default)
     p.add_argument("--patient", required=True)
@@ -265,6 +270,25 @@ def cmd_release(args: argparse.Namespace) -> int:
     home.releases.put(args.package, m.sha256)  # what `serve` hands out to boxes' chunk requests
     print(f"{out}: {m.name} {m.version} ({m.format}, {m.size} bytes, sha256 {m.sha256.hex()}), "
           f"from {m.min_from}, downgrade {'allowed' if m.downgrade else 'refused'}")  # fmt: skip
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from backend.fleet import devices, render
+    from backend.home import BackendHome
+
+    home = BackendHome(args.home)
+    home.ensure()
+    db = home.db()
+    try:
+        views = devices(db)
+    finally:
+        db.close()
+    for line in ([json.dumps(dataclasses.asdict(v), sort_keys=True) for v in views] if args.json else render(views)):
+        print(line)
     return 0
 
 

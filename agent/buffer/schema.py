@@ -1,5 +1,14 @@
 """The buffer's tables, as migrations keyed by ``PRAGMA user_version`` (applied in order by store.py,
-each in one transaction; docs/storage.md)."""
+each in one transaction; docs/storage.md).
+
+A buffer must survive an update's rollback (docs/updates.md): the previous agent must read and write the
+buffer the new one migrated, readings and all. So migrations are *additive* (a new table, a new index, a
+new nullable or defaulted column, new ``meta`` rows; nothing dropped, renamed or re-typed, no new
+constraint on existing rows), and each declares in ``OLDEST_READER`` the oldest schema version whose agent
+can still use a buffer at its version. The store records that in ``meta`` (``oldest_reader``); an agent of
+an older schema opens a newer buffer as it is when its own version is at least that, and refuses it
+otherwise. A migration that cannot be additive declares its own version, and its release must not be
+shipped as an update that may roll back (tests/unit/agent/buffer/test_schema_rules.py checks the rule)."""
 
 from __future__ import annotations
 
@@ -34,4 +43,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         """INSERT INTO meta (key, value) VALUES ('cloud_floor', 0)""",
     ),
 }
+# version -> the oldest schema version that can read and write a buffer at that version
+OLDEST_READER: dict[int, int] = {1: 1, 2: 1}
 SCHEMA_VERSION = max(MIGRATIONS)

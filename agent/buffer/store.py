@@ -24,7 +24,7 @@ from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.buffer.schema import MIGRATIONS, SCHEMA_VERSION
+from agent.buffer.schema import MIGRATIONS, OLDEST_READER, SCHEMA_VERSION
 from agent.errors import BufferFull, StorageUnavailable, StoreCorrupt, StoreError
 from agent.fsutil import atomic_write
 
@@ -111,17 +111,38 @@ class Store:
     def _migrate(self) -> None:
         current = self._db.execute("PRAGMA user_version").fetchone()[0]
         if current > SCHEMA_VERSION:
-            raise StoreError(f"buffer schema {current} is newer than this agent ({SCHEMA_VERSION})")
+            self._open_newer(current)
+            return
         for version in range(current + 1, SCHEMA_VERSION + 1):
             with self.transaction() as db:
                 for statement in MIGRATIONS[version]:
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {version}")
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('oldest_reader', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (OLDEST_READER[version],),
+                )
                 if version == 1:
                     self._start_after_reserve(db)
             log.info("buffer schema migrated to version %d", version)
         with contextlib.suppress(OSError):
             os.chmod(self.path, 0o600)
+
+    def _open_newer(self, current: int) -> None:
+        """A buffer a newer agent migrated (this one was rolled back): used as it is when every migration
+        above this agent's schema was additive, i.e. the buffer's declared oldest reader is not newer."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'oldest_reader'").fetchone()
+        oldest = int(row[0]) if row else current
+        if oldest > SCHEMA_VERSION:
+            raise StoreError(
+                f"buffer schema {current} is newer than this agent ({SCHEMA_VERSION}) and needs at least "
+                f"schema {oldest} to be read"
+            )
+        log.warning(
+            "buffer schema %d from a newer agent: its changes are additive (readable from schema %d), "
+            "used as it is by this agent (schema %d)", current, oldest, SCHEMA_VERSION,
+        )  # fmt: skip
 
     def _reserved(self) -> dict[str, int]:
         try:

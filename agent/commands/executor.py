@@ -274,7 +274,11 @@ class CommandExecutor:
             if handler is not None and handler.interrupted is Interruption.RERUN and envelope.exists():
                 self._rerun(cmd_id, ctype, envelope.read_bytes())
             elif handler is not None and handler.check is not None:
-                self._finish(cmd_id, ctype, handler.check(self.ctx, cmd_id))
+                outcome = handler.check(self.ctx, cmd_id)
+                if outcome is None:  # undecided (an update whose gate failed: the rolled-back version reports)
+                    log.warning("command %s (%s) left to a later start", cmd_id, ctype)
+                    continue
+                self._finish(cmd_id, ctype, outcome)
             else:
                 self._finish(cmd_id, ctype, INTERRUPTED)
             if self._wipe:

@@ -119,5 +119,5 @@ class Handler:
 
     run: Callable[[Context, Command, float], Outcome | None]
     interrupted: Interruption
-    check: Callable[[Context, str], Outcome] | None = None
+    check: Callable[[Context, str], Outcome | None] | None = None  # None: still undecided, left started
     stops_agent: bool = False

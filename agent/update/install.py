@@ -8,6 +8,7 @@ any of the new agent's Python code: a release that cannot even start Python is s
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import os
 import re
@@ -26,6 +27,8 @@ KEPT_DIR = "kept"  # package files of installed versions: the rollback targets
 PENDING_FILE = "pending"  # an install awaiting its health gate (the watchdog's input)
 ROLLBACK_FILE = "rollback"  # the marker, claimed by the watchdog (a rename: it or the gate, never both)
 REPORT_FILE = "report"  # the watchdog's outcome, reported by the next agent start
+INSTALL_LOCK = "install.lock"  # held by the package manager run while it installs (flock)
+INSTALL_LOG = "install.log"  # its output, the last lines go into an install_failed result
 INSTALL_TIMEOUT_S = 300.0
 KEY_RE = re.compile(r"^[A-Z_]+$")
 
@@ -135,17 +138,77 @@ def install(
     )
     argv = [*pm.install, str(package)]
     log.warning("update: installing %s %s over %s: %s", m.name, m.version, running, shlex.join(argv))
-    try:
-        proc = subprocess.run(argv, capture_output=True, timeout=INSTALL_TIMEOUT_S, check=False)
-        rc, detail = str(proc.returncode), (proc.stderr or proc.stdout).decode("utf-8", "replace").strip()[-300:]
-    except (OSError, subprocess.SubprocessError) as exc:
-        rc, detail = "error", str(exc)
+    rc, detail = _run_installer(directory, argv)
     now = installed_version(pm.status_file, m.name)
     if rc == "0" and now == m.version:
         return
     if now == running:  # nothing changed: no gate to wait for
         (directory / PENDING_FILE).unlink(missing_ok=True)
     raise UpdateFailed("install_failed", f"package manager exit {rc}, {m.name} now at {now}: {detail}")
+
+
+def _run_installer(directory: Path, argv: list[str]) -> tuple[str, str]:
+    """Run the package manager so that stopping or killing this agent cannot cut it off.
+
+    On a box the package manager stops the very agent that runs it: opkg's prerm runs
+    ``/etc/init.d/glucoagent stop`` (procd: SIGTERM, SIGKILL after term_timeout), apk's post-upgrade
+    restarts it. So the installer runs in its own session (no signal to the agent's process group reaches
+    it), with its output in ``install.log`` rather than a pipe (a pipe whose reader died kills the writer
+    with SIGPIPE half-way through an install), and holds ``install.lock`` (an flock on an inherited file
+    descriptor) until it exits: the next agent start, which procd may begin while the package manager is
+    still writing its database, waits on that lock before it reads which version is installed."""
+    lock_fd = os.open(directory / INSTALL_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        with (directory / INSTALL_LOG).open("wb") as out:
+            try:
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    start_new_session=True, pass_fds=(lock_fd,),
+                )  # fmt: skip
+            except OSError as exc:
+                return "error", str(exc)
+        try:
+            rc = str(proc.wait(timeout=INSTALL_TIMEOUT_S))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = "timeout"
+    finally:
+        os.close(lock_fd)
+    try:
+        detail = (directory / INSTALL_LOG).read_bytes()[-300:].decode("utf-8", "replace").strip()
+    except OSError:
+        detail = ""
+    return rc, detail
+
+
+def wait_for_installer(state_dir: Path, timeout_s: float = INSTALL_TIMEOUT_S) -> bool:
+    """Wait until no package manager started by an update runs any more (its ``install.lock``); True when
+    none does, False when one still held it after ``timeout_s``."""
+    path = state_dir / UPDATE_DIR / INSTALL_LOCK
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    try:
+        deadline = time.monotonic() + timeout_s
+        logged = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                if not logged:
+                    log.warning("update: the package manager is still installing; waiting for it")
+                    logged = True
+                time.sleep(0.2)
+                continue
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return True
+    finally:
+        os.close(fd)
 
 
 def gate_passed(state_dir: Path, running: str) -> bool:
@@ -162,6 +225,32 @@ def gate_passed(state_dir: Path, running: str) -> bool:
         os.rename(directory / PENDING_FILE, claimed)
     except FileNotFoundError:
         return False
+    claimed.unlink()
+    fsync_dir(directory)
+    return True
+
+
+def installer_started(state_dir: Path) -> bool:
+    """The pending update's package manager was started (its log opened after the marker was written): a run
+    cut off by a power loss may have left files of either version, whatever the database says."""
+    directory = state_dir / UPDATE_DIR
+    try:
+        return (directory / INSTALL_LOG).stat().st_mtime_ns >= (directory / PENDING_FILE).stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
+
+
+def hand_to_watchdog(state_dir: Path, reason: str) -> bool:
+    """Claim the pending marker for the watchdog's rollback (its ``rollback`` file, with ``REASON``): its next
+    run reinstalls the previous package whatever the deadline. False when the watchdog took it first."""
+    directory = state_dir / UPDATE_DIR
+    claimed = directory / f".{PENDING_FILE}.handed"
+    try:
+        os.rename(directory / PENDING_FILE, claimed)
+    except FileNotFoundError:
+        return False
+    fields = read_marker(claimed) or {}
+    write_marker(directory / ROLLBACK_FILE, {**fields, "REASON": reason})
     claimed.unlink()
     fsync_dir(directory)
     return True

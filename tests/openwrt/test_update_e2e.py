@@ -5,32 +5,20 @@ or reports the watchdog's rollback. The version "running" is the one opkg record
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from support.opkg_root import OpkgRoot, opkg_root
+from support.update_rig import BACKEND, Box, Ipks, SlowShelf, make_box, release, two_versions
 
 from agent.update.install import KEPT_DIR, PENDING_FILE, read_marker
 from agent.update.staging import PROGRESS_FILE, UPDATE_DIR
-from agent.wire.release import Chunk, ChunkRequest
-from backend.commands import record_sent, sign_command, stored_result
-from backend.release import ReleaseShelf
-from drivers.readings_json import dumps
-from drivers.simulators.records import random_records
-from openwrt import build_ipk as B
 from openwrt import hosttools
-from openwrt.package import Package, describe
-from testbed.harness import GLUCOAGENT, LocalSystem, device_config, stop_process
-
-BACKEND = str(Path(GLUCOAGENT).with_name("glucoagent-backend"))
+from testbed.harness import LocalSystem, stop_process
 
 
 @pytest.fixture(scope="module")
@@ -40,102 +28,20 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSystem]:
 
 
 @pytest.fixture(scope="module")
-def ipks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Package, Path, Package, Path]:
-    v1 = describe()
-    v2 = dataclasses.replace(v1, release=v1.release + 1)
-    out = tmp_path_factory.mktemp("e2e-ipks")
-    return v1, B.write_ipk(v1, out / "1"), v2, B.write_ipk(v2, out / "2")
-
-
-def release(system: LocalSystem, package: Path, *extra: str) -> bytes:
-    out = subprocess.run(
-        [BACKEND, "release", str(package), "--home", str(system.home.root), *extra],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    return package.with_name(package.name + ".manifest").read_bytes()
-
-
-@dataclasses.dataclass
-class Box:
-    system: LocalSystem
-    state: Path
-    config: Path
-    device_id: str
-    root: OpkgRoot
-    update: dict[str, str]
-    proc: subprocess.Popen[bytes] | None = None
-
-    def attach_meter(self, n: int) -> None:
-        """A simulated meter holding ``n`` readings on a pty, configured on the box."""
-        records = self.state.parent / f"{self.state.name}-meter.json"
-        records.write_text(dumps(random_records("onetouch-ultra2", n, seed=16)))
-        link = self.state.parent / f"tty-{self.state.name}"
-        self.system.start_simulator("onetouch-ultra2", link, records)
-        self.config = device_config(
-            self.config, [(str(link), "auto")], update=self.update, agent={"health_interval_s": "10"}
-        )
-
-    def readings(self) -> list[Any]:
-        return self.system.db.records(device_id=self.device_id, kind="reading")
-
-    def start(self) -> None:
-        before = self.log().count("uplink: connected")
-        self.proc = self.system.start_agent(self.state, self.config)
-        # Subscribed to its commands topic before it logs this: a command sent now reaches it.
-        assert self.system.wait_for(lambda: self.log().count("uplink: connected") > before, 30), self.log()
-
-    def send(self, args: dict[str, Any], cmd_id: str | None = None) -> tuple[str, bytes]:
-        cmd_id, envelope = sign_command(self.system.home.command_key, self.device_id, "update", args, cmd_id=cmd_id)
-        record_sent(self.system.db, self.device_id, cmd_id, "update")
-        assert self.system.service is not None
-        self.system.service.publish(f"gluco/v1/dev/{self.device_id}/commands", envelope)
-        return cmd_id, envelope
-
-    def result(self, cmd_id: str, timeout: float = 90) -> tuple[str, str, str, Any]:
-        def answered() -> bool:
-            found = stored_result(self.system.db, self.device_id, cmd_id)
-            return found is not None and found[0] != "sent"
-
-        assert self.system.wait_for(answered, timeout), self.log()[-4000:]
-        found = stored_result(self.system.db, self.device_id, cmd_id)
-        assert found is not None
-        return found
-
-    def exited(self, timeout: float = 120) -> int:
-        assert self.proc is not None
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"the agent did not stop after installing:\n{self.log()[-4000:]}") from None
-
-    def log(self) -> str:
-        path = self.state / "agent.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+def ipks(tmp_path_factory: pytest.TempPathFactory) -> Ipks:
+    return two_versions(tmp_path_factory.mktemp("e2e-ipks"))
 
 
 @pytest.fixture
-def box(
-    system: LocalSystem, openwrt_tools: hosttools.Tools, ipks: tuple[Package, Path, Package, Path], tmp_path: Path
-) -> Iterator[Box]:
-    v1, v1_ipk, _, _ = ipks
-    root = opkg_root(openwrt_tools, tmp_path, v1, v1_ipk)
-    name = f"upd-{tmp_path.name[-12:]}".replace("_", "-")
-    state = system.device_dir(name)
-    out = system.provision(state, patient=f"patient-{name}")
-    assert out.returncode == 0, out.stdout + out.stderr
-    device_id = out.stdout.split()[-1]
-    update = {"install_command": root.command_line, "status_file": str(root.pm.status_file), "gate_s": "60",
-              "chunk_timeout_s": "5"}  # fmt: skip
-    config = device_config(tmp_path / "glucoagent.conf", [], update=update, agent={"health_interval_s": "10"})
-    b = Box(system, state, config, device_id, root, update)
+def box(system: LocalSystem, openwrt_tools: hosttools.Tools, ipks: Ipks, tmp_path: Path) -> Iterator[Box]:
+    b = make_box(system, openwrt_tools, ipks, tmp_path)
     yield b
     if b.proc is not None:
         stop_process(b.proc)
 
 
 def test_good_update_then_replay_downgrade_and_recall(
-    box: Box, system: LocalSystem, ipks: tuple[Package, Path, Package, Path]
+    box: Box, system: LocalSystem, ipks: Ipks
 ) -> None:
     v1, v1_ipk, v2, v2_ipk = ipks
     m1, m2 = release(system, v1_ipk), release(system, v2_ipk, "--min-from", v1.ipk_version)
@@ -153,6 +59,17 @@ def test_good_update_then_replay_downgrade_and_recall(
     assert not (box.state / UPDATE_DIR / PENDING_FILE).exists()
     kept = sorted(p.name for p in (box.state / UPDATE_DIR / KEPT_DIR).iterdir())
     assert kept == [f"glucoagent_{v1.ipk_version}.ipk", f"glucoagent_{v2.ipk_version}.ipk"]
+    # The cloud sees the version now running and the outcome, in the health samples and the devices listing.
+    sample = box.health_shows(agent_version=v2.ipk_version, update_outcome="kept")
+    assert (sample["health:update_from"], sample["health:update_to"]) == (v1.ipk_version, v2.ipk_version)
+    assert sample["health:update_reason"] == "updated" and sample["health:update_at"] > 0
+    listed = box.listed()
+    assert listed["version"] == v2.ipk_version and listed["status"] == "online"
+    assert listed["update"]["outcome"] == "kept" and listed["update"]["to"] == v2.ipk_version
+    text = subprocess.run([BACKEND, "devices", "--home", str(system.home.root)], capture_output=True, text=True,
+                          timeout=60, check=True).stdout  # fmt: skip
+    line = next(x for x in text.splitlines() if x.startswith(box.device_id))
+    assert f"online  version {v2.ipk_version}  last update: kept {v1.ipk_version} -> {v2.ipk_version} (updated)" in line
 
     # The same envelope again: the journal answers with the stored result, nothing runs.
     system.service.publish(f"gluco/v1/dev/{box.device_id}/commands", envelope)  # type: ignore[union-attr]
@@ -162,6 +79,8 @@ def test_good_update_then_replay_downgrade_and_recall(
     again_id, _ = box.send({"manifest": m2})
     assert box.result(again_id)[:2] == ("refused", "same_version")
     assert box.root.running == v2.ipk_version
+    refused = box.health_shows(agent_version=v2.ipk_version, update_outcome="refused")
+    assert (refused["health:update_to"], refused["health:update_reason"]) == (v2.ipk_version, "same_version")
     assert "replayed: not executed again" in box.log()
 
     # Recall: the same earlier package, re-signed with the downgrade allowed.
@@ -174,7 +93,7 @@ def test_good_update_then_replay_downgrade_and_recall(
 
 
 def test_a_new_version_that_never_starts_is_rolled_back_and_reported(
-    box: Box, system: LocalSystem, ipks: tuple[Package, Path, Package, Path]
+    box: Box, system: LocalSystem, ipks: Ipks
 ) -> None:
     v1, v1_ipk, v2, v2_ipk = ipks
     m1, m2 = release(system, v1_ipk), release(system, v2_ipk)
@@ -195,6 +114,9 @@ def test_a_new_version_that_never_starts_is_rolled_back_and_reported(
     status, code, _msg, data = box.result(cmd_id)
     assert (status, code) == ("failed", "rolled_back"), box.log()
     assert data == {"from": v1.ipk_version, "to": v2.ipk_version, "reason": "gate_timeout"}
+    sample = box.health_shows(agent_version=v1.ipk_version, update_outcome="rolled_back")
+    assert (sample["health:update_to"], sample["health:update_reason"]) == (v2.ipk_version, "gate_timeout")
+    assert box.listed()["update"]["outcome"] == "rolled_back"
 
     # The buffer across three starts, an install and a rollback: every reading once, the stream gap-free.
     assert system.wait_for(lambda: len(box.readings()) >= 20, 60), box.log()[-3000:]
@@ -205,7 +127,7 @@ def test_a_new_version_that_never_starts_is_rolled_back_and_reported(
 
 
 def test_bad_signature_and_no_rollback_target_change_nothing(
-    box: Box, system: LocalSystem, ipks: tuple[Package, Path, Package, Path]
+    box: Box, system: LocalSystem, ipks: Ipks
 ) -> None:
     v1, _, _, v2_ipk = ipks
     m2 = release(system, v2_ipk)
@@ -219,16 +141,8 @@ def test_bad_signature_and_no_rollback_target_change_nothing(
     assert box.proc is not None and box.proc.poll() is None  # still running
 
 
-class SlowShelf(ReleaseShelf):
-    """The cloud's real shelf, answering each chunk 0.1 s late: a download long enough to be killed mid-way."""
-
-    def chunk(self, req: ChunkRequest) -> Chunk | None:
-        time.sleep(0.1)
-        return super().chunk(req)
-
-
 def test_sigkill_during_download_is_reported_and_the_download_resumes(
-    box: Box, system: LocalSystem, ipks: tuple[Package, Path, Package, Path]
+    box: Box, system: LocalSystem, ipks: Ipks
 ) -> None:
     v1, v1_ipk, v2, v2_ipk = ipks
     m1, m2 = release(system, v1_ipk), release(system, v2_ipk)

@@ -5,7 +5,9 @@ health gate did not pass in time. The version "running" is the one opkg's databa
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
+import os
 import subprocess
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 from support.opkg_root import NAME, OpkgRoot, opkg_root
 
 from agent.update.install import (
+    INSTALL_LOCK,
     PENDING_FILE,
     ROLLBACK_FILE,
     PackageManager,
@@ -110,6 +113,25 @@ def test_gate_not_passed_in_time_rolls_back_to_the_kept_package(
     assert take_report(box.state) is None  # reported once
     again = box.watchdog(now=deadline + 60)
     assert again.returncode == 0 and box.running == v1.ipk_version
+
+
+def test_watchdog_waits_while_the_package_manager_still_installs(
+    box: Box, ipks: tuple[Package, Path, Package, Path]
+) -> None:
+    v1, v1_ipk, v2, v2_ipk = ipks
+    previous = keep(box.state, v1_ipk, manifest(v1, v1_ipk))
+    install(box.state, box.pm, v2_ipk, manifest(v2, v2_ipk), running=v1.ipk_version, previous=previous, gate_s=0)
+    lock = os.open(box.state / UPDATE_DIR / INSTALL_LOCK, os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as the package manager run holds it until it exits
+        busy = box.watchdog(now=2**40)
+        assert busy.returncode == 0, busy.stderr
+        assert box.running == v2.ipk_version and (box.state / UPDATE_DIR / PENDING_FILE).exists()
+    finally:
+        os.close(lock)
+    done = box.watchdog(now=2**40)
+    assert done.returncode == 0, done.stderr
+    assert box.running == v1.ipk_version
 
 
 def test_watchdog_killed_mid_rollback_finishes_it_next_run(box: Box, ipks: tuple[Package, Path, Package, Path]) -> None:

@@ -34,6 +34,7 @@ INTERVAL_S = 10  # the smallest agent.health_interval_s the configuration accept
 READINGS = 10
 FIELDS = {
     "uptime_s",
+    "agent_version",
     "buffer_depth",
     "oldest_unsent_age_s",
     "uploaded",
