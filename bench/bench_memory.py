@@ -43,12 +43,11 @@ READINGS = 50
 BACKLOG = 1_000  # queued before the agent starts: uploads in full batches
 IDLE_WINDOW_S = 60.0
 FLOOR_IMPORTS = "import ssl, sqlite3\nfrom cryptography.hazmat.primitives.asymmetric import ed25519\n"
-# What the daemon loads only for provisioning, renewal, an update or syslog (docs/field.md): the eager agent
-# imports it at start, as the daemon did before issue 17.
+# What the daemon held at steady state before issue 17 and now loads only for provisioning, renewal, an
+# update or syslog (docs/field.md): the eager agent imports it at start, as the daemon did.
 EAGER = (
     "cryptography.x509",
     "cryptography.hazmat.primitives.serialization",
-    "agent.identity.provisioning",
     "agent.update.command",
     "logging.handlers",
 )
