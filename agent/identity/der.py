@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import calendar
+import datetime as dt
 import re
 
 ED25519_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")  # v1, id-Ed25519, OCTET STRING
@@ -77,9 +77,10 @@ def _time(tag: int, value: bytes) -> float | None:
     else:
         return None
     month, day, hour, minute, second = (int(g) for g in m.groups()[1:])
-    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 60):
+    try:
+        return dt.datetime(year, month, day, hour, minute, second, tzinfo=dt.UTC).timestamp()
+    except ValueError:  # no such date (February 30th, hour 24, a leap second)
         return None
-    return float(calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0)))
 
 
 def cert_not_after(pem: bytes) -> float | None:

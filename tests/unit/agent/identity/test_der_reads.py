@@ -69,6 +69,14 @@ def test_unreadable_certificates_give_none(pem: bytes) -> None:
     assert der.cert_not_after(pem) is None
 
 
+def test_a_date_that_does_not_exist_gives_none() -> None:
+    good = der.pem_block(_cert(dt.datetime(2030, 1, 1, tzinfo=dt.UTC), ed25519.Ed25519PrivateKey.generate()), "CERTIFICATE")
+    assert good is not None and good.count(b"300101000000Z") == 1  # notAfter as UTCTime
+    bad = good.replace(b"300101000000Z", b"300230000000Z")  # February 30th, same length
+    pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bad) + b"-----END CERTIFICATE-----\n"
+    assert der.cert_not_after(pem) is None
+
+
 def test_truncated_certificate_gives_none() -> None:
     body = der.pem_block(_cert(dt.datetime(2030, 1, 1, tzinfo=dt.UTC), ed25519.Ed25519PrivateKey.generate()), "CERTIFICATE")
     assert body is not None
