@@ -13,7 +13,7 @@ def setup_logging(level: str = "info", target: str = "auto") -> None:
     root.handlers.clear()
     use_syslog = target == "syslog" or (target == "auto" and os.path.exists(SYSLOG_SOCKET) and not os.isatty(2))
     if use_syslog:
-        # with pickle, ~0.6 MiB resident: only where syslog is the target (docs/field.md)
+        # with pickle, ~0.3 MiB resident: only where syslog is the target (docs/field.md)
         from logging.handlers import SysLogHandler
 
         handler: logging.Handler = SysLogHandler(address=SYSLOG_SOCKET, facility=SysLogHandler.LOG_DAEMON)

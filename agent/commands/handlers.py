@@ -174,8 +174,6 @@ def renew_check(ctx: Context, cmd_id: str) -> Outcome:
     return INTERRUPTED
 
 
-# Not sync_time among the re-run: after a crash (maybe a reboot) the box cannot know how long ago
-# the cloud's time was taken, and setting a stale time marked "synced" is worse.
 def update(ctx: Context, cmd: Command, received: float) -> Outcome | None:
     from agent.update import command  # loaded when an update comes, not held at steady state (docs/field.md)
 
@@ -188,6 +186,8 @@ def update_check(ctx: Context, cmd_id: str) -> Outcome:
     return command.check(ctx, cmd_id)
 
 
+# Not sync_time among the re-run: after a crash (maybe a reboot) the box cannot know how long ago
+# the cloud's time was taken, and setting a stale time marked "synced" is worse.
 HANDLERS: dict[str, Handler] = {
     "ping": Handler(ping, Interruption.RERUN),
     "sync_time": Handler(sync_time, Interruption.REPORT),

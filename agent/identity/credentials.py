@@ -59,7 +59,7 @@ def generate_key(key_type: str) -> PrivateKey:
 
 
 def key_pem(key: PrivateKey) -> bytes:
-    # serialization (ssh, bcrypt, the ciphers: ~2 MiB resident) only when a key is made: not at steady state
+    # the serialization package (it loads ssh, bcrypt, the ciphers) only when a key is made: not at steady state
     from cryptography.hazmat.primitives import serialization
 
     return key.private_bytes(

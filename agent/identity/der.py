@@ -1,5 +1,5 @@
 """The few DER reads the daemon needs at steady state, without cryptography's ``serialization`` and
-``x509`` packages (together about 3 MiB resident on the box: docs/field.md "What the box costs").
+``x509`` packages (together about 1.1 MiB resident in the daemon: docs/field.md "What the box costs").
 
 An Ed25519 key in its one fixed PKCS#8 / SubjectPublicKeyInfo form (RFC 8410 §7, §4: what cryptography
 writes), and a certificate's notAfter (RFC 5280 §4.1.2.5). Anything these do not recognise exactly

@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 
 # The enums only, from where the serialization package itself takes them: that package also loads ssh,
-# bcrypt and the ciphers (~2 MiB resident), which the running box never needs (docs/field.md).
+# bcrypt and the ciphers, which the running box never needs (docs/field.md).
 from cryptography.hazmat.primitives._serialization import Encoding, PublicFormat
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, utils
 
