@@ -18,7 +18,6 @@ from agent.config import SCHEMA, SETTABLE_KEYS, build_config
 from agent.errors import CommandRejected, ConfigError
 from agent.fsutil import atomic_write
 from agent.uci import parse_uci, set_option
-from agent.update import command as update_command
 from agent.wire.command import COMMANDS, Command
 
 log = logging.getLogger(__name__)
@@ -175,6 +174,18 @@ def renew_check(ctx: Context, cmd_id: str) -> Outcome:
     return INTERRUPTED
 
 
+def update(ctx: Context, cmd: Command, received: float) -> Outcome | None:
+    from agent.update import command  # loaded when an update comes, not held at steady state (docs/field.md)
+
+    return command.run(ctx, cmd, received)
+
+
+def update_check(ctx: Context, cmd_id: str) -> Outcome:
+    from agent.update import command  # as update()
+
+    return command.check(ctx, cmd_id)
+
+
 # Not sync_time among the re-run: after a crash (maybe a reboot) the box cannot know how long ago
 # the cloud's time was taken, and setting a stale time marked "synced" is worse.
 HANDLERS: dict[str, Handler] = {
@@ -187,7 +198,7 @@ HANDLERS: dict[str, Handler] = {
     "diagnostics": Handler(diagnostics, Interruption.RERUN),
     "deprovision": Handler(deprovision, Interruption.CHECK, deprovision_check, stops_agent=True),
     "reboot": Handler(reboot, Interruption.CHECK, reboot_check),
-    "update": Handler(update_command.run, Interruption.CHECK, update_command.check),
+    "update": Handler(update, Interruption.CHECK, update_check),
 }
 if set(HANDLERS) != set(COMMANDS):  # the wire's table is the one list of commands
     raise RuntimeError(f"command handlers {sorted(HANDLERS)} differ from the wire's {sorted(COMMANDS)}")

@@ -13,16 +13,17 @@ import datetime as dt
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import NameOID
 
 from agent.errors import ConfigError, NotProvisioned
 from agent.fsutil import atomic_write
+from agent.identity import der
 from agent.wire.cose import PrivateKey, PublicKey, key_id
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 KEY_FILE = "device.key"
 CERT_FILE = "device.crt"
@@ -58,6 +59,9 @@ def generate_key(key_type: str) -> PrivateKey:
 
 
 def key_pem(key: PrivateKey) -> bytes:
+    # the serialization package (it loads ssh, bcrypt, the ciphers) only when a key is made: not at steady state
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -76,7 +80,14 @@ def load_or_create_key(state_dir: Path, key_type: str) -> PrivateKey:
 
 def load_key(path: Path) -> PrivateKey:
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        pem = path.read_bytes()
+        seed = der.ed25519_private_seed(pem)
+        if seed is not None:  # the usual key, read without the serialization package (RSS, docs/field.md)
+            key: object = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+        else:
+            from cryptography.hazmat.primitives import serialization  # a P-256 key: the full parser
+
+            key = serialization.load_pem_private_key(pem, password=None)
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"{path}: the device key is unreadable ({exc}); deprovision and enrol again") from exc
     if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
@@ -86,6 +97,11 @@ def load_key(path: Path) -> PrivateKey:
 
 def build_csr(key: PrivateKey, hardware_serial: str) -> bytes:
     """CSR naming the hardware serial; the CA chooses the device id (the certificate CN)."""
+    # x509 and serialization only for provisioning and renewal: not at steady state (RSS, docs/field.md)
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
     subject = x509.Name([x509.NameAttribute(NameOID.SERIAL_NUMBER, hardware_serial)])
     builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
     algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
@@ -136,6 +152,16 @@ class DeviceIdentity:
         return self.state_dir / CA_FILE
 
 
+def load_public_key(pem: bytes) -> object:
+    """A PEM public key; an Ed25519 one without the serialization package (RSS, docs/field.md)."""
+    raw = der.ed25519_public_raw(pem)
+    if raw is not None:
+        return ed25519.Ed25519PublicKey.from_public_bytes(raw)
+    from cryptography.hazmat.primitives import serialization  # a P-256 key: the full parser
+
+    return serialization.load_pem_public_key(pem)
+
+
 def is_provisioned(state_dir: Path) -> bool:
     return all((state_dir / f).exists() for f in (KEY_FILE, CERT_FILE, CA_FILE, COMMAND_KEY_FILE, DEVICE_FILE))
 
@@ -146,7 +172,7 @@ def load_identity(state_dir: Path) -> DeviceIdentity:
     try:
         meta = json.loads((state_dir / DEVICE_FILE).read_text())
         key = load_key(state_dir / KEY_FILE)
-        command_key = serialization.load_pem_public_key((state_dir / COMMAND_KEY_FILE).read_bytes())
+        command_key = load_public_key((state_dir / COMMAND_KEY_FILE).read_bytes())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"credentials in {state_dir} are unreadable: {exc}") from exc
     if not isinstance(command_key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):

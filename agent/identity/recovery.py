@@ -8,8 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-
-from cryptography import x509
+from typing import TYPE_CHECKING
 
 from agent.errors import GlucoagentError
 from agent.identity.credentials import CA_FILE
@@ -27,6 +26,9 @@ from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles
 from agent.wire import cose, topics
 from agent.wire.provisioning import decode_reply
 from agent.wire.renewal import encode_recovery_request
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 
 def recover(

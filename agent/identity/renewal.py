@@ -47,14 +47,13 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
 
 from agent.errors import GlucoagentError
 from agent.fsutil import atomic_write, fsync_dir
+from agent.identity import der
 from agent.identity.credentials import (
     CA_FILE,
     CERT_FILE,
@@ -67,6 +66,9 @@ from agent.identity.credentials import (
 )
 from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles
 from agent.wire import cose
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +105,18 @@ def stage_key(state_dir: Path, key_type: str) -> tuple[cose.PrivateKey, bytes]:
 
 
 def _spki(key: cose.PublicKey | object) -> bytes:
+    from cryptography.hazmat.primitives import serialization  # renewal only (RSS, docs/field.md)
+
     assert hasattr(key, "public_bytes")
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)  # type: ignore[no-any-return]
 
 
 def check_certificate(chain_pem: bytes, key: cose.PrivateKey, device_id: str, ca_pem: bytes) -> x509.Certificate:
     """The delivered leaf must carry the staged key, name this device and be issued by the pinned CA."""
+    # x509 only while a certificate is checked (renewal, re-enrolment): not at steady state (RSS, docs/field.md)
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     try:
         certs = x509.load_pem_x509_certificates(chain_pem)
         ca = x509.load_pem_x509_certificate(ca_pem)
@@ -189,8 +197,17 @@ def certificate_summary(leaf: x509.Certificate) -> dict[str, str | int]:
 def cert_not_after(cert_path: Path) -> float:
     """notAfter of the leaf in ``cert_path`` (Unix seconds); 0 when unreadable (renewal due at once)."""
     try:
-        return not_after(x509.load_pem_x509_certificate(cert_path.read_bytes()))
-    except (OSError, ValueError):
+        pem = cert_path.read_bytes()
+    except OSError:
+        return 0.0
+    seconds = der.cert_not_after(pem)  # read at every start: without x509 (RSS, docs/field.md)
+    if seconds is not None:
+        return seconds
+    from cryptography import x509  # what the small reader does not know: the full parser
+
+    try:
+        return not_after(x509.load_pem_x509_certificate(pem))
+    except ValueError:
         return 0.0
 
 

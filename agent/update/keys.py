@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from agent.errors import CommandRejected
@@ -15,6 +14,8 @@ RELEASE_KEY_FILE = "release.pub"  # a public key: written 0600 like every state 
 
 def load_release_key(state_dir: Path) -> cose.PublicKey:
     """The pinned key. Raises CommandRejected('no_release_key') on a box provisioned before releases existed."""
+    from cryptography.hazmat.primitives import serialization  # only while an update runs (RSS, docs/field.md)
+
     path = state_dir / RELEASE_KEY_FILE
     try:
         key = serialization.load_pem_public_key(path.read_bytes())

@@ -16,7 +16,11 @@ from typing import Any
 
 import cbor2
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
+
+# The enums only, from where the serialization package itself takes them: that package also loads ssh,
+# bcrypt and the ciphers, which the running box never needs (docs/field.md).
+from cryptography.hazmat.primitives._serialization import Encoding, PublicFormat
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, utils
 
 from agent.errors import SignatureError
@@ -48,7 +52,7 @@ class Verified:
 
 def key_id(public_key: PublicKey) -> bytes:
     """kid = first 16 bytes of SHA-256 over the SubjectPublicKeyInfo (as in the certificate)."""
-    spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    spki = public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(spki).digest()[:16]
 
 
