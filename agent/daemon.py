@@ -30,6 +30,7 @@ from agent.snapshot import clear_snapshot, write_snapshot
 from agent.status import SNAPSHOT_EVERY_S, store_state
 from agent.update.outcome import VersionProbe
 from agent.update.outcome import health_fields as update_health
+from agent.update.pkgdb import PackageManager
 from agent.wire.clocksync import anchor_sample
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,9 @@ class Daemon:
         self._stop = threading.Event()
         self._calls: queue.Queue[Callable[[], None]] = queue.Queue()  # run on the daemon's own thread
         self._poke = threading.Event()  # a call is waiting, or stop
-        self.version_probe = VersionProbe(Path(cfg.update.status_file), cfg.update.package)
+        # the package database the box has (empty status_file: apk's when it exists, else opkg's)
+        pm = PackageManager.parse(cfg.update.install_command, cfg.update.status_file)
+        self.version_probe = VersionProbe(pm.status_file, cfg.update.package)
         self.commands = CommandExecutor(
             self, self.uplink, self.store, self.clock, self.identity, schedule, renewed=renewed
         )

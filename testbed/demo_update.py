@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli import dispatch
-from agent.update.install import PENDING_FILE, read_marker
+from agent.update.install import PENDING_FILE
+from agent.update.pkgdb import read_marker
 from agent.update.staging import UPDATE_DIR
 from backend.commands import record_sent, sign_command, stored_result
 from drivers.simulators.records import random_records

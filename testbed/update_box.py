@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.update.install import PackageManager, installed_version
+from agent.update.pkgdb import PackageManager, installed_version
 from openwrt import build_ipk as B
 from openwrt import hosttools
 from openwrt.package import FILE_MODE, LAUNCHER, PREFIX, UPDATE_WATCHDOG, Entry, Package

@@ -180,7 +180,7 @@ def update(ctx: Context, cmd: Command, received: float) -> Outcome | None:
     return command.run(ctx, cmd, received)
 
 
-def update_check(ctx: Context, cmd_id: str) -> Outcome:
+def update_check(ctx: Context, cmd_id: str) -> Outcome | None:
     from agent.update import command  # as update()
 
     return command.check(ctx, cmd_id)

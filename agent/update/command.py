@@ -26,22 +26,19 @@ from agent.update.install import (
     INSTALL_TIMEOUT_S,
     KEPT_DIR,
     PENDING_FILE,
-    PackageManager,
     gate_passed,
     hand_to_watchdog,
     install,
-    installed_version,
     installer_started,
     keep,
     kept_name,
     prune_kept,
-    read_marker,
     take_report,
     wait_for_installer,
-    write_marker,
 )
 from agent.update.keys import load_release_key
 from agent.update.outcome import record
+from agent.update.pkgdb import PackageManager, installed_version, read_marker, write_marker
 from agent.update.staging import UPDATE_DIR, Staging, UpdateFailed
 from agent.wire.command import Command
 from agent.wire.release import Manifest, check_applicable, decode_manifest
@@ -89,8 +86,13 @@ def _record(ctx: Context, outcome: Outcome) -> None:
         kind = "kept" if outcome.code == "updated" else "rolled_back"
     else:
         kind = "refused" if outcome.status == "refused" else "failed"
-    record(ctx.state_dir, kind, from_version=str(data.get("from", "")), to_version=str(data.get("to", "")),
-           reason=str(data.get("reason", outcome.code)))
+    record(
+        ctx.state_dir,
+        kind,
+        from_version=str(data.get("from", "")),
+        to_version=str(data.get("to", "")),
+        reason=str(data.get("reason", outcome.code)),
+    )
 
 
 def _run(ctx: Context, cmd: Command, seen: list[Manifest]) -> Outcome | None:
@@ -107,8 +109,11 @@ def _run(ctx: Context, cmd: Command, seen: list[Manifest]) -> Outcome | None:
     check_applicable(m, running)
     if m.format != pm.format:  # an .ipk handed to apk (or the reverse) would fail only after the download
         raise CommandRejected("wrong_format", f"this box installs {pm.format} packages, not {m.format}")
-    previous = ctx.state_dir / UPDATE_DIR / KEPT_DIR / kept_name(
-        Manifest(m.name, running, m.format, 1, bytes(32), "0", False, 0)
+    previous = (
+        ctx.state_dir
+        / UPDATE_DIR
+        / KEPT_DIR
+        / kept_name(Manifest(m.name, running, m.format, 1, bytes(32), "0", False, 0))
     )
     try:
         if not previous.is_file():

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 from agent import __version__
-from agent.update.install import installed_version, read_marker, write_marker
-from agent.update.staging import UPDATE_DIR
+from agent.update.pkgdb import installed_version, read_marker, write_marker
+
+UPDATE_DIR = "update"  # = agent.update.staging.UPDATE_DIR (not imported: staging is loaded only for an update)
 
 log = logging.getLogger(__name__)
 

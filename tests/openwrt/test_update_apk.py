@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from agent.update.install import APK, installed_version
+from agent.update.pkgdb import APK, installed_version
 from openwrt import hosttools
 from openwrt.package import describe
 from testbed.demo_update import run_update_demo

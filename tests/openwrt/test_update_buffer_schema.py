@@ -14,7 +14,8 @@ import pytest
 from support.update_rig import Box, Ipks, make_box, newer_agent_tree, release, start_from, two_versions
 
 from agent.buffer.schema import SCHEMA_VERSION
-from agent.update.install import PENDING_FILE, read_marker
+from agent.update.install import PENDING_FILE
+from agent.update.pkgdb import read_marker
 from agent.update.staging import UPDATE_DIR
 from openwrt import hosttools
 from testbed.harness import LocalSystem, stop_process

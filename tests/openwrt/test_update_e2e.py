@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from support.update_rig import BACKEND, Box, Ipks, SlowShelf, make_box, release, two_versions
 
-from agent.update.install import KEPT_DIR, PENDING_FILE, read_marker
+from agent.update.install import KEPT_DIR, PENDING_FILE
+from agent.update.pkgdb import read_marker
 from agent.update.staging import PROGRESS_FILE, UPDATE_DIR
 from openwrt import hosttools
 from testbed.harness import LocalSystem, stop_process
@@ -40,9 +41,7 @@ def box(system: LocalSystem, openwrt_tools: hosttools.Tools, ipks: Ipks, tmp_pat
         stop_process(b.proc)
 
 
-def test_good_update_then_replay_downgrade_and_recall(
-    box: Box, system: LocalSystem, ipks: Ipks
-) -> None:
+def test_good_update_then_replay_downgrade_and_recall(box: Box, system: LocalSystem, ipks: Ipks) -> None:
     v1, v1_ipk, v2, v2_ipk = ipks
     m1, m2 = release(system, v1_ipk), release(system, v2_ipk, "--min-from", v1.ipk_version)
     box.start()
@@ -92,9 +91,7 @@ def test_good_update_then_replay_downgrade_and_recall(
     assert box.result(recall_id)[:2] == ("ok", "updated"), box.log()
 
 
-def test_a_new_version_that_never_starts_is_rolled_back_and_reported(
-    box: Box, system: LocalSystem, ipks: Ipks
-) -> None:
+def test_a_new_version_that_never_starts_is_rolled_back_and_reported(box: Box, system: LocalSystem, ipks: Ipks) -> None:
     v1, v1_ipk, v2, v2_ipk = ipks
     m1, m2 = release(system, v1_ipk), release(system, v2_ipk)
     box.attach_meter(20)
@@ -126,9 +123,7 @@ def test_a_new_version_that_never_starts_is_rolled_back_and_reported(
     assert clinical == list(range(1, len(clinical) + 1))
 
 
-def test_bad_signature_and_no_rollback_target_change_nothing(
-    box: Box, system: LocalSystem, ipks: Ipks
-) -> None:
+def test_bad_signature_and_no_rollback_target_change_nothing(box: Box, system: LocalSystem, ipks: Ipks) -> None:
     v1, _, _, v2_ipk = ipks
     m2 = release(system, v2_ipk)
     forged = m2[:-1] + bytes([m2[-1] ^ 1])

@@ -17,7 +17,8 @@ import pytest
 from support.update_rig import Box, Ipks, SlowShelf, make_box, release, two_versions
 
 from agent.update.command import GATE_FILE
-from agent.update.install import PENDING_FILE, read_marker
+from agent.update.install import PENDING_FILE
+from agent.update.pkgdb import read_marker
 from agent.update.staging import PART_FILE, PROGRESS_FILE, UPDATE_DIR
 from openwrt import hosttools
 from testbed.harness import LocalSystem, stop_process

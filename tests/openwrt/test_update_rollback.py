@@ -14,17 +14,8 @@ from pathlib import Path
 import pytest
 from support.opkg_root import NAME, OpkgRoot, opkg_root
 
-from agent.update.install import (
-    INSTALL_LOCK,
-    PENDING_FILE,
-    ROLLBACK_FILE,
-    PackageManager,
-    gate_passed,
-    install,
-    keep,
-    read_marker,
-    take_report,
-)
+from agent.update.install import INSTALL_LOCK, PENDING_FILE, ROLLBACK_FILE, gate_passed, install, keep, take_report
+from agent.update.pkgdb import PackageManager, read_marker
 from agent.update.staging import UPDATE_DIR, UpdateFailed
 from agent.wire.release import Manifest
 from openwrt import build_ipk as B
@@ -147,7 +138,9 @@ def test_watchdog_killed_mid_rollback_finishes_it_next_run(box: Box, ipks: tuple
     assert (take_report(box.state) or {}).get("OUTCOME") == "rolled_back"
 
 
-def test_a_package_opkg_refuses_changes_nothing(box: Box, ipks: tuple[Package, Path, Package, Path], tmp_path: Path) -> None:
+def test_a_package_opkg_refuses_changes_nothing(
+    box: Box, ipks: tuple[Package, Path, Package, Path], tmp_path: Path
+) -> None:
     v1, v1_ipk, v2, _ = ipks
     previous = keep(box.state, v1_ipk, manifest(v1, v1_ipk))
     broken = tmp_path / "glucoagent_broken.ipk"
@@ -160,7 +153,9 @@ def test_a_package_opkg_refuses_changes_nothing(box: Box, ipks: tuple[Package, P
     assert not (box.state / UPDATE_DIR / PENDING_FILE).exists()  # nothing to gate, nothing to roll back
 
 
-def test_no_rollback_target_refuses_before_anything_changes(box: Box, ipks: tuple[Package, Path, Package, Path]) -> None:
+def test_no_rollback_target_refuses_before_anything_changes(
+    box: Box, ipks: tuple[Package, Path, Package, Path]
+) -> None:
     v1, _, v2, v2_ipk = ipks
     with pytest.raises(UpdateFailed) as exc:
         install(box.state, box.pm, v2_ipk, manifest(v2, v2_ipk), running=v1.ipk_version,

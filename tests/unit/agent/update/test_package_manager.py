@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.update.install import APK, OPKG, PackageManager
+from agent.update.pkgdb import APK, OPKG, PackageManager
 
 
 def test_an_empty_setting_takes_apk_when_its_database_exists(tmp_path: Path) -> None:
