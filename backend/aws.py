@@ -33,17 +33,11 @@ from backend.provisioning import ProvisioningMixin, device_id_for
 
 log = logging.getLogger(__name__)
 
-# The RegisterThing parameters the box sends (docs/clouds.md: the template declares them).
-TOKEN_PARAM = "EnrolmentToken"  # noqa: S105 - a parameter name
-PATIENT_PARAM = "PatientRef"
-SERIAL_PARAM = "SerialNumber"
-THING_PARAM = "ThingName"  # overridden by the hook: the thing is named after the key, not by the box
-
 
 def pre_provisioning_hook(db: BackendDb, event: Mapping[str, Any]) -> dict[str, Any]:
     """The hook's answer to one RegisterThing (AWS's input and output shapes)."""
     params = event.get("parameters") or {}
-    token, patient = str(params.get(TOKEN_PARAM, "")), str(params.get(PATIENT_PARAM, ""))
+    token, patient = str(params.get(wire_aws.TOKEN_PARAM, "")), str(params.get(wire_aws.PATIENT_PARAM, ""))
     try:
         cert = x509.load_pem_x509_certificate(str(event.get("certificatePem", "")).encode())
     except ValueError:
@@ -62,7 +56,7 @@ def pre_provisioning_hook(db: BackendDb, event: Mapping[str, Any]) -> dict[str, 
         refusal = refusal or ProvisioningMixin._check_token(tx, token, patient, device_id, now)
         if refusal is None:
             BackendDb.enrol_device(
-                tx, token=token, device_id=device_id, patient=patient, hw_serial=str(params.get(SERIAL_PARAM, "")),
+                tx, token=token, device_id=device_id, patient=patient, hw_serial=str(params.get(wire_aws.SERIAL_PARAM, "")),
                 kid=kid, cert_pem=cert.public_bytes(Encoding.PEM), now=now,
             )  # fmt: skip
     if refusal is not None:
@@ -71,7 +65,7 @@ def pre_provisioning_hook(db: BackendDb, event: Mapping[str, Any]) -> dict[str, 
         return {"allowProvisioning": False}
     log.info("pre-provisioning hook: %s enrolled", device_id)
     db.bump("provisioned")
-    return {"allowProvisioning": True, "parameterOverrides": {THING_PARAM: device_id}}
+    return {"allowProvisioning": True, "parameterOverrides": {wire_aws.THING_PARAM: device_id}}
 
 
 class JobsApi(Protocol):

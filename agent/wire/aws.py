@@ -50,6 +50,12 @@ TEMPLATE_RE = re.compile(r"^[0-9A-Za-z_-]{1,36}$")  # CreateProvisioningTemplate
 THING_RE = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")  # CreateThing thingName
 JOB_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # CreateJob jobId
 CREATE_FROM_CSR = "$aws/certificates/create-from-csr/json"
+DEFAULT_TEMPLATE = "GlucoagentFleet"  # the provisioning template's name a clinic creates (docs/clouds.md)
+# The template's parameters (RegisterThing ``parameters``) and ``deviceConfiguration`` entries: the box sends
+# the first three, the pre-provisioning hook overrides the thing name; the configuration carries our keys.
+TOKEN_PARAM, PATIENT_PARAM, SERIAL_PARAM, THING_PARAM = "EnrolmentToken", "PatientRef", "SerialNumber", "ThingName"
+COMMAND_KEY_CONFIG, RELEASE_KEY_CONFIG = "CommandKey", "ReleaseKey"
+HOOK_REFUSED = (403, "AccessDenied")  # RegisterThing refused because the pre-provisioning hook said no
 DOCUMENT_KEY = "glucoagent"  # our part of a job document
 
 

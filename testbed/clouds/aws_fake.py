@@ -74,7 +74,7 @@ from testbed.harness import LocalSystem
 
 log = logging.getLogger(__name__)
 
-TEMPLATE = "GlucoagentFleet"
+TEMPLATE = aws.DEFAULT_TEMPLATE
 HOST = "localhost"  # the endpoint host the agent must name in SNI (the broker's certificate names it)
 Hook = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 
@@ -341,7 +341,7 @@ class AwsIotCore:
             )
             return
         params = {**params, **dict(answer.get("parameterOverrides") or {})}
-        thing = params.get("ThingName", "")
+        thing = params.get(aws.THING_PARAM, "")
         if not aws.THING_RE.match(thing):
             self._reject_provisioning(topic, 400, "InvalidRequest", "the template names no valid thing")
             return
@@ -468,8 +468,6 @@ class AwsIotCore:
 
 
 # --- the whole system on AWS ----------------------------------------------------------------------------------
-COMMAND_KEY_CONFIG = "CommandKey"  # the template's deviceConfiguration entries the box pins (docs/clouds.md)
-RELEASE_KEY_CONFIG = "ReleaseKey"
 
 
 class AwsSystem(LocalSystem):
@@ -484,9 +482,9 @@ class AwsSystem(LocalSystem):
         keys = self.home.keys()
 
         def configuration() -> dict[str, str]:
-            config = {COMMAND_KEY_CONFIG: keys.command_pub_pem.decode()}
+            config = {aws.COMMAND_KEY_CONFIG: keys.command_pub_pem.decode()}
             if keys.release_pub_pem is not None:
-                config[RELEASE_KEY_CONFIG] = keys.release_pub_pem.decode()
+                config[aws.RELEASE_KEY_CONFIG] = keys.release_pub_pem.decode()
             return config
 
         self.aws = AwsIotCore(

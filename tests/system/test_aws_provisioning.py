@@ -1,0 +1,55 @@
+"""Enrolment of a fresh box on the fake AWS IoT Core (agent/identity/aws_provisioning.py): fleet provisioning by
+CSR, our token checked by the pre-provisioning hook, one clear refusal when the hook says no."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterator
+
+import pytest
+
+from agent.errors import TokenRejected
+from agent.identity.aws_provisioning import provision_aws
+from agent.identity.credentials import load_identity
+from agent.identity.provisioning import KeyTypeRefused
+from testbed.clouds.aws_fake import AwsSystem
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsSystem]:
+    with AwsSystem(tmp_path_factory.mktemp("aws-prov")) as sys_:
+        yield sys_
+
+
+def test_a_fresh_box_enrols_with_one_call(system: AwsSystem) -> None:
+    state = system.device_dir("fresh")
+    lines: list[str] = []
+    token = system.token("p-1")
+    thing = provision_aws(state, system.endpoint, token, "p-1", out=lines.append)
+    assert [line.rsplit(" ... ", 1)[1].split(" ")[0] for line in lines] == ["ok"] * 6, lines
+    assert lines[3].endswith(f"(thing {thing})")
+    ident = load_identity(state)
+    assert ident.device_id == thing
+    assert ident.command_key is not None
+    for name in ("device.key", "device.crt", "command.pub", "device.json"):
+        assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
+    with system.db.tx() as db:  # enrolled by the hook, bound to the patient
+        assert db.execute("SELECT patient_ref FROM devices WHERE device_id = ?", (thing,)).fetchone() == ("p-1",)
+    # re-running with the same token from the same box is safe (the hook accepts the box that used it)
+    assert provision_aws(state, system.endpoint, token, "p-1", out=lambda _l: None) == thing
+
+
+def test_a_refused_token_ends_in_one_clear_error(system: AwsSystem) -> None:
+    state = system.device_dir("refused")
+    lines: list[str] = []
+    with pytest.raises(TokenRejected, match="provisioning hook") as err:
+        provision_aws(state, system.endpoint, "NOSUCHTOKEN23456", "p-2", out=lines.append)
+    assert err.value.exit_code == 51
+    assert lines[-1].endswith("... failed") and lines[-1].startswith("[4/6]")
+    assert not (state / "device.json").exists()
+
+
+def test_an_ed25519_key_is_refused_before_any_network(system: AwsSystem) -> None:
+    state = system.device_dir("ed")
+    with pytest.raises(KeyTypeRefused, match="p256"):
+        provision_aws(state, "mqtts://nowhere.invalid:8883", "T", "p-3", key_type="ed25519", out=lambda _l: None)
