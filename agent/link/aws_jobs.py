@@ -144,6 +144,7 @@ class JobsBridge:
             current = self._current
         if current is None or current.job_id != job_id:
             return
+        version: int | None
         if what == "update/accepted":
             status, version, _token = aws.decode_update_accepted(payload)
             done = status in aws.TERMINAL
