@@ -18,6 +18,7 @@ from agent.commands.ports import Link
 from agent.errors import GlucoagentError, LinkError
 from agent.fsutil import atomic_write
 from agent.wire.command import MAX_COMMAND_BYTES
+from agent.wire.profiles import RESULTS
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class ResultOutbox:
             mid = self._inflight.get(path.name)
             try:
                 if mid is None:
-                    self._inflight[path.name] = link.publish(uplink.topics.results, path.read_bytes())
+                    self._inflight[path.name] = uplink.send(RESULTS, path.read_bytes())
                     continue
                 ok = link.acked(mid)
             except (LinkError, OSError) as exc:

@@ -34,11 +34,12 @@ from agent.identity.credentials import (
     load_or_create_key,
     save_credentials,
 )
-from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles, Will
+from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles
 from agent.link.proxy import proxy_from_config
-from agent.link.routes import connect_first, link_routes
+from agent.link.routes import connect_first, device_link_settings, link_routes
 from agent.update.keys import RELEASE_KEY_FILE
 from agent.wire import topics
+from agent.wire.profiles import STATUS
 from agent.wire.provisioning import STATUS_OFFLINE, STATUS_ONLINE, check_reply, decode_reply, encode_request
 
 FACTORY_DIR = "factory"
@@ -147,6 +148,9 @@ def provision(
 
     ``mqtt``: the box's MQTT options, so enrolment takes the same ways to the broker as the daemon
     (a proxy, WebSockets on 443, the fallback between them); None: MQTT/TLS to ``endpoint`` directly."""
+    profile = (mqtt or MqttSection()).cloud()
+    if profile.enrolment != "claim":
+        raise ProvisioningError(f"cloud profile {profile.name!r}: enrolment by {profile.enrolment} is not available")
     ep = Endpoint.parse(endpoint, "--endpoint")
     claim = claim or ClaimFiles.default(state_dir)
     progress = Progress(6, out)
@@ -243,28 +247,25 @@ def _routes(mqtt: MqttSection | None, ep: Endpoint, base: LinkSettings, state_di
 def confirm(
     state_dir: Path, *, protocol: str = "mqttv5", timeout_s: float = 10.0, mqtt: MqttSection | None = None
 ) -> None:
-    """Log in as the device and publish ``online``: proves the new credentials work end to end."""
+    """Log in as the device and publish ``online``: proves the new credentials work end to end. Where the
+    cloud profile has no status messages, the accepted login is the proof."""
     ident = load_identity(state_dir)
     ep = Endpoint.parse(ident.endpoint)
-    dev = topics.DeviceTopics(ident.device_id)
-    base = LinkSettings(
-        host=ep.host,
-        port=ep.port,
-        client_id=ident.device_id,
-        tls=TlsFiles(ca=ident.ca_path, cert=ident.cert_path, key=ident.key_path),
-        protocol=protocol,
-        will=Will(dev.status, STATUS_OFFLINE),
-    )
+    profile = (mqtt or MqttSection()).cloud()
+    base = device_link_settings(profile, ident, ep, protocol=protocol)
     link = connect_first(_routes(mqtt, ep, base, state_dir), MqttLink)
     try:
-        mid = link.publish(dev.status, STATUS_ONLINE, retain=True)
+        if not profile.status_messages:
+            return
+        online = profile.outgoing(ident.device_id, STATUS, STATUS_ONLINE)
+        mid = link.publish(online.topic, online.payload, retain=online.retain)
         deadline = time.monotonic() + timeout_s
         while (ok := link.acked(mid)) is None:
             if time.monotonic() > deadline or not link.loop(0.05):
                 raise LinkTimeout("the broker did not acknowledge the confirmation")
         if not ok:
             raise GlucoagentError("the broker refused the device's status message (ACL?)")
-        link.publish(dev.status, STATUS_OFFLINE, retain=True)  # until the daemon runs and says online
+        link.publish(online.topic, STATUS_OFFLINE, retain=online.retain)  # until the daemon runs and says online
         link.loop(0.2)
     finally:
         link.disconnect()
