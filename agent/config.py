@@ -111,6 +111,7 @@ class MqttSection:
     azure_hub: str = ""  # azure: the IoT hub's host name (the MQTT user name starts with it)
     dps_host: str = "global.azure-devices-provisioning.net"  # azure: the Device Provisioning Service endpoint
     dps_id_scope: str = ""  # azure: the DPS instance's ID scope (0ne…)
+    aws_template: str = "GlucoagentFleet"  # aws: the fleet provisioning template's name (docs/clouds.md)
 
     def cloud(self) -> CloudProfile:
         """The cloud profile these options select (validated by build_config, so this does not raise there)."""
@@ -295,6 +296,7 @@ SCHEMA: dict[str, dict[str, Callable[[str], Any]]] = {
         "azure_hub": str,
         "dps_host": str,
         "dps_id_scope": str,
+        "aws_template": str,
     },
     "buffer": {
         "path": str,

@@ -20,14 +20,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.wire import aws as wire_aws
-from agent.wire import cose
+from agent.wire import cose, topics
+from backend.clouds.adapter import CloudAdapter
 from backend.db import BackendDb
 from backend.provisioning import ProvisioningMixin, device_id_for
 
@@ -79,3 +80,15 @@ def send_command_as_job(api: JobsApi, device_id: str, cmd_id: str, envelope: byt
     if not wire_aws.JOB_ID_RE.match(cmd_id):
         raise ValueError(f"command id {cmd_id!r} is not a job id")
     api.create_job(device_id, cmd_id, wire_aws.command_document(envelope))
+
+
+class AwsAdapter(CloudAdapter):
+    """Our service behind AWS IoT Core: the same topics under the thing name (the topic rule delivers them),
+    acks at once (AWS does not throttle messages to a thing below its 100/s), no provisioning requests of
+    ours (fleet provisioning and the hook replace them). Commands do not travel as messages here:
+    ``send_command_as_job``; a renewal's certificate delivery has no way to the box on AWS (docs/clouds.md)."""
+
+    name: ClassVar[str] = "aws"
+
+    def control_topics(self) -> list[str]:
+        return [t for t in super().control_topics() if t != topics.ALL_PROVISION_REQUESTS]

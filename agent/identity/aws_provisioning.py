@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent.config import Endpoint, MqttSection
@@ -84,6 +85,11 @@ def provision_aws(
         if key_type != "p256":  # "X.509 client certificates": AWS IoT Core takes RSA and ECDSA keys, not Ed25519
             raise KeyTypeRefused(f"AWS IoT Core does not accept {key_type} device keys: set agent.key_type p256")
         key = load_or_create_key(state_dir, key_type)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):  # a key made for another cloud, kept on the box
+            raise KeyTypeRefused(
+                "this box's device key is Ed25519, which AWS IoT Core does not accept: "
+                "run `glucoagent deprovision` first (a new P-256 key is made at the next enrolment)"
+            )
         hw = hardware_serial()
         csr = build_csr(key, hw)
         ours = build_public_der(csr)

@@ -149,6 +149,11 @@ def provision(
     ``mqtt``: the box's MQTT options, so enrolment takes the same ways to the broker as the daemon
     (a proxy, WebSockets on 443, the fallback between them); None: MQTT/TLS to ``endpoint`` directly."""
     profile = (mqtt or MqttSection()).cloud()
+    if profile.enrolment == "aws-fleet":  # AWS IoT Core fleet provisioning (docs/clouds.md)
+        from agent.identity.aws_provisioning import provision_aws
+
+        template = str(getattr(profile, "aws_template", ""))
+        return provision_aws(state_dir, endpoint, token, patient, template=template, claim=claim, timeout_s=timeout_s, out=out, mqtt=mqtt)
     if profile.enrolment != "claim":
         raise ProvisioningError(f"cloud profile {profile.name!r}: enrolment by {profile.enrolment} is not available")
     ep = Endpoint.parse(endpoint, "--endpoint")

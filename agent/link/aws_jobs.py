@@ -27,6 +27,7 @@ import cbor2
 
 from agent.errors import GlucoagentError
 from agent.wire import aws, cose
+from agent.wire.profiles import CloudProfile
 
 log = logging.getLogger(__name__)
 
@@ -184,3 +185,8 @@ class JobsBridge:
             )
         elif ask:
             link.publish(self.topics.start_next, aws.encode_start_next(token))
+
+
+def jobs_bridge(profile: CloudProfile, device_id: str, submit: Callable[[bytes], bool]) -> JobsBridge | None:
+    """The bridge where the profile carries commands as AWS IoT Jobs (the ``aws`` profile); None elsewhere."""
+    return JobsBridge(device_id, submit) if isinstance(profile, aws.AwsProfile) else None

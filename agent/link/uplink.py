@@ -21,7 +21,7 @@ import threading
 import time
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import tenacity
 
@@ -86,6 +86,17 @@ class _Attempts:
         self.count = 0
 
 
+class Peer(Protocol):
+    """A cloud service the box talks to over its link beside the profile's messages (agent/link/aws_jobs.py):
+    told of each connection, offered each message first (None: not its own), given a turn every pass."""
+
+    def on_connect(self) -> None: ...
+
+    def on_message(self, topic: str, payload: bytes) -> bool | None: ...
+
+    def tick(self, link: MqttLink) -> None: ...
+
+
 class Uplink:
     def __init__(
         self,
@@ -97,6 +108,7 @@ class Uplink:
         clock: Clock | None = None,
         on_time: Callable[[Anchor], None] | None = None,
         commands_idle: Callable[[], bool] = lambda: True,
+        peer: Peer | None = None,
     ) -> None:
         self.cfg = cfg
         self.identity = identity
@@ -104,6 +116,7 @@ class Uplink:
         self.topics = DeviceTopics(identity.device_id)
         self.profile = cfg.mqtt.cloud()  # the cloud's envelope: identity, topics, limits (agent/wire/profiles.py)
         self.on_command = on_command
+        self.peer = peer  # a cloud service spoken to beside the profile's messages (AWS Jobs), on this thread
         self.counters = Counters()
         self._inbox: queue.Queue[Inbound] = queue.Queue(maxsize=1000)
         self._inflight: dict[int, _Batch] = {}
@@ -273,6 +286,8 @@ class Uplink:
         except GlucoagentError:
             link.close()  # never leave a half-set-up connection (and its socket) behind
             raise
+        if self.peer is not None:
+            self.peer.on_connect()
         self.counters.reconnects += 1
         self.counters.connected_since = time.time()
         self._too_large.clear()  # the limit is this broker's: judge every record again
@@ -318,6 +333,9 @@ class Uplink:
     def _on_message(self, topic: str, payload: bytes) -> bool:
         """False leaves the message unacknowledged, so the broker redelivers it after a reconnect."""
         self._last_in = time.monotonic()
+        if self.peer is not None and (handled := self.peer.on_message(topic, payload)) is not None:
+            self._wake.set()  # its answer (e.g. a job execution's update) goes out on the next pass
+            return handled
         inbound = self.profile.classify(self.identity.device_id, topic, payload)
         if inbound.kind == profiles.COMMAND and self.on_command is not None:
             taken = self.on_command(inbound.payload)  # stores it durably first: only then is it PUBACKed
@@ -393,6 +411,8 @@ class Uplink:
             self._fill_window()
             for work in self._ticks:
                 work()
+            if self.peer is not None:
+                self.peer.tick(link)
             if self.duty and self._done(since):
                 self._go_down(link)
                 return True

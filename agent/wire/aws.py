@@ -32,9 +32,11 @@ import dataclasses
 import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from agent.errors import GlucoagentError
+from agent.wire import topics
+from agent.wire.profiles import ACK, REQUEST, UNKNOWN, CloudProfile, Inbound
 
 # --- limits (AWS IoT Core endpoints and quotas: message broker and protocol limits) -----------------------
 MAX_PAYLOAD_BYTES = 131_072  # "Message size": 128 KB per PUBLISH payload
@@ -472,3 +474,42 @@ def command_of(document: Mapping[str, Any]) -> bytes:
         return base64.b64decode(ours["command"], validate=True)
     except (binascii.Error, ValueError):
         raise AwsMessageError("job document: command is not base64") from None
+
+
+# --- the box's profile (agent/wire/profiles.py) --------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, slots=True)
+class AwsProfile(CloudProfile):
+    """AWS IoT Core: our topics under the thing name (= device id = client id), MQTT 5 (SNI is the TLS
+    layer's: the endpoint's host name), commands as Jobs (agent/link/aws_jobs.py), AWS's limits."""
+
+    name: ClassVar[str] = "aws"
+    status_messages: ClassVar[bool] = True  # retained messages and the last will are supported
+    side_connections: ClassVar[bool] = True  # <thing>-check, -update, -renew: own client ids the policy admits
+    enrolment: ClassVar[str] = "aws-fleet"  # agent/identity/aws_provisioning.py
+    max_keepalive: ClassVar[int | None] = KEEPALIVE_MAX_S
+    max_message: ClassVar[int | None] = MAX_PAYLOAD_BYTES
+    # Uploads at most half the connection's quota: results, Jobs requests and the time request share it.
+    max_publish_rate: ClassVar[float | None] = MAX_PUBLISH_PER_S / 2
+    key_type: ClassVar[str] = "p256"  # AWS IoT signs RSA and ECDSA keys, not Ed25519
+    aws_template: str = DEFAULT_TEMPLATE  # mqtt.aws_template: the fleet provisioning template's name
+
+    def __post_init__(self) -> None:
+        if not TEMPLATE_RE.match(self.aws_template):
+            raise ValueError(f"mqtt.aws_template: {self.aws_template!r} is not a provisioning template name")
+
+    def protocol(self, configured: str) -> str:
+        return "mqttv5"
+
+    def keepalive(self, configured: int) -> int:
+        """AWS raises a keepalive below 30 s to 30 and caps it at 1200 ("Keep-alive period")."""
+        return max(KEEPALIVE_MIN_S, min(configured, KEEPALIVE_MAX_S))
+
+    def subscriptions(self, device_id: str) -> list[str]:
+        return [topics.DeviceTopics(device_id).acks, *JobsTopics(device_id).subscriptions]
+
+    def classify(self, device_id: str, topic: str, payload: bytes) -> Inbound:
+        if topic == topics.DeviceTopics(device_id).acks:
+            return Inbound(ACK, payload)
+        if JobsTopics(device_id).classify(topic) is not None:
+            return Inbound(REQUEST, payload)  # the Jobs bridge took it before classification (agent/link/aws_jobs.py)
+        return Inbound(UNKNOWN, payload, note=f"message on unexpected topic {topic}")

@@ -125,9 +125,10 @@ PROFILE_NAMES = ("glucoagent", "azure", "aws")  # mqtt.profile's allowed values 
 def profile_classes() -> dict[str, type[CloudProfile]]:
     """Every implemented profile by name. Each cloud's module subclasses ``CloudProfile`` (imported here,
     late, because they import this module)."""
+    from agent.wire.aws import AwsProfile
     from agent.wire.azure import AzureProfile
 
-    return {"glucoagent": CloudProfile, "azure": AzureProfile}
+    return {"glucoagent": CloudProfile, "azure": AzureProfile, "aws": AwsProfile}
 
 
 def make_profile(name: str, options: Mapping[str, str] | None = None) -> CloudProfile:

@@ -81,7 +81,9 @@ class CloudAdapter:
 
 def adapter_for(name: str) -> CloudAdapter:
     """The adapter of the cloud profile ``name``; ValueError when there is none."""
-    adapters: dict[str, type[CloudAdapter]] = {"glucoagent": CloudAdapter}
+    from backend.aws import AwsAdapter  # late: it subclasses CloudAdapter
+
+    adapters: dict[str, type[CloudAdapter]] = {"glucoagent": CloudAdapter, "aws": AwsAdapter}
     if name not in adapters:
         raise ValueError(f"the reference cloud has no adapter for profile {name!r} (known: {', '.join(adapters)})")
     return adapters[name]()

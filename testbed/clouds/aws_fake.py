@@ -50,6 +50,7 @@ import os
 import secrets
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -63,14 +64,14 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.wire import aws
 from agent.wire import topics as wire_topics
-from backend.aws import pre_provisioning_hook, send_command_as_job
+from backend.aws import AwsAdapter, pre_provisioning_hook, send_command_as_job
 from backend.broker import Broker
 from backend.broker_config import ACL_FILE, CONTROL_TOPIC, DEVICE_READ, DEVICE_WRITE, broker_account, install_file
 from backend.mqtt_client import tls_client
 from backend.pki import BACKEND_CN, CLAIM_CN, FleetPki
 from backend.provisioning import device_id_for
 from testbed.faultproxy import TcpProxy
-from testbed.harness import LocalSystem
+from testbed.harness import LocalSystem, device_config
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def aws_acl(template: str = TEMPLATE) -> str:
             "",
             "# the device policy: a thing's own topics (CN = thing name)",
             *(f"pattern write {dev}/{leaf}" for leaf in DEVICE_WRITE),
-            *(f"pattern read {dev}/{leaf}" for leaf in DEVICE_READ),
+            *(f"pattern read {dev}/{leaf}" for leaf in DEVICE_READ if leaf != wire_topics.COMMANDS),  # commands: Jobs
             f"pattern write {jobs}/start-next",
             f"pattern read {jobs}/start-next/+",
             f"pattern read {jobs}/notify-next",
@@ -491,6 +492,31 @@ class AwsSystem(LocalSystem):
             self.broker, run / "aws", lambda event: pre_provisioning_hook(self.db, event), configuration
         )
         self.gate: SniGate | None = None
+
+    def start_backend(self) -> None:
+        """Our service as the topic rule's target: a ``backend-`` subscription on the broker, AWS's adapter."""
+        self.service = self.home.service("localhost", self.broker.port, self.db)
+        self.service.cloud = AwsAdapter()
+        self.service.on_record = lambda dev, rec: self.on_record(dev, rec) if self.on_record else None
+        self._thread = threading.Thread(target=self.service.run, name="backend", daemon=True)
+        self._thread.start()
+        if not self.service.ready.wait(20):
+            raise RuntimeError("backend could not connect to the broker")
+
+    def config(self, path: Path, ports: list[tuple[str, str]], **options: dict[str, str]) -> Path:
+        """A box's UCI config on this cloud (``mqtt.profile aws``)."""
+        mqtt = {"profile": "aws", **options.pop("mqtt", {})}
+        return device_config(path, ports, mqtt=mqtt, **options)
+
+    def provision(
+        self, state: Path, patient: str = "patient-1", token: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """The technician's one command on a fresh box, under the aws profile."""
+        token = token or self.token(patient)
+        config = self.config(state / "provision.conf", [])
+        return self.glucoagent(
+            state, "provision", "--endpoint", self.endpoint, f"--token={token}", f"--patient={patient}", config=config
+        )
 
     def start(self) -> None:
         self.broker.start()

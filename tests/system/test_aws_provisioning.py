@@ -10,7 +10,7 @@ import pytest
 
 from agent.errors import TokenRejected
 from agent.identity.aws_provisioning import provision_aws
-from agent.identity.credentials import load_identity
+from agent.identity.credentials import load_identity, load_or_create_key
 from agent.identity.provisioning import KeyTypeRefused
 from testbed.clouds.aws_fake import AwsSystem
 
@@ -50,6 +50,11 @@ def test_a_refused_token_ends_in_one_clear_error(system: AwsSystem) -> None:
 
 
 def test_an_ed25519_key_is_refused_before_any_network(system: AwsSystem) -> None:
-    state = system.device_dir("ed")
     with pytest.raises(KeyTypeRefused, match="p256"):
-        provision_aws(state, "mqtts://nowhere.invalid:8883", "T", "p-3", key_type="ed25519", out=lambda _l: None)
+        provision_aws(
+            system.device_dir("ed"), "mqtts://nowhere.invalid:8883", "T", "p-3", key_type="ed25519", out=lambda _l: None
+        )
+    state = system.device_dir("ed-kept")
+    load_or_create_key(state, "ed25519")  # a box enrolled on our broker before: its key stays Ed25519
+    with pytest.raises(KeyTypeRefused, match="deprovision"):
+        provision_aws(state, "mqtts://nowhere.invalid:8883", "T", "p-3", out=lambda _l: None)
