@@ -222,6 +222,7 @@ class AwsIotCore:
         self._owned: dict[str, tuple[str, bytes]] = {}  # ownership token -> (certificate id, PEM)
         self._jobs: dict[str, list[dict[str, Any]]] = self._load_jobs()
         self.hook_calls: list[Mapping[str, Any]] = []
+        self.drop_updates = 0  # a test's fault: this many UpdateJobExecution requests are lost on the way
         self.client: mqtt.Client | None = None
         self._ready = threading.Event()
 
@@ -427,6 +428,10 @@ class AwsIotCore:
         )
 
     def _update(self, thing: str, job_id: str, topic: str, payload: bytes) -> None:
+        if self.drop_updates > 0:
+            self.drop_updates -= 1
+            log.info("aws fake: update of %s dropped (test fault)", job_id)
+            return
         try:
             update = aws.decode_update(payload)
         except aws.AwsMessageError as exc:
