@@ -153,6 +153,7 @@ class Uplink:
         self._last_in = 0.0  # monotonic time of the last message from the broker
         self.wakeups = 0  # duty mode: times the link came up
         self._next_send = 0.0  # monotonic time before which the profile's publish rate allows no upload
+        self._refusals_logged: MqttLink | None = None  # the connection whose refused batches were logged already
 
     def add_tick(self, work: Callable[[], None]) -> None:
         """Run ``work`` on the uplink thread at every loop pass (paho's client is not thread-safe)."""
@@ -477,8 +478,16 @@ class Uplink:
                     log.error("broker refused batch mid %d; will resend", batch.mid)
                     del self._inflight[key]
                     continue
-            else:
-                link.acked(batch.mid)  # consume the PUBACK; the backend's ack is what counts
+            elif link.acked(batch.mid) is False:  # the PUBACK consumed; the backend's ack is what counts
+                # Refused by the broker (not authorised, or over a cloud's limit such as AWS's publish rate):
+                # nothing of it reached the backend, so it goes again now instead of after ack_timeout_s.
+                level = logging.DEBUG if self._refusals_logged is link else logging.ERROR  # once per connection
+                self._refusals_logged = link
+                log.log(level, "uplink: the broker refused a batch of %d records (not authorised, or over a limit of "
+                        "the cloud such as AWS IoT Core's publishes per second); sending it again", len(batch.seqs))  # fmt: skip
+                self.counters.resends += 1
+                del self._inflight[key]
+                continue
             if now - batch.sent_at > self.cfg.mqtt.ack_timeout_s:
                 log.warning(
                     "no ack for %d records within %.0fs; resending", len(batch.seqs), self.cfg.mqtt.ack_timeout_s

@@ -115,24 +115,33 @@ def aws_acl(template: str = TEMPLATE) -> str:
     )
 
 
-AWS_CONF = (
-    "max_qos 1",
-    "max_keepalive 1200",
-    "persistent_client_expiration 1h",
-    f"plugin_opt_max_payload {aws.MAX_PAYLOAD_BYTES}",
-    f"plugin_opt_max_topic_bytes {aws.MAX_TOPIC_BYTES}",
-    f"plugin_opt_max_topic_slashes {aws.MAX_TOPIC_SLASHES}",
-    f"plugin_opt_max_publish_rate {aws.MAX_PUBLISH_PER_S}",
-)
+def aws_conf(publish_rate: int = aws.MAX_PUBLISH_PER_S) -> tuple[str, ...]:
+    """mosquitto.conf lines for AWS's rules; ``publish_rate`` lower than AWS's only to provoke the throttle."""
+    return (
+        "max_qos 1",
+        "max_keepalive 1200",
+        "persistent_client_expiration 1h",
+        f"plugin_opt_max_payload {aws.MAX_PAYLOAD_BYTES}",
+        f"plugin_opt_max_topic_bytes {aws.MAX_TOPIC_BYTES}",
+        f"plugin_opt_max_topic_slashes {aws.MAX_TOPIC_SLASHES}",
+        f"plugin_opt_max_publish_rate {publish_rate}",
+    )
 
 
 class AwsBroker(Broker):
     """Our mosquitto with AWS IoT Core's limits and policies (see the module docstring)."""
 
     def __init__(
-        self, pki: FleetPki, run_dir: Path, *, template: str = TEMPLATE, extra_conf: Sequence[str] = (), **kw: Any
+        self,
+        pki: FleetPki,
+        run_dir: Path,
+        *,
+        template: str = TEMPLATE,
+        publish_rate: int = aws.MAX_PUBLISH_PER_S,
+        extra_conf: Sequence[str] = (),
+        **kw: Any,
     ) -> None:
-        super().__init__(pki, run_dir, extra_conf=(*AWS_CONF, *extra_conf), **kw)
+        super().__init__(pki, run_dir, extra_conf=(*aws_conf(publish_rate), *extra_conf), **kw)
         self.template = template
 
     def _write_files(self) -> None:
@@ -481,9 +490,9 @@ class AwsSystem(LocalSystem):
     provisioning and Jobs services, and our backend behind them (its ``backend-`` subscriptions stand for
     the topic rule that delivers telemetry to it; its pre-provisioning hook checks our enrolment tokens)."""
 
-    def __init__(self, run: Path, **kw: Any) -> None:
+    def __init__(self, run: Path, *, publish_rate: int = aws.MAX_PUBLISH_PER_S, **kw: Any) -> None:
         super().__init__(run, **kw)
-        self.broker = AwsBroker(self.home.pki, self.home.broker_dir)
+        self.broker = AwsBroker(self.home.pki, self.home.broker_dir, publish_rate=publish_rate)
         self.home.crl_reloader = self.broker.reload_crl
         keys = self.home.keys()
 

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.aws_client import AwsTestClient, provision_thing, tls_hello_without_sni
 
 from agent.wire import aws
 from testbed.clouds.aws_fake import TEMPLATE, AwsSystem
-from tests.support.aws_client import AwsTestClient, provision_thing, tls_hello_without_sni
 
 
 @pytest.fixture(scope="module")
