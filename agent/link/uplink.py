@@ -480,14 +480,12 @@ class Uplink:
                     continue
             elif link.acked(batch.mid) is False:  # the PUBACK consumed; the backend's ack is what counts
                 # Refused by the broker (not authorised, or over a cloud's limit such as AWS's publish rate):
-                # nothing of it reached the backend, so it goes again now instead of after ack_timeout_s.
+                # it goes again after ack_timeout_s like any unacknowledged batch, never in a tight loop.
                 level = logging.DEBUG if self._refusals_logged is link else logging.ERROR  # once per connection
                 self._refusals_logged = link
                 log.log(level, "uplink: the broker refused a batch of %d records (not authorised, or over a limit of "
-                        "the cloud such as AWS IoT Core's publishes per second); sending it again", len(batch.seqs))  # fmt: skip
-                self.counters.resends += 1
-                del self._inflight[key]
-                continue
+                        "the cloud such as AWS IoT Core's publishes per second); it is sent again after %.0fs",
+                        len(batch.seqs), self.cfg.mqtt.ack_timeout_s)  # fmt: skip
             if now - batch.sent_at > self.cfg.mqtt.ack_timeout_s:
                 log.warning(
                     "no ack for %d records within %.0fs; resending", len(batch.seqs), self.cfg.mqtt.ack_timeout_s
