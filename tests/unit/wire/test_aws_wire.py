@@ -132,3 +132,24 @@ def test_update_field_names_are_the_sdks() -> None:
 def test_documents_without_our_command_are_refused(document: dict[str, object]) -> None:
     with pytest.raises(aws.AwsMessageError):
         aws.command_of(document)
+
+
+def test_the_aws_profile_keeps_the_agent_inside_aws_limits() -> None:
+    from agent.wire import profiles
+
+    p = profiles.make_profile("aws", {})
+    assert isinstance(p, aws.AwsProfile) and p.enrolment == "aws-fleet" and p.key_type == "p256"
+    assert p.protocol("mqttv311") == "mqttv5"
+    assert (p.keepalive(5), p.keepalive(60), p.keepalive(5000)) == (30, 60, 1200)  # AWS: 30..1200 s
+    assert p.payload_limit(profiles.TELEMETRY) == aws.MAX_PAYLOAD_BYTES  # the uplink takes the smallest limit
+    assert p.max_publish_rate is not None and p.max_publish_rate <= aws.MAX_PUBLISH_PER_S
+    subs = p.subscriptions(THING)
+    assert len(subs) <= aws.MAX_SUBSCRIPTIONS_PER_SUBSCRIBE
+    for kind in profiles.OUTGOING:  # QoS 1 only (AWS refuses QoS 2), topics within 7 slashes and 256 bytes
+        msg = p.outgoing(THING, kind, b"")
+        assert msg.qos == 1 and aws.topic_problem(msg.topic) is None
+    assert all(aws.topic_problem(t) is None for t in subs)
+    assert p.classify(THING, DeviceTopics(THING).acks, b"a").kind == profiles.ACK
+    assert p.classify(THING, DeviceTopics(THING).commands, b"c").kind == profiles.UNKNOWN  # commands are jobs here
+    with pytest.raises(ValueError, match="aws_template"):
+        profiles.make_profile("aws", {"aws_template": "no/slashes"})
