@@ -19,7 +19,9 @@ the documented contract the box meets, each rule with its source:
     cannot, so the agent's AWS profile never asks for less (docs/clouds.md).
   - persistent sessions expire after 1 hour by default (developer guide "MQTT persistent sessions"):
     ``persistent_client_expiration 1h``; which is why commands travel as Jobs, not as queued messages.
-  - retained messages are supported (developer guide "MQTT retained messages"); mosquitto keeps them.
+  - retained messages are supported (developer guide "MQTT retained messages"); mosquitto keeps them. AWS's
+    retained-message quotas (per account, per topic and second) are not modelled: a box retains one small
+    status message.
   - the claim certificate reaches only the fleet-provisioning topics, as the claim policy in AWS's fleet
     provisioning guide and aws-iot-device-client's ``source/fleetprovisioning/README.md`` confine it; a
     provisioned thing reaches its own ``gluco/v1/dev/<thing>/…`` topics and its own
@@ -36,7 +38,8 @@ the documented contract the box meets, each rule with its source:
   certificate that is not for its key).
 * **Jobs** (``AwsIotCore``): developer guide "Jobs device MQTT API" and ``awsiot/iotjobs.py``; queued
   executions per thing (kept in ``jobs.json``, they outlive the thing's sessions), ``notify-next`` when the
-  next pending execution changes, ``start-next``, ``<jobId>/update`` with ``expectedVersion`` and terminal
+  next pending execution changes (not on subscribe: a device asks ``start-next`` once subscribed, as
+  aws-iot-device-client's ``JobsFeature::runJobs`` does), ``start-next``, ``<jobId>/update`` with ``expectedVersion`` and terminal
   states, refusals in RejectedError's shape with its codes.
 * **Control plane**: ``create_job`` stands for the CreateJob API (AWS IoT API reference).
 """

@@ -79,6 +79,10 @@ def test_readings_arrive_once_verified_and_a_job_sent_offline_runs_once(system: 
         verified = cose.verify1(raw, lambda kid: public_key if kid == cose.key_id(public_key) else None)
         assert telemetry.decode(verified.payload).device_id == device_id
     assert system.gate is not None and system.gate.refused_sni == []  # the agent named the endpoint in SNI
+    # `glucoagent check` logs in beside the daemon on its own client id (<thing>-check), as the policy allows
+    check = system.glucoagent(state, "check", config=config)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "MQTT login" in check.stdout
 
     # A command as a job while the box is offline.
     stop(system)
