@@ -15,6 +15,8 @@
  *                     nor ends with "-<side suffix>"; client id == CN, or CN "-" <side suffix>
  *                     (the box's short side connections: renewal check, status)
  * The user name becomes the CN whatever the client sent, so the acl_file's user/pattern rules apply.
+ * Optional device_username_hub (the Azure IoT Hub fake, testbed/clouds/azure_fake.py): a device's CONNECT
+ * user name must then be "<hub>/<client id>/?<query with api-version=...>", as IoT Hub requires.
  *
  * MOSQ_EVT_CONTROL on control_topic (the acl_file lets only the backend write it, and the handler
  * checks the publisher is the backend too): the payload is an identity whose every connection is
@@ -39,6 +41,7 @@ struct settings {
     char claim_cn[MAX_NAME + 1];
     char claim_prefix[MAX_NAME + 1];
     char control_topic[256];
+    char username_hub[256];
     char suffixes[MAX_SUFFIXES][MAX_NAME + 1];
     int suffix_count;
     bool reloading;
@@ -118,6 +121,22 @@ static const char *refusal(const char *cn, const char *client_id) {
     return "a device's client id must be its certificate's CN";
 }
 
+/* Microsoft Learn "Communicate with an IoT hub using the MQTT protocol": Username
+   "{iotHub-hostname}/{device-id}/?api-version=2021-04-12" (api-version recommended; we require one). */
+static const char *hub_username_refusal(const char *username, const char *client_id) {
+    size_t h = strlen(cfg.username_hub), c = strlen(client_id);
+    if (username == NULL) return "no user name (expected <hub>/<device id>/?api-version=...)";
+    if (strncmp(username, cfg.username_hub, h) != 0 || username[h] != '/') return "user name names another hub";
+    if (strncmp(username + h + 1, client_id, c) != 0 || strncmp(username + h + 1 + c, "/?", 2) != 0) {
+        return "user name names another device";
+    }
+    const char *query = username + h + 1 + c + 2;
+    if (strncmp(query, "api-version=", 12) != 0 && strstr(query, "&api-version=") == NULL) {
+        return "user name has no api-version";
+    }
+    return NULL;
+}
+
 static int on_basic_auth(int event, void *event_data, void *userdata) {
     (void)event;
     (void)userdata;
@@ -138,6 +157,13 @@ static int on_basic_auth(int event, void *event_data, void *userdata) {
         mosquitto_log_printf(MOSQ_LOG_NOTICE, "glucoagent-auth: refused client id %s for certificate %s: %s",
                              client_id ? client_id : "?", cn, why);
         return MOSQ_ERR_AUTH;
+    }
+    if (cfg.username_hub[0] && strcmp(cn, cfg.backend_cn) != 0 && strcmp(cn, cfg.claim_cn) != 0) {
+        why = hub_username_refusal(ev->username, client_id);
+        if (why != NULL) {
+            mosquitto_log_printf(MOSQ_LOG_NOTICE, "glucoagent-auth: refused client id %s: %s", client_id, why);
+            return MOSQ_ERR_AUTH;
+        }
     }
     if (mosquitto_set_username(ev->client, cn) != MOSQ_ERR_SUCCESS) return MOSQ_ERR_AUTH;
     return MOSQ_ERR_SUCCESS;
@@ -217,6 +243,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata, st
         else if (strcmp(k, "claim_prefix") == 0) ok = copy_opt(cfg.claim_prefix, sizeof cfg.claim_prefix, v);
         else if (strcmp(k, "control_topic") == 0) ok = copy_opt(cfg.control_topic, sizeof cfg.control_topic, v);
         else if (strcmp(k, "side_suffixes") == 0) ok = parse_suffixes(v);
+        else if (strcmp(k, "device_username_hub") == 0) ok = copy_opt(cfg.username_hub, sizeof cfg.username_hub, v);
         else {
             mosquitto_log_printf(MOSQ_LOG_ERR, "glucoagent-auth: unknown option %s", k);
             return MOSQ_ERR_INVAL;
