@@ -12,6 +12,16 @@ Sources, cited by tag at each rule:
   [QUOTA] "IoT Hub quotas and throttling" (iot-hub-devguide-quotas-throttling)
   [PY]    azure-iot-sdk-python, azure-iot-device/azure/iot/device/iothub/pipeline/mqtt_topic_iothub.py
   [C]     azure-iot-sdk-c, iothub_client/src/iothubtransport_mqtt_common.c
+  [DPS]   Microsoft Learn, "Communicate with DPS using the MQTT protocol" (iot-mqtt-connect-to-iot-dps)
+  [PYP]   azure-iot-sdk-python, azure-iot-device/azure/iot/device/provisioning/pipeline/
+          (mqtt_topic_provisioning.py, pipeline_stages_provisioning.py: 202 + retry-after, polling, status)
+  [ALLOC] "Understand custom allocation policies with Azure IoT Hub Device Provisioning Service"
+  [CSR]   "Device certificate issuance" (Azure Device Registry, preview): the device sends a CSR when it
+          registers. Neither SDK implements it; the field names (``csr`` in, our certificate back in the
+          webhook's ``payload``) are this fake's assumption, documented in docs/clouds.md.
+
+The fake DPS shares the hub's mosquitto (real DPS is another host): a claim login as registration id X would
+take over a hub connection of device X, so the tests provision a box before its agent runs.
 
 Where the real service closes the connection ([MQTT]: "AMQP returns errors for many conditions, while MQTT
 terminates the connection") the fake closes it too, through the auth plugin's disconnect command, and logs
@@ -20,11 +30,14 @@ terminates the connection") the fake closes it too, through the auth plugin's di
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
+import json
 import logging
 import re
 import secrets
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -38,17 +51,19 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent.fsutil import atomic_write
 from agent.identity.credentials import build_csr, ensure_state_dir, load_or_create_key, save_credentials
 from agent.identity.provisioning import BINDING_FILE, binding_for
-from agent.wire.azure import KIND, MAX_D2C_BYTES, decode_properties, encode_properties
+from agent.wire.azure import KIND, MAX_D2C_BYTES, decode_properties, dps_response_topic, encode_properties
 from agent.wire.provisioning import decode_reply, encode_reply, encode_request
 from backend.broker import Broker
 from backend.broker_config import ACL_FILE, CONF_FILE, CONTROL_TOPIC, broker_account, install_file
-from backend.clouds.azure import BRIDGE, TTL, events_topic, route_of
+from backend.clouds.azure import BRIDGE, DPS_ALLOCATE, DPS_ALLOCATION, TTL, events_topic, route_of
 from backend.mqtt_client import tls_client
 from backend.pki import BACKEND_CN, CLAIM_CN, FleetPki
-from testbed.harness import LocalSystem, stop_process
+from testbed.harness import LocalSystem, device_config, stop_process
 
 log = logging.getLogger(__name__)
 HUB = "fake-hub.azure-devices.net"
+DPS_SCOPE = "0ne00FAKE01"  # [DPS] the ID scope in the user name
+DPS_RETRY_AFTER_S = 1  # [PYP] the 202's retry-after the device waits before polling
 MAX_SUBSCRIPTIONS = 5  # [MQTT] "A device can only subscribe to five topics at a time."
 # [QUOTA] cloud-to-device sends, S1: 1.67/s per unit (100/min/unit). The fake runs one S1 unit; a test may
 # lower it to provoke the throttle.
@@ -61,6 +76,7 @@ _FILTERS = (
     re.compile(r"^\$iothub/methods/POST/#$"),
     re.compile(r"^\$iothub/twin/res/#$"),
     re.compile(r"^\$iothub/twin/PATCH/properties/desired/#$"),
+    re.compile(r"^\$dps/registrations/res/#$"),  # [DPS] the DPS endpoint's one filter (same broker here)
 )
 
 
@@ -78,8 +94,14 @@ def acl() -> str:
             f"topic readwrite {BRIDGE}/#",
             "topic readwrite $iothub/#",
             "",
+            "topic readwrite $dps/#",
+            "",
             f"user {CLAIM_CN}",
             "topic deny devices/#",
+            # [DPS] register and poll; responses on $dps/registrations/res/{status}/?$rid=...
+            "topic write $dps/registrations/PUT/#",
+            "topic write $dps/registrations/GET/#",
+            "topic read $dps/registrations/res/#",
             "",
             "# devices: CN = device id = MQTT client id ([MQTT] ClientId = deviceId)",
             "pattern write devices/%u/messages/events/#",  # [MQTT] D2C, with or without a property bag
@@ -96,9 +118,10 @@ def acl() -> str:
 class HubBroker(Broker):
     """mosquitto configured as far as IoT Hub's MQTT rules go in its configuration."""
 
-    def __init__(self, pki: FleetPki, run_dir: Path, *, hub: str = HUB, **kwargs: object) -> None:
+    def __init__(self, pki: FleetPki, run_dir: Path, *, hub: str = HUB, dps_scope: str = DPS_SCOPE, **kwargs: object) -> None:
         super().__init__(pki, run_dir, **kwargs)  # type: ignore[arg-type]
         self.hub = hub
+        self.dps_scope = dps_scope
 
     def _write_files(self) -> None:
         super()._write_files()
@@ -113,6 +136,7 @@ class HubBroker(Broker):
             lines.append(line)
             if line.startswith("plugin_opt_control_topic "):
                 lines.append(f"plugin_opt_device_username_hub {self.hub}")  # [MQTT] the Username field
+                lines.append(f"plugin_opt_dps_id_scope {self.dps_scope}")  # [DPS] ClientId and Username
             if line.startswith("listener "):
                 # [MQTT] "IoT Hub doesn't support QoS 2 messages ... closes the network connection"; a QoS 2
                 # subscription is granted QoS 1 in the SUBACK. mosquitto's max_qos does both for 3.1.1.
@@ -149,6 +173,9 @@ class HubResponder:
         self.c2d_throttled = 0
         self._bucket = _Bucket(c2d_per_s, c2d_burst, c2d_burst, time.monotonic())
         self._subs: dict[str, set[str]] = {}
+        self.hub = broker.hub if isinstance(broker, HubBroker) else HUB
+        self._operations: dict[str, dict[str, object]] = {}  # DPS operation id -> its status body
+        self._pending: dict[str, str] = {}  # operation id -> registration id, while the webhook works
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._client: mqtt.Client | None = None
@@ -165,7 +192,16 @@ class HubResponder:
         client.loop_start()
         # retainAsPublished: the RETAIN flag as the device sent it ([MQTT] it becomes the mqtt-retain property)
         opts = SubscribeOptions(qos=1, retainAsPublished=True)
-        client.subscribe([("devices/+/messages/events/#", opts), (f"{BRIDGE}/c2d/#", SubscribeOptions(qos=1))])
+        q1 = SubscribeOptions(qos=1)
+        client.subscribe(
+            [
+                ("devices/+/messages/events/#", opts),
+                (f"{BRIDGE}/c2d/#", q1),
+                ("$dps/registrations/PUT/#", q1),
+                ("$dps/registrations/GET/#", q1),
+                (DPS_ALLOCATION + "+", q1),
+            ]
+        )
         if not ready.wait(10):
             raise RuntimeError("the hub fake's responder could not subscribe")
         self._client = client
@@ -198,6 +234,10 @@ class HubResponder:
                 self._d2c(msg.topic, bytes(msg.payload), bool(msg.retain))
             elif msg.topic.startswith(f"{BRIDGE}/c2d/"):
                 self._c2d(msg.topic, bytes(msg.payload))
+            elif msg.topic.startswith("$dps/registrations/"):
+                self._dps(msg.topic, bytes(msg.payload))
+            elif msg.topic.startswith(DPS_ALLOCATION):
+                self._allocated(msg.topic[len(DPS_ALLOCATION) :], bytes(msg.payload))
         except Exception:
             log.exception("azure-fake: message on %s crashed the responder", msg.topic)
 
@@ -250,6 +290,78 @@ class HubResponder:
         self._client.publish(dest, payload, qos=1, properties=expiry)
         self.c2d_sent += 1
 
+    # --- the Device Provisioning Service ------------------------------------------------------------
+    def _dps_answer(self, status: int, rid: str, body: dict[str, object], retry_after: int | None = None) -> None:
+        assert self._client is not None
+        self._client.publish(dps_response_topic(status, rid, retry_after), json.dumps(body).encode(), qos=1)
+
+    def _dps(self, topic: str, payload: bytes) -> None:
+        path, _, query = topic.partition("/?")
+        props = decode_properties(query)
+        rid = props.get("$rid", "")
+        if path == "$dps/registrations/PUT/iotdps-register":
+            self._register(rid, payload)
+        elif path == "$dps/registrations/GET/iotdps-get-operationstatus":
+            op = self._operations.get(props.get("operationId", ""))
+            if op is None:  # [DPS] an unknown operation: 404 with DPS's error shape
+                self._dps_answer(404, rid, {"errorCode": 404201, "message": "Operation not found."})
+            elif op["status"] == "assigning":
+                self._dps_answer(202, rid, {"operationId": op["operationId"], "status": "assigning"}, DPS_RETRY_AFTER_S)
+            else:
+                self._dps_answer(200, rid, op)
+        else:  # [DPS] only the documented topics: anything else closes the connection (who sent it is unknown here)
+            log.warning("azure-fake: DPS publish to an unsupported topic %s", topic)
+
+    def _register(self, rid: str, payload: bytes) -> None:
+        try:
+            body = json.loads(payload)
+            registration_id = str(body["registrationId"])
+            base64.b64decode(body["csr"], validate=True)  # [CSR] assumed field: base64 DER
+        except (ValueError, KeyError, TypeError) as exc:
+            # [DPS]/[PYP] a malformed request: 400 with errorCode and message
+            self._dps_answer(400, rid, {"errorCode": 400004, "message": f"Malformed registration: {exc}"})
+            return
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{2,63}", registration_id):
+            self._dps_answer(400, rid, {"errorCode": 400004, "message": "registrationId is not valid"})
+            return
+        operation = f"5.{secrets.token_hex(8)}.{secrets.token_hex(4)}"
+        self._operations[operation] = {"operationId": operation, "status": "assigning"}
+        # [PYP] 202 with operationId, status "assigning" and retry-after: the device polls the operation
+        self._dps_answer(202, rid, {"operationId": operation, "status": "assigning"}, DPS_RETRY_AFTER_S)
+        # [ALLOC] the custom allocation webhook gets the device's runtime context and the linked hubs
+        request = {
+            "enrollmentGroup": {"enrollmentGroupId": "glucoagent-boxes", "attestation": {"type": "x509"}},
+            "deviceRuntimeContext": {"registrationId": registration_id, "payload": body.get("payload")},
+            "linkedHubs": [self.hub],
+        }
+        assert self._client is not None
+        self._client.publish(DPS_ALLOCATE + operation, json.dumps(request).encode(), qos=1)
+        self._pending[operation] = registration_id
+
+    def _allocated(self, operation: str, payload: bytes) -> None:
+        registration_id = self._pending.pop(operation, None)
+        if registration_id is None:
+            return
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        answer = json.loads(payload)
+        if answer.get("status") == 200 and answer.get("iotHubHostName") == self.hub:
+            state: dict[str, object] = {
+                "registrationId": registration_id,
+                "assignedHub": answer["iotHubHostName"],
+                "deviceId": registration_id,  # [DPS] the device id is the registration id
+                "status": "assigned",
+                "substatus": "initialAssignment",
+                "createdDateTimeUtc": now,
+                "lastUpdatedDateTimeUtc": now,
+                "payload": answer.get("payload"),  # [ALLOC] returned to the device
+            }
+            self._operations[operation] = {"operationId": operation, "status": "assigned", "registrationState": state}
+        else:  # [ALLOC] a failing webhook fails the registration; its message is kept
+            state = {"registrationId": registration_id, "status": "failed", "errorCode": 400207,
+                     "errorMessage": str(answer.get("message", "custom allocation failed")),
+                     "lastUpdatedDateTimeUtc": now}  # fmt: skip
+            self._operations[operation] = {"operationId": operation, "status": "failed", "registrationState": state}
+
     # --- subscriptions, from mosquitto's log -----------------------------------------------------
     def _tail_log(self) -> None:
         path = self.broker.log_path
@@ -298,7 +410,8 @@ class AzureSystem(LocalSystem):
     def __init__(self, run: Path, *, hub: str = HUB, c2d_per_s: float = C2D_PER_S, **kwargs: object) -> None:
         super().__init__(run, **kwargs)  # type: ignore[arg-type]
         self.hub = hub
-        self.broker = HubBroker(self.home.pki, self.home.broker_dir, hub=hub)
+        self.dps_scope = DPS_SCOPE
+        self.broker = HubBroker(self.home.pki, self.home.broker_dir, hub=hub, dps_scope=self.dps_scope)
         self.home.crl_reloader = self.broker.reload_crl
         self.responder = HubResponder(self.broker, c2d_per_s=c2d_per_s)
 
@@ -324,7 +437,18 @@ class AzureSystem(LocalSystem):
 
     def mqtt_options(self, **extra: str) -> dict[str, str]:
         """The ``mqtt`` section of a box on this hub."""
-        return {"profile": "azure", "azure_hub": self.hub, **extra}
+        return {"profile": "azure", "azure_hub": self.hub, "dps_id_scope": self.dps_scope, **extra}
+
+    def provision_by_dps(self, state: Path, patient: str = "patient-1", token: str | None = None,
+                         config: Path | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        """The technician's one command on a fresh box: ``glucoagent provision`` against the fake DPS."""
+        token = token or self.token(patient)
+        if config is None:
+            config = device_config(state / "glucoagent.uci", [], mqtt=self.mqtt_options())
+        return self.glucoagent(
+            state, "provision", "--endpoint", self.broker.endpoint, f"--token={token}", f"--patient={patient}",
+            config=config,
+        )  # fmt: skip
 
     def enrol(self, state: Path, patient: str = "patient-1", key_type: str = "ed25519") -> str:
         """A box's credentials from our backend's provisioning logic, in process (what DPS's custom allocation
