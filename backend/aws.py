@@ -28,9 +28,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.wire import aws as wire_aws
 from agent.wire import cose, topics
+from agent.wire import provisioning as wire_provisioning
 from backend.clouds.adapter import CloudAdapter
 from backend.db import BackendDb
-from backend.provisioning import ProvisioningMixin, device_id_for
+from backend.provisioning import ProvisioningMixin
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def pre_provisioning_hook(db: BackendDb, event: Mapping[str, Any]) -> dict[str, 
     if not (isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ec.SECP256R1)):
         log.warning("pre-provisioning hook: certificate key is not EC P-256")
         return {"allowProvisioning": False}
-    device_id = device_id_for(public_key)
+    device_id = wire_provisioning.device_id_for(public_key)
     kid = cose.key_id(public_key)
     now = time.time()
     with db.tx() as tx:

@@ -34,7 +34,7 @@ from agent.wire import cose
 from agent.wire.command import COMMANDS, MAX_LIFETIME_S, encode_command
 from agent.wire.renewal import REQUEST_CODE, encode_delivery
 from agent.wire.result import Result, decode_result
-from backend.clouds.adapter import COMMAND, CloudAdapter
+from backend.clouds.adapter import COMMAND, RESULTS, CloudAdapter
 from backend.db import BackendDb, jsonable
 from backend.mqtt_client import BackendLink, LinkSettings
 
@@ -349,8 +349,10 @@ class CommandClient:
                 raise CommandError("lost the broker connection while waiting for the result")
             while not self._inbox.empty():
                 topic, payload = self._inbox.get_nowait()
-                if topic != results_topic:
+                got = self.cloud.incoming(topic, payload)
+                if got is None or got.kind != RESULTS or got.key != device_id:
                     continue
+                payload = got.payload
                 try:
                     result = verify_result(self.db, device_id, payload)
                 except SignatureError as exc:

@@ -154,3 +154,86 @@ class AzureProfile(CloudProfile):
             reply_refused=method_response(503, rid, json.dumps({"stored": False}).encode()),
         )
 
+
+
+# --- Device Provisioning Service (DPS) over MQTT --------------------------------------------------------------
+# [DPS] Microsoft Learn "Communicate with DPS using the MQTT protocol" (iot-mqtt-connect-to-iot-dps);
+# [PYP] azure-iot-sdk-python provisioning/pipeline/mqtt_topic_provisioning.py and
+# pipeline_stages_provisioning.py; [CP] azure-iot-sdk-c provisioning_client/src/prov_transport_mqtt_common.c.
+DPS_API_VERSION = "2019-03-31"  # [DPS] user name api-version; [PYP] constant.PROVISIONING_API_VERSION
+# The CSR-during-registration flow (device certificate issuance with Azure Device Registry) is a preview that
+# neither SDK above implements; public write-ups name api-version 2025-07-01-preview. We send that version with
+# the CSR fields below; docs/clouds.md lists what is assumed.
+DPS_CSR_API_VERSION = "2025-07-01-preview"
+DPS_RESPONSES = "$dps/registrations/res/#"  # [DPS]/[PYP] subscribe before registering
+DPS_DEFAULT_RETRY_S = 2.0  # [PYP] DEFAULT_POLLING_INTERVAL when a 202 names no retry-after
+
+
+def dps_username(id_scope: str, registration_id: str, api_version: str = DPS_CSR_API_VERSION) -> str:
+    """[DPS] "{idScope}/registrations/{registration_id}/api-version=2019-03-31"; [CP] MQTT_USERNAME_FMT."""
+    return f"{id_scope}/registrations/{registration_id}/api-version={api_version}"
+
+
+def dps_register_topic(rid: str) -> str:
+    """[DPS]/[PYP] ``$dps/registrations/PUT/iotdps-register/?$rid={request_id}``."""
+    return f"$dps/registrations/PUT/iotdps-register/?$rid={quote(rid, safe='')}"
+
+
+def dps_status_topic(rid: str, operation_id: str) -> str:
+    """[DPS]/[PYP] ``$dps/registrations/GET/iotdps-get-operationstatus/?$rid={request_id}&operationId={id}``."""
+    return (
+        f"$dps/registrations/GET/iotdps-get-operationstatus/?$rid={quote(rid, safe='')}"
+        f"&operationId={quote(operation_id, safe='')}"
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DpsResponse:
+    """[DPS]/[PYP] ``$dps/registrations/res/{status}/?$rid={rid}&retry-after={s}`` with a JSON body."""
+
+    status: int
+    rid: str
+    retry_after_s: float | None
+    body: dict[str, object]
+
+
+def dps_response_topic(status: int, rid: str, retry_after_s: int | None = None) -> str:
+    query = {"$rid": rid} | ({} if retry_after_s is None else {"retry-after": str(retry_after_s)})
+    return f"$dps/registrations/res/{status}/?{encode_properties(query)}"
+
+
+def decode_dps_response(topic: str, payload: bytes) -> DpsResponse | None:
+    """None when ``topic`` is no DPS response; ValueError for a malformed one."""
+    prefix = "$dps/registrations/res/"
+    if not topic.startswith(prefix):
+        return None
+    status, _, query = topic[len(prefix) :].partition("/?")
+    props = decode_properties(query)
+    retry = props.get("retry-after")
+    try:
+        body = json.loads(payload) if payload else {}
+        return DpsResponse(int(status), props.get("$rid", ""), float(retry) if retry else None, body)
+    except ValueError as exc:
+        raise ValueError(f"malformed DPS response on {topic}: {exc}") from None
+
+
+def encode_dps_register(registration_id: str, csr_der: bytes, request: bytes) -> bytes:
+    """The registration body: ``registrationId`` ([DPS]/[PYP]), the CSR (preview field ``csr``, base64 DER:
+    assumed), and our enrolment request (token, patient, CSR; agent/wire/provisioning.py) in ``payload``, which
+    DPS hands to the custom allocation webhook as ``deviceRuntimeContext.payload``."""
+    return json.dumps(
+        {
+            "registrationId": registration_id,
+            "csr": base64.b64encode(csr_der).decode(),
+            "payload": {"glucoagent": base64.b64encode(request).decode()},
+        }
+    ).encode()
+
+
+def payload_bytes(payload: object, key: str = "glucoagent") -> bytes:
+    """Our CBOR inside a DPS ``payload`` object (base64 under ``key``); ValueError when absent or malformed."""
+    text = payload.get(key) if isinstance(payload, dict) else None
+    try:
+        return base64.b64decode(text if isinstance(text, str) else "?", validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"bad base64 in the DPS payload: {exc}") from None

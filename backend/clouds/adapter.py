@@ -75,15 +75,17 @@ class CloudAdapter:
         return Publish(topics.provision_response(request_id), payload)
 
     def results_topic(self, device_id: str) -> str:
-        """Where a device's command results arrive (the command client subscribes to it alone)."""
+        """A topic filter that brings a device's command results (the command client subscribes to it alone
+        and picks them out with ``incoming``)."""
         return topics.DeviceTopics(device_id).results
 
 
 def adapter_for(name: str) -> CloudAdapter:
     """The adapter of the cloud profile ``name``; ValueError when there is none."""
-    from backend.aws import AwsAdapter  # late: it subclasses CloudAdapter
+    from backend.aws import AwsAdapter  # late: they subclass CloudAdapter
+    from backend.clouds.azure import AzureAdapter
 
-    adapters: dict[str, type[CloudAdapter]] = {"glucoagent": CloudAdapter, "aws": AwsAdapter}
+    adapters: dict[str, type[CloudAdapter]] = {"glucoagent": CloudAdapter, "azure": AzureAdapter, "aws": AwsAdapter}
     if name not in adapters:
         raise ValueError(f"the reference cloud has no adapter for profile {name!r} (known: {', '.join(adapters)})")
     return adapters[name]()

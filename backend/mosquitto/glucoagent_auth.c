@@ -15,6 +15,11 @@
  *                     nor ends with "-<side suffix>"; client id == CN, or CN "-" <side suffix>
  *                     (the box's short side connections: renewal check, status)
  * The user name becomes the CN whatever the client sent, so the acl_file's user/pattern rules apply.
+ * Optional device_username_hub (the Azure IoT Hub fake, testbed/clouds/azure_fake.py): a device's CONNECT
+ * user name must then be "<hub>/<client id>/?<query with api-version=...>", as IoT Hub requires.
+ * Optional dps_id_scope (the fake's Device Provisioning Service): the claim certificate may then also log in
+ * with a device id as client id (DPS: ClientId = registrationId) and the user name
+ * "<scope>/registrations/<client id>/api-version=...".
  *
  * MOSQ_EVT_CONTROL on control_topic (the acl_file lets only the backend write it, and the handler
  * checks the publisher is the backend too): the payload is an identity whose every connection is
@@ -50,6 +55,8 @@ struct settings {
     char claim_cn[MAX_NAME + 1];
     char claim_prefix[MAX_NAME + 1];
     char control_topic[256];
+    char username_hub[256];
+    char dps_scope[MAX_NAME + 1];
     char suffixes[MAX_SUFFIXES][MAX_NAME + 1];
     int suffix_count;
     bool reloading;
@@ -127,6 +134,7 @@ static const char *refusal(const char *cn, const char *client_id) {
         return starts_with(client_id, cfg.backend_prefix) ? NULL : "the backend's client id must start with its prefix";
     }
     if (strcmp(cn, cfg.claim_cn) == 0) {
+        if (cfg.dps_scope[0] && is_device_id(client_id)) return NULL; /* a DPS registration: user name checked later */
         return starts_with(client_id, cfg.claim_prefix) ? NULL : "the claim's client id must start with its prefix";
     }
     if (!is_device_id(cn) || starts_with(cn, cfg.claim_prefix) || starts_with(cn, cfg.backend_prefix)
@@ -135,6 +143,36 @@ static const char *refusal(const char *cn, const char *client_id) {
     }
     if (strcmp(client_id, cn) == 0 || is_side_id(client_id, cn)) return NULL;
     return "a device's client id must be its certificate's CN";
+}
+
+/* Microsoft Learn "Communicate with an IoT hub using the MQTT protocol": Username
+   "{iotHub-hostname}/{device-id}/?api-version=2021-04-12" (api-version recommended; we require one). */
+static const char *hub_username_refusal(const char *username, const char *client_id) {
+    size_t h = strlen(cfg.username_hub), c = strlen(client_id);
+    if (username == NULL) return "no user name (expected <hub>/<device id>/?api-version=...)";
+    if (strncmp(username, cfg.username_hub, h) != 0 || username[h] != '/') return "user name names another hub";
+    if (strncmp(username + h + 1, client_id, c) != 0 || strncmp(username + h + 1 + c, "/?", 2) != 0) {
+        return "user name names another device";
+    }
+    const char *query = username + h + 1 + c + 2;
+    if (strncmp(query, "api-version=", 12) != 0 && strstr(query, "&api-version=") == NULL) {
+        return "user name has no api-version";
+    }
+    return NULL;
+}
+
+/* Microsoft Learn "Communicate with DPS using the MQTT protocol": Username
+   "{idScope}/registrations/{registration_id}/api-version=2019-03-31", registration id = ClientId. */
+static const char *dps_username_refusal(const char *username, const char *client_id) {
+    size_t s = strlen(cfg.dps_scope), c = strlen(client_id);
+    if (username == NULL) return "no user name (expected <scope>/registrations/<id>/api-version=...)";
+    if (strncmp(username, cfg.dps_scope, s) != 0 || strncmp(username + s, "/registrations/", 15) != 0) {
+        return "user name names another ID scope";
+    }
+    if (strncmp(username + s + 15, client_id, c) != 0 || username[s + 15 + c] != '/') {
+        return "user name names another registration id";
+    }
+    return strstr(username + s + 16 + c, "api-version=") ? NULL : "user name has no api-version";
 }
 
 static int on_basic_auth(int event, void *event_data, void *userdata) {
@@ -157,6 +195,20 @@ static int on_basic_auth(int event, void *event_data, void *userdata) {
         mosquitto_log_printf(MOSQ_LOG_NOTICE, "glucoagent-auth: refused client id %s for certificate %s: %s",
                              client_id ? client_id : "?", cn, why);
         return MOSQ_ERR_AUTH;
+    }
+    if (cfg.dps_scope[0] && strcmp(cn, cfg.claim_cn) == 0 && !starts_with(client_id, cfg.claim_prefix)) {
+        why = dps_username_refusal(ev->username, client_id);
+        if (why != NULL) {
+            mosquitto_log_printf(MOSQ_LOG_NOTICE, "glucoagent-auth: refused registration %s: %s", client_id, why);
+            return MOSQ_ERR_AUTH;
+        }
+    }
+    if (cfg.username_hub[0] && strcmp(cn, cfg.backend_cn) != 0 && strcmp(cn, cfg.claim_cn) != 0) {
+        why = hub_username_refusal(ev->username, client_id);
+        if (why != NULL) {
+            mosquitto_log_printf(MOSQ_LOG_NOTICE, "glucoagent-auth: refused client id %s: %s", client_id, why);
+            return MOSQ_ERR_AUTH;
+        }
     }
     if (mosquitto_set_username(ev->client, cn) != MOSQ_ERR_SUCCESS) return MOSQ_ERR_AUTH;
     return MOSQ_ERR_SUCCESS;
@@ -301,6 +353,8 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata, st
         else if (strcmp(k, "max_topic_bytes") == 0) ok = parse_limit(&cfg.max_topic_bytes, v);
         else if (strcmp(k, "max_payload") == 0) ok = parse_limit(&cfg.max_payload, v);
         else if (strcmp(k, "max_publish_rate") == 0) ok = parse_limit(&cfg.max_publish_rate, v);
+        else if (strcmp(k, "device_username_hub") == 0) ok = copy_opt(cfg.username_hub, sizeof cfg.username_hub, v);
+        else if (strcmp(k, "dps_id_scope") == 0) ok = copy_opt(cfg.dps_scope, sizeof cfg.dps_scope, v);
         else {
             mosquitto_log_printf(MOSQ_LOG_ERR, "glucoagent-auth: unknown option %s", k);
             return MOSQ_ERR_INVAL;

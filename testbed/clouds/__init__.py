@@ -1,1 +1,1 @@
-"""Fakes of the clouds clinics run (docs/clouds.md), for the tests: never installed."""
+"""Offline fakes of the clouds' MQTT surfaces, on mosquitto (never shipped)."""

@@ -67,12 +67,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.wire import aws
 from agent.wire import topics as wire_topics
+from agent.wire.provisioning import device_id_for
 from backend.aws import AwsAdapter, pre_provisioning_hook, send_command_as_job
 from backend.broker import Broker
 from backend.broker_config import ACL_FILE, CONTROL_TOPIC, DEVICE_READ, DEVICE_WRITE, broker_account, install_file
 from backend.mqtt_client import tls_client
 from backend.pki import BACKEND_CN, CLAIM_CN, FleetPki
-from backend.provisioning import device_id_for
 from testbed.faultproxy import TcpProxy
 from testbed.harness import LocalSystem, device_config
 

@@ -1,18 +1,26 @@
-"""Enrolment of a fresh box on the fake AWS IoT Core (agent/identity/aws_provisioning.py): fleet provisioning by
-CSR, our token checked by the pre-provisioning hook, one clear refusal when the hook says no."""
+"""Enrolment of a fresh box on the fake AWS IoT Core (agent/identity/provisioning.py with the aws profile's
+exchange, agent/identity/aws_provisioning.py): fleet provisioning by CSR, our token checked by the
+pre-provisioning hook, one clear refusal when the hook says no."""
 
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from agent.config import MqttSection
 from agent.errors import TokenRejected
-from agent.identity.aws_provisioning import provision_aws
 from agent.identity.credentials import load_identity, load_or_create_key
-from agent.identity.provisioning import KeyTypeRefused
+from agent.identity.provisioning import KeyTypeRefused, provision
 from testbed.clouds.aws_fake import AwsSystem
+
+AWS = MqttSection(profile="aws")
+
+
+def provision_aws(state: Path, endpoint: str, token: str, patient: str, out: Callable[[str], None]) -> str:
+    return provision(state, endpoint, token, patient, mqtt=AWS, out=out)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +35,7 @@ def test_a_fresh_box_enrols_with_one_call(system: AwsSystem) -> None:
     token = system.token("p-1")
     thing = provision_aws(state, system.endpoint, token, "p-1", out=lines.append)
     assert [line.rsplit(" ... ", 1)[1].split(" ")[0] for line in lines] == ["ok"] * 6, lines
-    assert lines[3].endswith(f"(thing {thing})")
+    assert lines[3].endswith(f"(device id {thing})")
     ident = load_identity(state)
     assert ident.device_id == thing
     assert ident.command_key is not None
@@ -49,12 +57,10 @@ def test_a_refused_token_ends_in_one_clear_error(system: AwsSystem) -> None:
     assert not (state / "device.json").exists()
 
 
-def test_an_ed25519_key_is_refused_before_any_network(system: AwsSystem) -> None:
-    with pytest.raises(KeyTypeRefused, match="p256"):
-        provision_aws(
-            system.device_dir("ed"), "mqtts://nowhere.invalid:8883", "T", "p-3", key_type="ed25519", out=lambda _l: None
-        )
+def test_a_kept_ed25519_key_is_refused_before_any_network(system: AwsSystem) -> None:
     state = system.device_dir("ed-kept")
     load_or_create_key(state, "ed25519")  # a box enrolled on our broker before: its key stays Ed25519
+    lines: list[str] = []
     with pytest.raises(KeyTypeRefused, match="deprovision"):
-        provision_aws(state, "mqtts://nowhere.invalid:8883", "T", "p-3", out=lambda _l: None)
+        provision_aws(state, "mqtts://nowhere.invalid:8883", "T", "p-3", out=lines.append)
+    assert lines[-1].startswith("[2/6]") and lines[-1].endswith("failed")  # before any network
