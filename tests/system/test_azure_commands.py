@@ -7,7 +7,6 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -95,7 +94,7 @@ def test_a_command_past_its_c2d_ttl_never_reaches_the_box(box: Box) -> None:
     proc = box.sync_time(ttl=2, timeout=8)
     time.sleep(4)  # past the time to live while offline: the hub drops the message
     box.start()
-    out, err = proc.communicate(timeout=30)
+    _out, err = proc.communicate(timeout=30)
     assert proc.returncode != 0
     assert "no result from" in err
     time.sleep(2)
