@@ -65,7 +65,7 @@ def test_subscriptions_and_c2d_classification(p: AzureProfile) -> None:
     assert p.classify(DEV, f"{c2d}kind=command", b"c") == profiles.Inbound(profiles.COMMAND, b"c")
     assert p.classify(DEV, c2d, b"c").kind == profiles.COMMAND  # no bag: a command (verified before it runs)
     assert p.classify(DEV, f"{c2d}kind=other", b"").kind == profiles.UNKNOWN
-    assert p.classify(DEV, f"devices/gd-ffffffffffff/messages/devicebound/kind=ack", b"").kind == profiles.UNKNOWN
+    assert p.classify(DEV, "devices/gd-ffffffffffff/messages/devicebound/kind=ack", b"").kind == profiles.UNKNOWN
 
 
 def test_direct_method_command_and_its_response(p: AzureProfile) -> None:
