@@ -101,3 +101,38 @@ def test_a_command_past_its_c2d_ttl_never_reaches_the_box(box: Box) -> None:
     assert box.runs() == before
     assert "(sync_time) started" not in box.log().split("uplink: connected to")[-1]
     box.stop()
+
+
+def test_a_command_as_a_direct_method_is_answered_after_it_is_stored(box: Box) -> None:
+    """The direct method `command` (JSON {"cose": base64}) from the service side; the box answers on
+    $iothub/methods/res/200/?$rid=... once the command is stored, then runs it once."""
+    import queue
+
+    from agent.wire.azure import command_method_payload
+    from backend.commands import sign_command
+    from backend.mqtt_client import BackendLink, link_settings
+
+    got: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+    service = BackendLink(
+        link_settings("localhost", box.hub.broker.port, box.hub.home.backend_tls()), on_message=lambda t, p: got.put((t, p))
+    )
+    service.connect()
+    try:
+        service.subscribe(["$iothub/methods/res/#"])
+        box.start()
+        before = box.runs()
+        _cmd_id, envelope = sign_command(box.hub.home.command_key, box.device_id, "sync_time", {"time": time.time()}, ttl_s=60)
+        service.publish("$iothub/methods/POST/command/?$rid=77", command_method_payload(envelope))
+        deadline = time.monotonic() + 20
+        answer: tuple[str, bytes] | None = None
+        while answer is None and time.monotonic() < deadline:
+            service.loop(0.1)
+            while not got.empty():
+                answer = got.get_nowait()
+        assert answer is not None, box.log()[-2000:]
+        assert answer[0] == "$iothub/methods/res/200/?$rid=77"
+        assert json.loads(answer[1]) == {"stored": True}
+        assert box.hub.wait_for(lambda: box.runs() == before + 1, 20), box.log()[-2000:]
+        box.stop()
+    finally:
+        service.disconnect()
