@@ -22,7 +22,7 @@ T = TypeVar("T")
 N = TypeVar("N", int, float)
 _ENDPOINT_RE = re.compile(r"^mqtts://(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})$")
 _WS_ENDPOINT_RE = re.compile(
-    r"^wss://(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})(?P<path>/[A-Za-z0-9._~/-]*)$"
+    r"^wss://(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})(?P<path>/[A-Za-z0-9._~/$-]*)$"
 )
 
 

@@ -196,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cloud",
         default="glucoagent",
-        choices=("glucoagent", "azure"),
-        help="the cloud the boxes use: glucoagent (this broker) or azure (IoT Hub via its bridge; docs/clouds.md)",
+        choices=("glucoagent", "azure", "aws"),
+        help="the cloud the boxes use: glucoagent (this broker), azure (IoT Hub via its bridge) or aws "
+        "(IoT Core: its topic rule delivers; commands as jobs, not by `command`); docs/clouds.md",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import secrets
 from typing import Any, ClassVar
 
@@ -44,6 +45,7 @@ from backend.clouds.adapter import (
     Delivered,
 )
 
+log = logging.getLogger(__name__)
 BRIDGE = "azure-bridge"
 INGEST_ENDPOINT, CONTROL_ENDPOINT = "ingest", "control"
 ACK_INTERVAL_S = 2.0
@@ -64,6 +66,7 @@ def route_of(kind: str) -> str:
     return INGEST_ENDPOINT if kind in (TELEMETRY, HEALTH) else CONTROL_ENDPOINT
 
 
+FEEDBACK = f"{BRIDGE}/feedback/"  # the service API's refusal of a C2D send (429 ThrottlingException, queue full)
 DPS_ALLOCATE = f"{BRIDGE}/dps/allocate/"
 DPS_ALLOCATION = f"{BRIDGE}/dps/allocation/"
 
@@ -77,7 +80,7 @@ class AzureAdapter(CloudAdapter):
         self._allocations: dict[str, tuple[str, str, str]] = {}
 
     def control_topics(self) -> list[str]:
-        return [f"{BRIDGE}/events/{CONTROL_ENDPOINT}/#", DPS_ALLOCATE + "+"]
+        return [f"{BRIDGE}/events/{CONTROL_ENDPOINT}/#", DPS_ALLOCATE + "+", FEEDBACK + "+"]
 
     def ingest_topics(self) -> list[str]:
         return [f"{BRIDGE}/events/{INGEST_ENDPOINT}/#"]
@@ -85,6 +88,12 @@ class AzureAdapter(CloudAdapter):
     def incoming(self, topic: str, payload: bytes) -> Delivered | None:
         if topic.startswith(DPS_ALLOCATE):
             return self._allocate(topic[len(DPS_ALLOCATE) :], payload)
+        if topic.startswith(FEEDBACK):
+            # Nothing is lost: an ack not sent leaves the records in the box's buffer, which resends them after
+            # mqtt.ack_timeout_s; they are stored once and acknowledged by a later cumulative ack.
+            log.warning("backend: the hub refused a C2D message to %s (%s); the box resends and is acked later",
+                        topic[len(FEEDBACK) :], payload.decode(errors="replace")[:120])  # fmt: skip
+            return None
         parts = topic.split("/", 4)
         if len(parts) != 5 or parts[0] != BRIDGE or parts[1] != "events":
             return None

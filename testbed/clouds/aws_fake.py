@@ -68,7 +68,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from agent.wire import aws
 from agent.wire import topics as wire_topics
 from agent.wire.provisioning import device_id_for
-from backend.aws import AwsAdapter, pre_provisioning_hook, send_command_as_job
+from backend.aws import pre_provisioning_hook, send_command_as_job
 from backend.broker import Broker
 from backend.broker_config import ACL_FILE, CONTROL_TOPIC, DEVICE_READ, DEVICE_WRITE, broker_account, install_file
 from backend.mqtt_client import tls_client
@@ -512,8 +512,7 @@ class AwsSystem(LocalSystem):
 
     def start_backend(self) -> None:
         """Our service as the topic rule's target: a ``backend-`` subscription on the broker, AWS's adapter."""
-        self.service = self.home.service("localhost", self.broker.port, self.db)
-        self.service.cloud = AwsAdapter()
+        self.service = self.home.service("localhost", self.broker.port, self.db, cloud="aws")
         self.service.on_record = lambda dev, rec: self.on_record(dev, rec) if self.on_record else None
         self._thread = threading.Thread(target=self.service.run, name="backend", daemon=True)
         self._thread.start()
