@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.errors import ConfigError
+from agent.wire.profiles import PROFILE_NAMES, CloudProfile, make_profile
 from drivers.registry import AUTO, CONFIG_CHOICES, DEFAULT_PEN  # the one list of protocol names
 
 T = TypeVar("T")
 N = TypeVar("N", int, float)
 _ENDPOINT_RE = re.compile(r"^mqtts://(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})$")
 _WS_ENDPOINT_RE = re.compile(
-    r"^wss://(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})(?P<path>/[A-Za-z0-9._~/-]*)$"
+    r"^wss://(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})(?P<path>/[A-Za-z0-9._~/$-]*)$"
 )
 
 
@@ -105,6 +106,16 @@ class MqttSection:
     ws_endpoint: str = ""  # wss://HOST:443/mqtt: the same broker over WebSockets with TLS
     proxy: str = ""  # http://[USER@]HOST:PORT: HTTP CONNECT proxy (empty: direct)
     proxy_password_file: str = ""  # empty: <state_dir>/proxy_password (0600); read only when proxy names a user
+    # The cloud the box talks to (agent/wire/profiles.py, docs/clouds.md): glucoagent | azure | aws
+    profile: str = "glucoagent"
+    azure_hub: str = ""  # azure: the IoT hub's host name (the MQTT user name starts with it)
+    dps_host: str = "global.azure-devices-provisioning.net"  # azure: the Device Provisioning Service endpoint
+    dps_id_scope: str = ""  # azure: the DPS instance's ID scope (0ne…)
+    aws_template: str = "GlucoagentFleet"  # aws: the fleet provisioning template's name (docs/clouds.md)
+
+    def cloud(self) -> CloudProfile:
+        """The cloud profile these options select (validated by build_config, so this does not raise there)."""
+        return make_profile(self.profile, {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -281,6 +292,11 @@ SCHEMA: dict[str, dict[str, Callable[[str], Any]]] = {
         "ws_endpoint": _ws_endpoint,
         "proxy": _proxy,
         "proxy_password_file": str,
+        "profile": _choice(*PROFILE_NAMES),
+        "azure_hub": str,
+        "dps_host": str,
+        "dps_id_scope": str,
+        "aws_template": str,
     },
     "buffer": {
         "path": str,
@@ -383,6 +399,10 @@ def build_config(sections: list[Any], source: str) -> Config:
         raise ConfigError(f"{source}: mqtt.ack 'puback' needs mqtt.protocol 'mqttv5'")
     if cfg.mqtt.transport == "websockets" and not cfg.mqtt.ws_endpoint:
         raise ConfigError(f"{source}: mqtt.transport 'websockets' needs mqtt.ws_endpoint wss://HOST:PORT/PATH")
+    try:
+        cfg.mqtt.cloud()
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     return cfg
 
 

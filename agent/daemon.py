@@ -24,6 +24,7 @@ from agent.errors import GlucoagentError, StorageUnavailable
 from agent.identity import renewal
 from agent.identity.credentials import DeviceIdentity, load_identity
 from agent.identity.signer import Signer
+from agent.link.aws_jobs import jobs_bridge
 from agent.link.uplink import Uplink
 from agent.meters import MeterWatcher
 from agent.snapshot import clear_snapshot, write_snapshot
@@ -83,6 +84,7 @@ class Daemon:
             clock=self.clock,
             on_time=self.on_time,
             commands_idle=self.commands_idle,
+            peer=(jobs := jobs_bridge(cfg.mqtt.cloud(), self.identity.device_id, self.on_command)),
         )
         self.watcher = MeterWatcher(cfg, self.recorder, self.clock, on_stored=self.uplink.wake)
         self.ble: list[Any] = []  # agent.ble_source.BleSource per controller, imported only when one is configured
@@ -102,6 +104,8 @@ class Daemon:
         self.commands = CommandExecutor(
             self, self.uplink, self.store, self.clock, self.identity, schedule, renewed=renewed
         )
+        if jobs is not None:  # AWS: a command's result ends its job execution
+            self.commands.outbox.on_put = jobs.on_result
 
     def on_command(self, payload: bytes) -> bool:
         """Uplink thread: hand the message to the command worker (agent/commands/executor.py); False = not stored."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -12,10 +13,9 @@ from agent.clock import CLOCK_FLOOR, Clock
 from agent.config import Config, Endpoint
 from agent.errors import GlucoagentError, StoreError
 from agent.identity.credentials import is_provisioned, load_identity
-from agent.link.mqtt import LinkSettings, TlsFiles
 from agent.link.probe import check_routes
 from agent.link.proxy import proxy_from_config
-from agent.link.routes import link_routes
+from agent.link.routes import device_link_settings, link_routes
 from agent.snapshot import read_snapshot
 
 SNAPSHOT_EVERY_S = 2.0  # how often the daemon publishes its state (agent/snapshot.py)
@@ -164,17 +164,18 @@ def run_checks(cfg: Config, out: Any = print) -> int:
     except GlucoagentError as exc:
         report("proxy", False, str(exc), exc.exit_code)
         return first_failure
-    base = LinkSettings(
-        host=ep.host,
-        port=ep.port,
-        client_id=f"{ident.device_id}-check",
-        tls=TlsFiles(ident.ca_path, ident.cert_path, ident.key_path),
-        protocol=cfg.mqtt.protocol,
-        connect_timeout_s=cfg.mqtt.connect_timeout_s,
-        clean_start=True,
+    profile = cfg.mqtt.cloud()
+    base = dataclasses.replace(
+        device_link_settings(
+            profile, ident, ep, protocol=cfg.mqtt.protocol, connect_timeout_s=cfg.mqtt.connect_timeout_s
+        ),
+        will=None,
     )
-    routes = link_routes(cfg.mqtt, ep, base, proxy)
-    check_routes(routes, cfg.mqtt.connect_timeout_s, report, lambda line: out(f"warn   {line}"))
+    # A cloud with one connection per device (Azure) would drop the agent's link for a login beside it:
+    # check then stops after the TLS handshake (docs/clouds.md).
+    login = base.side("check") if profile.side_connections else None
+    routes = link_routes(cfg.mqtt, ep, login or base, proxy)
+    check_routes(routes, cfg.mqtt.connect_timeout_s, report, lambda line: out(f"warn   {line}"), login=login is not None)
     return first_failure
 
 

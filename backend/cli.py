@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.errors import GlucoagentError
+from agent.errors import ConfigError, GlucoagentError
 
 log = logging.getLogger("glucoagent-backend")
 
@@ -52,7 +52,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     home.cert_days = args.cert_days
     # One worker: today's single connection does everything. More: this process keeps the control
     # topics and N ingest processes share telemetry and health (backend/workers.py says why).
-    service = home.service(args.host, args.port, role="all" if args.workers == 1 else "control")
+    if args.cloud != "glucoagent" and args.workers > 1:
+        raise ConfigError(f"--workers {args.workers}: the {args.cloud} bridge is served by one process (docs/clouds.md)")
+    service = home.service(args.host, args.port, role="all" if args.workers == 1 else "control", cloud=args.cloud)
     stop = threading.Event()
     if args.workers > 1:
         from backend.workers import WorkerPool
@@ -190,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="ingest processes sharing telemetry and health via an MQTT 5 shared subscription "
         "(default 1: one process does everything)",
+    )
+    p.add_argument(
+        "--cloud",
+        default="glucoagent",
+        choices=("glucoagent", "azure", "aws"),
+        help="the cloud the boxes use: glucoagent (this broker), azure (IoT Hub via its bridge) or aws "
+        "(IoT Core: its topic rule delivers; commands as jobs, not by `command`); docs/clouds.md",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -17,6 +17,7 @@ from agent.wire.command import COMMANDS
 
 def cmd_command(args: argparse.Namespace) -> int:
     from agent.wire.result import Result
+    from backend.clouds.adapter import adapter_for
     from backend.commands import CommandClient, parse_args, result_json, sign_command
     from backend.home import BackendHome
     from backend.mqtt_client import link_settings
@@ -32,8 +33,11 @@ def cmd_command(args: argparse.Namespace) -> int:
 
     db = home.db()
     try:
-        with CommandClient(db, link_settings(args.host, args.port, home.backend_tls())) as client:
-            result = client.send(args.device, envelope, cmd_id, args.type, timeout_s=args.timeout, progress=progress)
+        settings = link_settings(args.host, args.port, home.backend_tls())
+        with CommandClient(db, settings, adapter_for(args.cloud)) as client:
+            result = client.send(
+                args.device, envelope, cmd_id, args.type, timeout_s=args.timeout, progress=progress, ttl_s=args.ttl
+            )
     finally:
         db.close()
     print(result_json(result))
@@ -58,4 +62,7 @@ def add_parser(subparsers: Any, home_default: Path) -> None:
     p.add_argument("--port", type=int, default=8883)
     p.add_argument("--ttl", type=float, default=3600.0, help="seconds the command stays valid (default 3600)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the result (default 60)")
+    p.add_argument(
+        "--cloud", default="glucoagent", choices=("glucoagent", "azure"), help="the cloud the box uses (docs/clouds.md)"
+    )
     p.set_defaults(func=cmd_command)

@@ -30,10 +30,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from agent.errors import GlucoagentError, LinkTimeout, SignatureError
-from agent.wire import cose, topics
+from agent.wire import cose
 from agent.wire.command import COMMANDS, MAX_LIFETIME_S, encode_command
 from agent.wire.renewal import REQUEST_CODE, encode_delivery
 from agent.wire.result import Result, decode_result
+from backend.clouds.adapter import COMMAND, RESULTS, CloudAdapter
 from backend.db import BackendDb, jsonable
 from backend.mqtt_client import BackendLink, LinkSettings
 
@@ -196,7 +197,7 @@ def on_result(
     sign_csr: Callable[[bytes, str], bytes],
     ca_pem: bytes,
     command_key: ed25519.Ed25519PrivateKey,
-    publish: Callable[[str, bytes], None],
+    deliver: Callable[[str, bytes], None],
     revoke: Callable[[Sequence[int]], None] | None = None,
     revoked: Callable[[], frozenset[int]] = frozenset,
 ) -> Result | None:
@@ -216,7 +217,7 @@ def on_result(
             db, result, sign_csr=sign_csr, ca_pem=ca_pem, command_key=command_key, asked_by_device=asked
         )
         if delivery is not None:
-            publish(topics.DeviceTopics(device_id).commands, delivery)
+            deliver(device_id, delivery)  # (device id, signed payload) the way the device's cloud sends commands
     if fresh and result.status == "ok" and result.code in FINAL_RENEWAL_CODES and revoke is not None:
         revoke_superseded(db, device_id, signer_kid, revoke, revoked())
     return result
@@ -304,8 +305,9 @@ def issue_renewal(
 class CommandClient:
     """One backend connection that sends a command and waits for its final, verified result."""
 
-    def __init__(self, db: BackendDb, settings: LinkSettings) -> None:
+    def __init__(self, db: BackendDb, settings: LinkSettings, cloud: CloudAdapter | None = None) -> None:
         self.db = db
+        self.cloud = cloud or CloudAdapter()
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.link = BackendLink(settings, on_message=lambda t, p: self._inbox.put((t, p)))
 
@@ -325,13 +327,16 @@ class CommandClient:
         *,
         timeout_s: float,
         progress: Callable[[Result], None] = lambda _r: None,
+        ttl_s: float | None = None,
     ) -> Result:
-        results_topic = topics.DeviceTopics(device_id).results
+        """``ttl_s``: how long a cloud that expires undelivered messages keeps the command (Azure C2D)."""
+        results_topic = self.cloud.results_topic(device_id)
         codes = self.link.subscribe([results_topic])  # before publishing: the answer may be quick
         if any(c >= 0x80 for c in codes):
             raise CommandError(f"broker refused the results subscription (codes {codes})")
         record_sent(self.db, device_id, cmd_id, ctype)
-        mid = self.link.publish(topics.DeviceTopics(device_id).commands, envelope, qos=1)
+        msg = self.cloud.to_device(device_id, COMMAND, envelope, ttl_s=ttl_s)
+        mid = self.link.publish(msg.topic, msg.payload, qos=1)
         accept_by = time.monotonic() + 10.0
         while (accepted := self.link.acked(mid)) is None:
             if time.monotonic() > accept_by or not self.link.loop(0.05):
@@ -344,8 +349,10 @@ class CommandClient:
                 raise CommandError("lost the broker connection while waiting for the result")
             while not self._inbox.empty():
                 topic, payload = self._inbox.get_nowait()
-                if topic != results_topic:
+                got = self.cloud.incoming(topic, payload)
+                if got is None or got.kind != RESULTS or got.key != device_id:
                     continue
+                payload = got.payload
                 try:
                     result = verify_result(self.db, device_id, payload)
                 except SignatureError as exc:

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.errors import GlucoagentError
 from backend.broker import Broker
+from backend.clouds.adapter import adapter_for
 from backend.db import BackendDb
 from backend.files import atomic_write
 from backend.mqtt_client import link_settings
@@ -106,9 +107,17 @@ class BackendHome:
     def backend_tls(self) -> ClientCreds:
         return self.pki.backend
 
-    def service(self, host: str, port: int, db: BackendDb | None = None, role: str = "all") -> BackendService:
+    def service(
+        self, host: str, port: int, db: BackendDb | None = None, role: str = "all", cloud: str = "glucoagent"
+    ) -> BackendService:
+        """``cloud``: the adapter the service sits behind (backend/clouds/)."""
         service = BackendService(
-            db or self.db(), self.keys(), link_settings(host, port, self.backend_tls()), INITIAL_CONFIG, role
+            db or self.db(),
+            self.keys(),
+            link_settings(host, port, self.backend_tls()),
+            INITIAL_CONFIG,
+            role,
+            cloud=adapter_for(cloud),
         )
         service.releases = self.releases
         return service

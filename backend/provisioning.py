@@ -41,11 +41,6 @@ def new_token() -> str:
     return "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(16))
 
 
-def device_id_for(public_key: cose.PublicKey) -> str:
-    """Device ids derive from the device key: a re-run of provisioning maps to the same id."""
-    return "gd-" + cose.key_id(public_key)[:6].hex()
-
-
 class ProvisioningMixin:
     db: BackendDb
     keys: BackendKeys
@@ -78,7 +73,7 @@ class ProvisioningMixin:
         ):
             kind = getattr(getattr(public_key, "curve", None), "name", None) or type(public_key).__name__
             return refuse(UNSUPPORTED_KEY, f"device key {kind} is not supported: use Ed25519 or EC P-256")
-        device_id = device_id_for(public_key)
+        device_id = wire_provisioning.device_id_for(public_key)
         hw_serial = str(hw.get("serial", ""))
         now = time.time()
         kid = cose.key_id(public_key)

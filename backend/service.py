@@ -29,6 +29,7 @@ from agent.errors import GlucoagentError, LinkError
 from agent.wire import clocksync, cose, release, telemetry, topics
 from agent.wire import provisioning as wire_provisioning
 from agent.wire.ack import encode_ack
+from backend.clouds.adapter import ACK, CHUNK, COMMAND, PROVISION, TIME_REPLY, CloudAdapter
 from backend.db import BackendDb
 from backend.ingest import IngestMixin, IngestStats
 from backend.mqtt_client import BackendLink, LinkSettings
@@ -42,8 +43,6 @@ CERT_DAYS = 365
 MAX_PAYLOAD = 131_072
 SHARE_GROUP = "$share/ingest/"  # MQTT 5 shared subscription: each message goes to one ingest worker
 ROLES = ("all", "control", "ingest")
-CONTROL_TOPICS = [topics.ALL_PROVISION_REQUESTS, topics.ALL_STATUS, topics.ALL_RESULTS, topics.ALL_FETCH, topics.ALL_TIME]
-INGEST_TOPICS = [topics.ALL_TELEMETRY, topics.ALL_HEALTH]
 DRAIN_ON_STOP_S = 1.0  # an ingest worker told to stop handles what is already on its way for this long
 
 
@@ -87,12 +86,16 @@ class BackendService(ProvisioningMixin, IngestMixin):
         settings: LinkSettings,
         initial_config: dict[str, Any],
         role: str = "all",
+        cloud: CloudAdapter | None = None,
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"unknown backend role {role!r}")
         if role == "ingest" and not settings.manual_ack:
             raise ValueError("an ingest worker acknowledges only what it stored: it needs manual_ack")
         self.role = role
+        self.cloud = cloud or CloudAdapter()  # where the cloud delivers, how it sends (backend/clouds/)
+        self._acks_due: dict[str, dict[str, list[int]]] = {}  # cumulative acks (cloud.ack_interval_s > 0)
+        self._acks_sent: dict[str, float] = {}  # device -> monotonic time of its last ack
         self.db = db
         self.keys = keys
         self.settings = settings
@@ -111,11 +114,12 @@ class BackendService(ProvisioningMixin, IngestMixin):
         self._stop.set()
 
     def subscriptions(self) -> list[str]:
+        control, ingest = self.cloud.control_topics(), self.cloud.ingest_topics()
         if self.role == "control":
-            return list(CONTROL_TOPICS)
+            return control
         if self.role == "ingest":
-            return [SHARE_GROUP + t for t in INGEST_TOPICS]
-        return [*CONTROL_TOPICS, *INGEST_TOPICS]
+            return [SHARE_GROUP + t for t in ingest]
+        return [*control, *ingest]
 
     def run(self) -> None:
         delay = 0.5
@@ -142,6 +146,7 @@ class BackendService(ProvisioningMixin, IngestMixin):
             log.info("backend: connected to %s:%d", self.settings.host, self.settings.port)
             while not self._stop.is_set() and link.loop(0.05):
                 self._drain()
+                self._flush_acks()
             self.ready.clear()
             if self.role == "ingest" and link.connected:
                 # Leave the share group, handle what is already on its way, and end the kept session:
@@ -176,26 +181,54 @@ class BackendService(ProvisioningMixin, IngestMixin):
             raise LinkError("backend not connected")
         self.link.publish(topic, payload, retain=retain)
 
+    def send(self, device_id: str, kind: str, payload: bytes, ttl_s: float | None = None) -> None:
+        """``payload`` of ``kind`` (adapter ACK, TIME_REPLY, COMMAND, CHUNK) to a box, the way its cloud sends it."""
+        msg = self.cloud.to_device(device_id, kind, payload, ttl_s)
+        self.publish(msg.topic, msg.payload, retain=msg.retain)
+
+    def _ack(self, device_id: str, acks: dict[str, list[int]]) -> None:
+        """Sign and send the ack at once, or (a cloud that throttles messages to a device) add it to the
+        device's cumulative ack, sent by ``_flush_acks`` at most every ``cloud.ack_interval_s``."""
+        if self.cloud.ack_interval_s <= 0:
+            self.send(device_id, ACK, encode_ack(self.keys.command_key, device_id, acks))
+            return
+        due = self._acks_due.setdefault(device_id, {})
+        for stream, seqs in acks.items():
+            due.setdefault(stream, []).extend(seqs)
+        self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        if not self._acks_due:
+            return
+        now = time.monotonic()
+        for device_id in list(self._acks_due):
+            if now - self._acks_sent.get(device_id, -1e9) < self.cloud.ack_interval_s:
+                continue
+            acks = {stream: sorted(set(seqs)) for stream, seqs in self._acks_due.pop(device_id).items()}
+            self._acks_sent[device_id] = now
+            try:
+                self.send(device_id, ACK, encode_ack(self.keys.command_key, device_id, acks))
+            except LinkError as exc:  # the records are stored: the box resends them and is acked then
+                log.warning("backend: ack to %s not sent: %s", device_id, exc)
+
     # --- dispatch -----------------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes) -> None:
         if len(payload) > self.max_payload:  # before any decoding: a huge message costs only its count
             self.db.bump("oversize_messages")
             log.warning("message on %s refused unparsed: %d bytes > limit %d", topic, len(payload), self.max_payload)
             return
-        parts = topic.split("/")
-        if topic.startswith(f"{topics.PREFIX}/prov/") and parts[-1] == "request":
-            self.publish(
-                topics.provision_response(parts[-2]), wire_provisioning.encode_reply(self.provision(parts[-2], payload))
-            )
+        msg = self.cloud.incoming(topic, payload)
+        if msg is None:
             return
-        device_id = topics.device_of(topic)
-        if device_id is None:
+        device_id, leaf, payload = msg.key, msg.kind, msg.payload
+        if leaf == PROVISION:
+            reply = self.cloud.provision_reply(device_id, wire_provisioning.encode_reply(self.provision(device_id, payload)))
+            self.publish(reply.topic, reply.payload)
             return
-        leaf = parts[-1]
         if leaf in (topics.TELEMETRY, topics.HEALTH):
             acks = self.ingest(device_id, leaf, payload)
             if acks:
-                self.publish(topics.DeviceTopics(device_id).acks, encode_ack(self.keys.command_key, device_id, acks))
+                self._ack(device_id, acks)
         elif leaf == topics.STATUS:
             self.on_status(device_id, payload)
         elif leaf == topics.RESULTS:
@@ -216,7 +249,7 @@ class BackendService(ProvisioningMixin, IngestMixin):
         if chunk is None:
             log.warning("fetch from %s: package %s was never released here", device_id, req.sha256.hex()[:16])
             return
-        self.publish(topics.DeviceTopics(device_id).chunks, release.encode_chunk(chunk))
+        self.send(device_id, CHUNK, release.encode_chunk(chunk))
 
     def on_time_request(self, device_id: str, payload: bytes) -> None:
         """The cloud's time, signed by the command key and bound to the box's nonce (agent/wire/clocksync.py).
@@ -227,7 +260,7 @@ class BackendService(ProvisioningMixin, IngestMixin):
             log.warning("time request from %s ignored: %s", device_id, exc)
             return
         reply = clocksync.encode_time_reply(self.keys.command_key, device_id, nonce, time.time())
-        self.publish(topics.DeviceTopics(device_id).acks, reply)
+        self.send(device_id, TIME_REPLY, reply)
 
     def on_status(self, device_id: str, payload: bytes) -> None:
         self.db.set_status(device_id, payload.decode("utf-8", "replace")[:32], time.time())
@@ -243,7 +276,7 @@ class BackendService(ProvisioningMixin, IngestMixin):
             sign_csr=self.keys.sign_csr,
             ca_pem=self.keys.ca_pem,
             command_key=self.keys.command_key,
-            publish=self.publish,
+            deliver=lambda dev, payload: self.send(dev, COMMAND, payload),
             revoke=self.keys.revoke,
             revoked=self.keys.revoked,
         )

@@ -23,6 +23,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,19 @@ class _Pair:
 class TcpProxy:
     """``with TcpProxy(broker_port) as proxy:`` listens on ``proxy.port`` (loopback) and forwards."""
 
-    def __init__(self, target_port: int, target_host: str = LOOPBACK, *, port: int = 0, latency_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        target_port: int,
+        target_host: str = LOOPBACK,
+        *,
+        port: int = 0,
+        latency_s: float = 0.0,
+        admit: Callable[[socket.socket], bool] | None = None,
+    ) -> None:
+        """``admit``: judges each new client connection before it is forwarded (a cloud fake's gate, e.g.
+        testbed/clouds/aws_fake.py's SNI check); a connection it refuses is reset."""
         self.target = (target_host, target_port)
+        self.admit = admit
         self.latency_s = latency_s
         self.mode = Mode.FORWARD
         self.accepted = 0
@@ -211,7 +223,7 @@ class TcpProxy:
             self.accepted += 1
             self.accepted_at.append(time.monotonic())
             mode = self.mode
-            if mode is Mode.REFUSE:
+            if mode is Mode.REFUSE or (mode is Mode.FORWARD and self.admit is not None and not self.admit(client)):
                 _close(client, rst=True)
                 continue
             upstream: socket.socket | None = None

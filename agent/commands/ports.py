@@ -66,6 +66,9 @@ class Link(Protocol):
 
     def wake(self) -> None: ...
 
+    def send(self, kind: str, payload: bytes, message_id: str = "") -> int:
+        """Publish a message of ``kind`` where the cloud profile puts it (agent/wire/profiles.py); the mid."""
+
     def add_tick(self, work: Callable[[], None]) -> None: ...
 
     def stats(self) -> dict[str, object]: ...

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.commands.ports import Link
 from agent.errors import GlucoagentError, LinkError
 from agent.fsutil import atomic_write
 from agent.wire.command import MAX_COMMAND_BYTES
+from agent.wire.profiles import RESULTS
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class ResultOutbox:
         self._link: object = None
         self._inflight: dict[str, int] = {}
         self._work = True  # files may be left from before a restart; cleared once the folder is empty
+        self.on_put: Callable[[str, bytes], None] | None = None  # told of each result (AWS Jobs: agent/link/aws_jobs.py)
 
     def put(self, cmd_id: str, payload: bytes) -> None:
         if not cmd_id and len(list(self.folder.glob("*-.cose"))) >= MAX_UNKNOWN_RESULTS:
@@ -70,6 +73,8 @@ class ResultOutbox:
         atomic_write(self.folder / f"{self._next:012d}-{cmd_id}.cose", payload, mode=0o600)
         self._next += 1
         self._work = True
+        if self.on_put is not None:
+            self.on_put(cmd_id, payload)
 
     def __len__(self) -> int:
         return len(list(self.folder.glob("*.cose")))
@@ -85,7 +90,7 @@ class ResultOutbox:
             mid = self._inflight.get(path.name)
             try:
                 if mid is None:
-                    self._inflight[path.name] = link.publish(uplink.topics.results, path.read_bytes())
+                    self._inflight[path.name] = uplink.send(RESULTS, path.read_bytes())
                     continue
                 ok = link.acked(mid)
             except (LinkError, OSError) as exc:

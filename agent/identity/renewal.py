@@ -141,13 +141,11 @@ def try_login(state_dir: Path, running: LinkSettings, chain_pem: bytes) -> None:
     """Log in with the staged key and the new certificate on a side connection; raises RenewalError."""
     staged = renew_dir(state_dir)
     atomic_write(staged / CERT_FILE, chain_pem)
-    settings = dataclasses.replace(
-        running,
-        client_id=f"{running.client_id}-renew",
-        tls=TlsFiles(ca=state_dir / CA_FILE, cert=staged / CERT_FILE, key=staged / KEY_FILE),
-        clean_start=True,
-        will=None,
-    )
+    try:
+        side = running.side("renew")
+    except GlucoagentError as exc:
+        raise RenewalError("new_credentials_untested", str(exc)) from None
+    settings = dataclasses.replace(side, tls=TlsFiles(ca=state_dir / CA_FILE, cert=staged / CERT_FILE, key=staged / KEY_FILE))
     link = MqttLink(settings)
     try:
         link.connect()

@@ -77,6 +77,18 @@ class LinkSettings:
     transport: str = "tcp"  # tcp (MQTT over TLS) | websockets (MQTT over WebSockets over TLS)
     ws_path: str = "/mqtt"
     proxy: ProxySettings | None = None  # HTTP CONNECT proxy; None: direct
+    username: str | None = None  # the CONNECT user name a cloud profile asks for (agent/wire/profiles.py)
+    side_connections: bool = True  # whether the cloud lets <id>-renew, -check, -update log in beside the daemon
+
+    def side(self, suffix: str) -> LinkSettings:
+        """Settings of a side connection ``<client id>-<suffix>`` (clean session, no will). Raises
+        ``OneConnectionOnly`` where the cloud allows one connection per device (docs/clouds.md)."""
+        if not self.side_connections:
+            raise OneConnectionOnly(
+                f"this cloud allows one connection per device: no '{suffix}' connection beside the agent's own"
+                " (docs/clouds.md)"
+            )
+        return dataclasses.replace(self, client_id=f"{self.client_id}-{suffix}", clean_start=True, will=None)
 
     def describe(self) -> str:
         """Where this link goes, for logs and `check` (the proxy without its password)."""
@@ -86,6 +98,11 @@ class LinkSettings:
 
 
 Message = tuple[str, bytes]
+
+
+class OneConnectionOnly(LinkError):
+    """A side connection asked of a cloud that allows one connection per device (a second login with the
+    device's id would drop the agent's own connection: Azure IoT Hub)."""
 
 
 class PacketTooLarge(LinkError):
@@ -289,6 +306,8 @@ class MqttLink:
         self.client.tls_set_context(_tls_context(settings.tls, settings.host if settings.relax_validity else None))
         if settings.relax_validity:
             self.client.tls_insecure_set(True)  # paho's own name check needs a verified peer; ours ran in the handshake
+        if settings.username is not None:
+            self.client.username_pw_set(settings.username, None)  # authenticated by the certificate, no password
         if settings.will:
             self.client.will_set(settings.will.topic, settings.will.payload, qos=1, retain=settings.will.retain)
         self.client.on_connect = self._handle_connect

@@ -38,9 +38,12 @@ def _reach_and_handshake(settings: LinkSettings, timeout: float) -> str:
         sock.close()
 
 
-def check_routes(routes: tuple[LinkSettings, ...], timeout: float, report: Report, warn: Callable[[str], None]) -> bool:
+def check_routes(
+    routes: tuple[LinkSettings, ...], timeout: float, report: Report, warn: Callable[[str], None], *, login: bool = True
+) -> bool:
     """Check each way until one logs in; True when one did. Failures go to ``report`` (with their exit
-    code) only when no way works; ways that failed before a working one go to ``warn``."""
+    code) only when no way works; ways that failed before a working one go to ``warn``. ``login`` False
+    (a cloud with one connection per device): the TLS handshake is the last step checked."""
     failed: list[tuple[LinkSettings, str, GlucoagentError]] = []
     for settings in routes:
         way = settings.describe()
@@ -53,15 +56,19 @@ def check_routes(routes: tuple[LinkSettings, ...], timeout: float, report: Repor
             break
         report("broker reachable", True, way, 0)
         report("TLS handshake", True, f"{version}, broker certificate signed by the pinned fleet CA", 0)
-        link = MqttLink(settings)
-        try:
-            link.connect()
-        except GlucoagentError as exc:
-            report("MQTT login", False, f"{exc}; tried {way}", exc.exit_code)
-            return False
-        finally:
-            link.disconnect()
-        report("MQTT login", True, f"as {settings.client_id.removesuffix('-check')} over {way}", 0)
+        if login:
+            link = MqttLink(settings)
+            try:
+                link.connect()
+            except GlucoagentError as exc:
+                report("MQTT login", False, f"{exc}; tried {way}", exc.exit_code)
+                return False
+            finally:
+                link.disconnect()
+            report("MQTT login", True, f"as {settings.client_id.removesuffix('-check')} over {way}", 0)
+        else:
+            why = "this cloud allows one connection per device; a check login would drop the agent's"
+            report("MQTT login", True, f"not tried over {way}: {why} (`glucoagent status` shows its link)", 0)
         for other, _what, error in failed:
             warn(f"{other.describe()} did not work ({error}); the box uses {way}")
         return True

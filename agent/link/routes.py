@@ -19,8 +19,10 @@ from collections.abc import Callable
 
 from agent.config import Endpoint, MqttSection, WsEndpoint
 from agent.errors import BrokerUnreachable, GlucoagentError, LinkTimeout
-from agent.link.mqtt import LinkSettings, MqttLink
+from agent.identity.credentials import DeviceIdentity
+from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles, Will
 from agent.link.proxy import ProxyAuthRequired, ProxyError, ProxySettings
+from agent.wire.profiles import CloudProfile
 
 
 def link_routes(
@@ -62,3 +64,29 @@ def connect_first(routes: tuple[LinkSettings, ...], make_link: Callable[[LinkSet
             raise
         return link
     raise BrokerUnreachable("no way to the broker is configured")
+
+
+def device_link_settings(
+    profile: CloudProfile,
+    identity: DeviceIdentity,
+    endpoint: Endpoint,
+    *,
+    protocol: str,
+    keepalive: int = 30,
+    connect_timeout_s: float = 15.0,
+) -> LinkSettings:
+    """The device's own MQTT login as ``profile`` wants it: client id, user name, protocol, keepalive cap,
+    the will where the profile has one. One place for the uplink and provisioning's confirmation."""
+    will = profile.will(identity.device_id)
+    return LinkSettings(
+        host=endpoint.host,
+        port=endpoint.port,
+        client_id=profile.client_id(identity.device_id),
+        tls=TlsFiles(ca=identity.ca_path, cert=identity.cert_path, key=identity.key_path),
+        protocol=profile.protocol(protocol),
+        keepalive=profile.keepalive(keepalive),
+        connect_timeout_s=connect_timeout_s,
+        will=None if will is None else Will(will.topic, will.payload, retain=will.retain),
+        username=profile.username(identity.device_id),
+        side_connections=profile.side_connections,
+    )

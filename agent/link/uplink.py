@@ -21,7 +21,7 @@ import threading
 import time
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import tenacity
 
@@ -30,12 +30,14 @@ from agent.clock import Anchor, Clock
 from agent.config import Config, Endpoint
 from agent.errors import GlucoagentError, LinkError, SignatureError, StoreError
 from agent.identity.credentials import DeviceIdentity
-from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles, Will, refused_for_validity
+from agent.link.mqtt import LinkSettings, MqttLink, refused_for_validity
 from agent.link.proxy import parse_proxy, proxy_from_config
-from agent.link.routes import falls_back, link_routes, sticky_order
+from agent.link.routes import device_link_settings, falls_back, link_routes, sticky_order
+from agent.wire import profiles
 from agent.wire.ack import decode_ack
 from agent.wire.batch import batch_size, cbor_head, encode_batch
 from agent.wire.clocksync import NONCE_BYTES, decode_time_reply, encode_time_request
+from agent.wire.profiles import Inbound, Publish
 from agent.wire.provisioning import STATUS_OFFLINE, STATUS_ONLINE
 from agent.wire.topics import DeviceTopics
 
@@ -84,6 +86,17 @@ class _Attempts:
         self.count = 0
 
 
+class Peer(Protocol):
+    """A cloud service the box talks to over its link beside the profile's messages (agent/link/aws_jobs.py):
+    told of each connection, offered each message first (None: not its own), given a turn every pass."""
+
+    def on_connect(self) -> None: ...
+
+    def on_message(self, topic: str, payload: bytes) -> bool | None: ...
+
+    def tick(self, link: MqttLink) -> None: ...
+
+
 class Uplink:
     def __init__(
         self,
@@ -95,28 +108,29 @@ class Uplink:
         clock: Clock | None = None,
         on_time: Callable[[Anchor], None] | None = None,
         commands_idle: Callable[[], bool] = lambda: True,
+        peer: Peer | None = None,
     ) -> None:
         self.cfg = cfg
         self.identity = identity
         self.store = store
         self.topics = DeviceTopics(identity.device_id)
+        self.profile = cfg.mqtt.cloud()  # the cloud's envelope: identity, topics, limits (agent/wire/profiles.py)
         self.on_command = on_command
+        self.peer = peer  # a cloud service spoken to beside the profile's messages (AWS Jobs), on this thread
         self.counters = Counters()
-        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=1000)
+        self._inbox: queue.Queue[Inbound] = queue.Queue(maxsize=1000)
         self._inflight: dict[int, _Batch] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._attempts = _Attempts(cfg.mqtt.backoff_min_s, cfg.mqtt.backoff_cap_s)
         endpoint = Endpoint.parse(cfg.mqtt.endpoint or identity.endpoint)
-        base = LinkSettings(
-            host=endpoint.host,
-            port=endpoint.port,
-            client_id=identity.device_id,
-            tls=TlsFiles(ca=identity.ca_path, cert=identity.cert_path, key=identity.key_path),
+        base = device_link_settings(
+            self.profile,
+            identity,
+            endpoint,
             protocol=cfg.mqtt.protocol,
             keepalive=cfg.mqtt.keepalive,
             connect_timeout_s=cfg.mqtt.connect_timeout_s,
-            will=Will(self.topics.status, STATUS_OFFLINE, retain=True),
         )
         self._endpoint, self._base = endpoint, base
         # The proxy password is read at each connect (_ways), not here: a missing or loose password file
@@ -138,6 +152,8 @@ class Uplink:
         self._urgent = threading.Event()  # duty mode: a reading or a result to send, come up now
         self._last_in = 0.0  # monotonic time of the last message from the broker
         self.wakeups = 0  # duty mode: times the link came up
+        self._next_send = 0.0  # monotonic time before which the profile's publish rate allows no upload
+        self._refusals_logged: MqttLink | None = None  # the connection whose refused batches were logged already
 
     def add_tick(self, work: Callable[[], None]) -> None:
         """Run ``work`` on the uplink thread at every loop pass (paho's client is not thread-safe)."""
@@ -264,13 +280,15 @@ class Uplink:
         self.link = link
         link.connect()
         try:
-            codes = link.subscribe([self.topics.acks, self.topics.commands])
+            codes = link.subscribe(self.profile.subscriptions(self.identity.device_id))
             if any(c >= 0x80 for c in codes):
                 raise LinkError(f"broker refused our subscriptions (codes {codes})")
-            mid = link.publish(self.topics.status, STATUS_ONLINE, retain=True)
+            mid = self.send(profiles.STATUS, STATUS_ONLINE) if self.profile.status_messages else 0
         except GlucoagentError:
             link.close()  # never leave a half-set-up connection (and its socket) behind
             raise
+        if self.peer is not None:
+            self.peer.on_connect()
         self.counters.reconnects += 1
         self.counters.connected_since = time.time()
         self._too_large.clear()  # the limit is this broker's: judge every record again
@@ -293,33 +311,60 @@ class Uplink:
     def _go_down(self, link: MqttLink) -> None:
         """Say offline (retained) and DISCONNECT cleanly: the session, with commands queued for us, stays."""
         if link.connected:
-            try:
-                mid = link.publish(self.topics.status, STATUS_OFFLINE, retain=True)
-                deadline = time.monotonic() + 2
-                while link.acked(mid) is None and time.monotonic() < deadline and link.loop(0.05):
+            if self.profile.status_messages:
+                try:
+                    mid = self._publish(self.profile.outgoing(self.identity.device_id, profiles.STATUS, STATUS_OFFLINE), link)
+                    deadline = time.monotonic() + 2
+                    while link.acked(mid) is None and time.monotonic() < deadline and link.loop(0.05):
+                        pass
+                except LinkError:
                     pass
-            except LinkError:
-                pass
             link.disconnect()
+
+    def send(self, kind: str, payload: bytes, message_id: str = "") -> int:
+        """Publish a message of ``kind`` (agent/wire/profiles.py OUTGOING) where the profile puts it; the mid."""
+        assert self.link is not None
+        return self._publish(self.profile.outgoing(self.identity.device_id, kind, payload, message_id))
+
+    def _publish(self, msg: Publish, link: MqttLink | None = None) -> int:
+        link = link or self.link
+        assert link is not None
+        return link.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
 
     def _on_message(self, topic: str, payload: bytes) -> bool:
         """False leaves the message unacknowledged, so the broker redelivers it after a reconnect."""
         self._last_in = time.monotonic()
-        if topic == self.topics.commands and self.on_command is not None:
-            return self.on_command(payload)  # stores it durably first: only then is it PUBACKed
-        self._wake.set()
-        try:
-            self._inbox.put_nowait((topic, payload))
-        except queue.Full:
-            log.error("inbox full: a message on %s is left unacknowledged for redelivery", topic)
-            return False
-        return True
+        if self.peer is not None and (handled := self.peer.on_message(topic, payload)) is not None:
+            self._wake.set()  # its answer (e.g. a job execution's update) goes out on the next pass
+            return handled
+        inbound = self.profile.classify(self.identity.device_id, topic, payload)
+        if inbound.kind == profiles.COMMAND and self.on_command is not None:
+            taken = self.on_command(inbound.payload)  # stores it durably first: only then is it PUBACKed
+        elif inbound.kind == profiles.ACK:
+            self._wake.set()
+            try:
+                self._inbox.put_nowait(inbound)
+                taken = True
+            except queue.Full:
+                log.error("inbox full: a message on %s is left unacknowledged for redelivery", topic)
+                taken = False
+        else:
+            if inbound.kind == profiles.UNKNOWN:
+                log.warning("%s; ignored", inbound.note or f"message on unexpected topic {topic}")
+            taken = True
+        reply = inbound.reply if taken else inbound.reply_refused
+        if reply is not None:  # a cloud request's answer (e.g. a direct method's response)
+            try:
+                self._publish(reply)
+            except LinkError as exc:
+                log.warning("uplink: could not answer %s: %s", topic, exc)
+        return taken
 
     # --- the cloud's signed time (agent/wire/clocksync.py) --------------------------------------
     def _ask_time(self) -> None:
         assert self.link is not None
         nonce = os.urandom(NONCE_BYTES)
-        self.link.publish(self.topics.time, encode_time_request(nonce))
+        self.send(profiles.TIME, encode_time_request(nonce))
         self._time_request = (nonce, time.monotonic())
 
     def _take_time(self, payload: bytes) -> bool:
@@ -354,7 +399,8 @@ class Uplink:
         while not self._stop.is_set():
             # Wait in select() on the socket, not on an event: a PUBACK or an ack ends the wait
             # at once. After a wake-up (an ack, new rows) only poll, so the work below runs now.
-            wait = 0.0 if self._wake.is_set() else _IDLE_WAIT_S
+            paced = self._next_send - time.monotonic()  # > 0: the profile's publish rate holds the next upload
+            wait = 0.0 if self._wake.is_set() else min(_IDLE_WAIT_S, paced) if paced > 0 else _IDLE_WAIT_S
             self._wake.clear()
             if not link.loop(wait):
                 return False
@@ -366,6 +412,8 @@ class Uplink:
             self._fill_window()
             for work in self._ticks:
                 work()
+            if self.peer is not None:
+                self.peer.tick(link)
             if self.duty and self._done(since):
                 self._go_down(link)
                 return True
@@ -376,16 +424,13 @@ class Uplink:
         acked: dict[str, set[int]] = {CLINICAL: set(), HEALTH: set()}
         while True:
             try:
-                topic, payload = self._inbox.get_nowait()
+                inbound = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if topic == self.topics.acks:
-                if self._time_request is not None and self._take_time(payload):
-                    continue
-                for stream, numbers in self._verified_ack(payload).items():
-                    acked[stream].update(numbers)
-            else:
-                log.warning("message on unexpected topic %s ignored", topic)
+            if self._time_request is not None and self._take_time(inbound.payload):
+                continue
+            for stream, numbers in self._verified_ack(inbound.payload).items():
+                acked[stream].update(numbers)
         for stream, pending in acked.items():
             if pending:
                 self._apply_ack(stream, pending)
@@ -433,8 +478,14 @@ class Uplink:
                     log.error("broker refused batch mid %d; will resend", batch.mid)
                     del self._inflight[key]
                     continue
-            else:
-                link.acked(batch.mid)  # consume the PUBACK; the backend's ack is what counts
+            elif link.acked(batch.mid) is False:  # the PUBACK consumed; the backend's ack is what counts
+                # Refused by the broker (not authorised, or over a cloud's limit such as AWS's publish rate):
+                # it goes again after ack_timeout_s like any unacknowledged batch, never in a tight loop.
+                level = logging.DEBUG if self._refusals_logged is link else logging.ERROR  # once per connection
+                self._refusals_logged = link
+                log.log(level, "uplink: the broker refused a batch of %d records (not authorised, or over a limit of "
+                        "the cloud such as AWS IoT Core's publishes per second); it is sent again after %.0fs",
+                        len(batch.seqs), self.cfg.mqtt.ack_timeout_s)  # fmt: skip
             if now - batch.sent_at > self.cfg.mqtt.ack_timeout_s:
                 log.warning(
                     "no ack for %d records within %.0fs; resending", len(batch.seqs), self.cfg.mqtt.ack_timeout_s
@@ -446,17 +497,21 @@ class Uplink:
             if seqs:
                 self._apply_ack(stream, seqs)
 
-    def payload_limit(self, topic: str) -> int:
-        """Bytes one upload message may carry on ``topic``: ``mqtt.max_payload`` or what the broker's
-        Maximum Packet Size (CONNACK) leaves for the payload, whichever is smaller."""
-        limit = self.cfg.mqtt.max_payload
-        broker = self.link.max_payload(topic) if self.link is not None else None
-        return limit if broker is None else min(limit, broker)
+    def payload_limit(self, topic: str, kind: str = profiles.TELEMETRY) -> int:
+        """Bytes one upload message may carry on ``topic``: the smallest of ``mqtt.max_payload``, the cloud
+        profile's message limit for ``kind`` and what the broker's Maximum Packet Size (CONNACK) leaves."""
+        limits = [self.cfg.mqtt.max_payload, self.profile.payload_limit(kind)]
+        limits.append(self.link.max_payload(topic) if self.link is not None else None)
+        return min(x for x in limits if x is not None)
 
     def _fill_window(self) -> None:
         link = self.link
         assert link is not None
-        while len(self._inflight) < self.cfg.mqtt.inflight:
+        window = self.profile.inflight(self.cfg.mqtt.inflight)
+        rate = self.profile.max_publish_rate
+        while len(self._inflight) < window:
+            if rate is not None and time.monotonic() < self._next_send:
+                return  # the cloud's publish rate: _serve's wait ends when the next one may go
             exclude = {i for b in self._inflight.values() for i in b.ids} | self._too_large
             try:
                 rows = self.store.pending(self.cfg.mqtt.batch_records, exclude)
@@ -467,8 +522,9 @@ class Uplink:
                 self._check_too_large()
                 return
             stream = rows[0].stream
-            topic = self.topics.telemetry if stream == CLINICAL else self.topics.health
-            limit = self.payload_limit(topic)
+            kind = profiles.TELEMETRY if stream == CLINICAL else profiles.HEALTH
+            topic = self.profile.outgoing(self.identity.device_id, kind, b"").topic
+            limit = self.payload_limit(topic, kind)
             if batch_size([len(rows[0].cose)]) > limit:
                 self._set_aside(rows[0], limit)
                 continue
@@ -480,7 +536,10 @@ class Uplink:
                     break  # a row too large even alone comes first next time and is set aside then
                 batch.append(row)
                 items += item
-            mid = link.publish(topic, encode_batch([r.cose for r in batch]))
+            seqs = [r.seq for r in batch]
+            mid = self.send(kind, encode_batch([r.cose for r in batch]), f"{stream}-{seqs[0]}-{seqs[-1]}")
+            if rate is not None:
+                self._next_send = time.monotonic() + 1.0 / rate
             self._inflight[mid] = _Batch(mid, stream, {r.id for r in batch}, {r.seq for r in batch}, time.monotonic())
             self.counters.uploaded += len(batch)
             self.counters.last_upload = time.time()
@@ -521,3 +580,4 @@ class Uplink:
 
     def stats(self) -> dict[str, Any]:
         return dataclasses.asdict(self.counters) | {"connected": self.connected, "inflight": len(self._inflight)}
+

@@ -44,7 +44,10 @@ def download(
     staging = Staging.begin(state_dir, manifest, reserve_bytes=policy.reserve_bytes)
     if staging.done:
         return staging.verify()
-    side = dataclasses.replace(settings, client_id=f"{settings.client_id}-update", clean_start=True, will=None)
+    try:
+        side = settings.side("update")
+    except GlucoagentError as exc:
+        raise UpdateFailed("one_connection_only", str(exc)) from None
     inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
 
     def on_message(topic: str, payload: bytes) -> bool:

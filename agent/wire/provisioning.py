@@ -20,6 +20,7 @@ from typing import Any
 import cbor2
 
 from agent.errors import GlucoagentError, ProvisioningError
+from agent.wire import cose
 from agent.wire.renewal import RECOVER_KEY
 from agent.wire.topics import DEVICE_ID_RE
 
@@ -105,3 +106,9 @@ def check_reply(reply: Mapping[str, Any]) -> None:
         raise ProvisioningError("the provisioning service's reply has an invalid release_key")
     if not isinstance(reply.get("config", {}), dict):
         raise ProvisioningError("the provisioning service's reply has an invalid initial config")
+
+
+def device_id_for(public_key: cose.PublicKey) -> str:
+    """Device ids derive from the device key: a re-run of provisioning maps to the same id, and a box knows
+    its id before it enrols (DPS's registration id, agent/identity/dps.py)."""
+    return "gd-" + cose.key_id(public_key)[:6].hex()

@@ -15,14 +15,29 @@
  *                     nor ends with "-<side suffix>"; client id == CN, or CN "-" <side suffix>
  *                     (the box's short side connections: renewal check, status)
  * The user name becomes the CN whatever the client sent, so the acl_file's user/pattern rules apply.
+ * Optional device_username_hub (the Azure IoT Hub fake, testbed/clouds/azure_fake.py): a device's CONNECT
+ * user name must then be "<hub>/<client id>/?<query with api-version=...>", as IoT Hub requires.
+ * Optional dps_id_scope (the fake's Device Provisioning Service): the claim certificate may then also log in
+ * with a device id as client id (DPS: ClientId = registrationId) and the user name
+ * "<scope>/registrations/<client id>/api-version=...".
  *
  * MOSQ_EVT_CONTROL on control_topic (the acl_file lets only the backend write it, and the handler
  * checks the publisher is the backend too): the payload is an identity whose every connection is
  * closed at once, used by `glucoagent-backend revoke` after the broker reloaded its CRL.
+ *
+ * Cloud limits (optional, all off unless set; testbed/clouds/aws_fake.py sets AWS IoT Core's): a PUBLISH or
+ * SUBSCRIBE whose topic has more than max_topic_slashes slashes (the 3 of a "$aws/rules/<rule>/" prefix not
+ * counted) or more than max_topic_bytes bytes, a PUBLISH whose payload exceeds max_payload bytes, and the
+ * PUBLISHes of a connection beyond max_publish_rate per second (the backend identity excepted: in a fake it
+ * stands for the cloud's own services) are refused in MOSQ_EVT_ACL_CHECK. A refusal there is what the
+ * acl_file's is: MQTT 5 PUBACK 0x87 / SUBACK 0x87, MQTT 3.1.1 a PUBACK and the message dropped. Anything
+ * allowed is deferred to the acl_file, which judges next.
  */
 #include <stdbool.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <openssl/x509.h>
 
@@ -32,6 +47,7 @@
 
 #define MAX_NAME 64
 #define MAX_SUFFIXES 8
+#define RATE_SLOTS 1024 /* connections tracked for max_publish_rate; more share slots (stricter, never looser) */
 
 struct settings {
     char backend_cn[MAX_NAME + 1];
@@ -39,10 +55,20 @@ struct settings {
     char claim_cn[MAX_NAME + 1];
     char claim_prefix[MAX_NAME + 1];
     char control_topic[256];
+    char username_hub[256];
+    char dps_scope[MAX_NAME + 1];
     char suffixes[MAX_SUFFIXES][MAX_NAME + 1];
     int suffix_count;
     bool reloading;
+    long max_topic_slashes, max_topic_bytes, max_payload, max_publish_rate; /* 0: no limit */
 };
+
+struct rate_slot {
+    const void *client; /* identity only, never dereferenced */
+    time_t second;
+    long count;
+};
+static struct rate_slot rates[RATE_SLOTS];
 
 static mosquitto_plugin_id_t *plugin_id;
 static struct settings cfg;
@@ -108,6 +134,7 @@ static const char *refusal(const char *cn, const char *client_id) {
         return starts_with(client_id, cfg.backend_prefix) ? NULL : "the backend's client id must start with its prefix";
     }
     if (strcmp(cn, cfg.claim_cn) == 0) {
+        if (cfg.dps_scope[0] && is_device_id(client_id)) return NULL; /* a DPS registration: user name checked later */
         return starts_with(client_id, cfg.claim_prefix) ? NULL : "the claim's client id must start with its prefix";
     }
     if (!is_device_id(cn) || starts_with(cn, cfg.claim_prefix) || starts_with(cn, cfg.backend_prefix)
@@ -116,6 +143,36 @@ static const char *refusal(const char *cn, const char *client_id) {
     }
     if (strcmp(client_id, cn) == 0 || is_side_id(client_id, cn)) return NULL;
     return "a device's client id must be its certificate's CN";
+}
+
+/* Microsoft Learn "Communicate with an IoT hub using the MQTT protocol": Username
+   "{iotHub-hostname}/{device-id}/?api-version=2021-04-12" (api-version recommended; we require one). */
+static const char *hub_username_refusal(const char *username, const char *client_id) {
+    size_t h = strlen(cfg.username_hub), c = strlen(client_id);
+    if (username == NULL) return "no user name (expected <hub>/<device id>/?api-version=...)";
+    if (strncmp(username, cfg.username_hub, h) != 0 || username[h] != '/') return "user name names another hub";
+    if (strncmp(username + h + 1, client_id, c) != 0 || strncmp(username + h + 1 + c, "/?", 2) != 0) {
+        return "user name names another device";
+    }
+    const char *query = username + h + 1 + c + 2;
+    if (strncmp(query, "api-version=", 12) != 0 && strstr(query, "&api-version=") == NULL) {
+        return "user name has no api-version";
+    }
+    return NULL;
+}
+
+/* Microsoft Learn "Communicate with DPS using the MQTT protocol": Username
+   "{idScope}/registrations/{registration_id}/api-version=2019-03-31", registration id = ClientId. */
+static const char *dps_username_refusal(const char *username, const char *client_id) {
+    size_t s = strlen(cfg.dps_scope), c = strlen(client_id);
+    if (username == NULL) return "no user name (expected <scope>/registrations/<id>/api-version=...)";
+    if (strncmp(username, cfg.dps_scope, s) != 0 || strncmp(username + s, "/registrations/", 15) != 0) {
+        return "user name names another ID scope";
+    }
+    if (strncmp(username + s + 15, client_id, c) != 0 || username[s + 15 + c] != '/') {
+        return "user name names another registration id";
+    }
+    return strstr(username + s + 16 + c, "api-version=") ? NULL : "user name has no api-version";
 }
 
 static int on_basic_auth(int event, void *event_data, void *userdata) {
@@ -139,6 +196,20 @@ static int on_basic_auth(int event, void *event_data, void *userdata) {
                              client_id ? client_id : "?", cn, why);
         return MOSQ_ERR_AUTH;
     }
+    if (cfg.dps_scope[0] && strcmp(cn, cfg.claim_cn) == 0 && !starts_with(client_id, cfg.claim_prefix)) {
+        why = dps_username_refusal(ev->username, client_id);
+        if (why != NULL) {
+            mosquitto_log_printf(MOSQ_LOG_NOTICE, "glucoagent-auth: refused registration %s: %s", client_id, why);
+            return MOSQ_ERR_AUTH;
+        }
+    }
+    if (cfg.username_hub[0] && strcmp(cn, cfg.backend_cn) != 0 && strcmp(cn, cfg.claim_cn) != 0) {
+        why = hub_username_refusal(ev->username, client_id);
+        if (why != NULL) {
+            mosquitto_log_printf(MOSQ_LOG_NOTICE, "glucoagent-auth: refused client id %s: %s", client_id, why);
+            return MOSQ_ERR_AUTH;
+        }
+    }
     if (mosquitto_set_username(ev->client, cn) != MOSQ_ERR_SUCCESS) return MOSQ_ERR_AUTH;
     return MOSQ_ERR_SUCCESS;
 }
@@ -160,6 +231,67 @@ static int on_control(int event, void *event_data, void *userdata) {
     mosquitto_log_printf(MOSQ_LOG_NOTICE, "glucoagent-auth: disconnected every connection of %s (%s)", target,
                          rc == MOSQ_ERR_SUCCESS ? "done" : "none connected");
     return MOSQ_ERR_SUCCESS;
+}
+
+static const char *topic_refusal(const char *topic) {
+    size_t n = strlen(topic);
+    if (cfg.max_topic_bytes && (long)n > cfg.max_topic_bytes) return "topic too long";
+    if (cfg.max_topic_slashes) {
+        const char *counted = topic;
+        if (strncmp(topic, "$aws/rules/", 11) == 0) { /* Basic Ingest: its prefix's slashes do not count */
+            const char *end = strchr(topic + 11, '/');
+            counted = end ? end + 1 : topic + n;
+        }
+        long slashes = 0;
+        for (const char *c = counted; *c; c++) slashes += (*c == '/');
+        if (slashes > cfg.max_topic_slashes) return "too many slashes in the topic";
+    }
+    return NULL;
+}
+
+static bool over_rate(struct mosquitto *client) {
+    size_t i = ((size_t)client >> 4) % RATE_SLOTS;
+    time_t now = time(NULL);
+    if (rates[i].client != client || rates[i].second != now) {
+        rates[i].client = client;
+        rates[i].second = now;
+        rates[i].count = 0;
+    }
+    return ++rates[i].count > cfg.max_publish_rate;
+}
+
+static int on_acl_check(int event, void *event_data, void *userdata) {
+    (void)event;
+    (void)userdata;
+    struct mosquitto_evt_acl_check *ev = event_data;
+    if (ev->access != MOSQ_ACL_WRITE && ev->access != MOSQ_ACL_SUBSCRIBE) return MOSQ_ERR_PLUGIN_DEFER;
+    const char *why = topic_refusal(ev->topic);
+    if (why == NULL && ev->access == MOSQ_ACL_WRITE) {
+        const char *who = mosquitto_client_username(ev->client);
+        if (cfg.max_payload && (long)ev->payloadlen > cfg.max_payload) why = "payload too large";
+        else if (cfg.max_publish_rate && !(who && strcmp(who, cfg.backend_cn) == 0) && over_rate(ev->client)) {
+            why = "publish rate exceeded";
+        }
+    }
+    if (why == NULL) return MOSQ_ERR_PLUGIN_DEFER;
+    const char *id = mosquitto_client_id(ev->client);
+    mosquitto_log_printf(MOSQ_LOG_NOTICE, "glucoagent-auth: refused %s from %s on %s (%u bytes): %s",
+                         ev->access == MOSQ_ACL_WRITE ? "PUBLISH" : "SUBSCRIBE", id ? id : "?", ev->topic,
+                         ev->payloadlen, why);
+    return MOSQ_ERR_ACL_DENIED;
+}
+
+static bool limits_set(void) {
+    return cfg.max_topic_slashes || cfg.max_topic_bytes || cfg.max_payload || cfg.max_publish_rate;
+}
+
+static bool parse_limit(long *dst, const char *value) {
+    char *end = NULL;
+    if (value == NULL) return false;
+    long v = strtol(value, &end, 10);
+    if (end == value || *end != '\0' || v < 0) return false;
+    *dst = v;
+    return true;
 }
 
 static int on_reload(int event, void *event_data, void *userdata) {
@@ -217,12 +349,18 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata, st
         else if (strcmp(k, "claim_prefix") == 0) ok = copy_opt(cfg.claim_prefix, sizeof cfg.claim_prefix, v);
         else if (strcmp(k, "control_topic") == 0) ok = copy_opt(cfg.control_topic, sizeof cfg.control_topic, v);
         else if (strcmp(k, "side_suffixes") == 0) ok = parse_suffixes(v);
+        else if (strcmp(k, "max_topic_slashes") == 0) ok = parse_limit(&cfg.max_topic_slashes, v);
+        else if (strcmp(k, "max_topic_bytes") == 0) ok = parse_limit(&cfg.max_topic_bytes, v);
+        else if (strcmp(k, "max_payload") == 0) ok = parse_limit(&cfg.max_payload, v);
+        else if (strcmp(k, "max_publish_rate") == 0) ok = parse_limit(&cfg.max_publish_rate, v);
+        else if (strcmp(k, "device_username_hub") == 0) ok = copy_opt(cfg.username_hub, sizeof cfg.username_hub, v);
+        else if (strcmp(k, "dps_id_scope") == 0) ok = copy_opt(cfg.dps_scope, sizeof cfg.dps_scope, v);
         else {
             mosquitto_log_printf(MOSQ_LOG_ERR, "glucoagent-auth: unknown option %s", k);
             return MOSQ_ERR_INVAL;
         }
         if (!ok) {
-            mosquitto_log_printf(MOSQ_LOG_ERR, "glucoagent-auth: option %s is too long", k);
+            mosquitto_log_printf(MOSQ_LOG_ERR, "glucoagent-auth: option %s is too long or not a number", k);
             return MOSQ_ERR_INVAL;
         }
     }
@@ -238,6 +376,9 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata, st
     if (rc == MOSQ_ERR_SUCCESS) rc = mosquitto_callback_register(plugin_id, MOSQ_EVT_TICK, on_tick, NULL, NULL);
     if (rc == MOSQ_ERR_SUCCESS) {
         rc = mosquitto_callback_register(plugin_id, MOSQ_EVT_CONTROL, on_control, cfg.control_topic, NULL);
+    }
+    if (rc == MOSQ_ERR_SUCCESS && limits_set()) {
+        rc = mosquitto_callback_register(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL, NULL);
     }
     if (rc != MOSQ_ERR_SUCCESS) {
         mosquitto_log_printf(MOSQ_LOG_ERR, "glucoagent-auth: could not register its callbacks (%d)", rc);
@@ -255,5 +396,6 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *opts, int opt
     mosquitto_callback_unregister(plugin_id, MOSQ_EVT_RELOAD, on_reload, NULL);
     mosquitto_callback_unregister(plugin_id, MOSQ_EVT_TICK, on_tick, NULL);
     mosquitto_callback_unregister(plugin_id, MOSQ_EVT_CONTROL, on_control, cfg.control_topic);
+    if (limits_set()) mosquitto_callback_unregister(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
     return MOSQ_ERR_SUCCESS;
 }

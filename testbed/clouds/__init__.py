@@ -1,0 +1,1 @@
+"""Offline fakes of the clouds' MQTT surfaces, on mosquitto (never shipped)."""

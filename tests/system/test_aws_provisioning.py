@@ -1,0 +1,66 @@
+"""Enrolment of a fresh box on the fake AWS IoT Core (agent/identity/provisioning.py with the aws profile's
+exchange, agent/identity/aws_provisioning.py): fleet provisioning by CSR, our token checked by the
+pre-provisioning hook, one clear refusal when the hook says no."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.config import MqttSection
+from agent.errors import TokenRejected
+from agent.identity.credentials import load_identity, load_or_create_key
+from agent.identity.provisioning import KeyTypeRefused, provision
+from testbed.clouds.aws_fake import AwsSystem
+
+AWS = MqttSection(profile="aws")
+
+
+def provision_aws(state: Path, endpoint: str, token: str, patient: str, out: Callable[[str], None]) -> str:
+    return provision(state, endpoint, token, patient, mqtt=AWS, out=out)
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsSystem]:
+    with AwsSystem(tmp_path_factory.mktemp("aws-prov")) as sys_:
+        yield sys_
+
+
+def test_a_fresh_box_enrols_with_one_call(system: AwsSystem) -> None:
+    state = system.device_dir("fresh")
+    lines: list[str] = []
+    token = system.token("p-1")
+    thing = provision_aws(state, system.endpoint, token, "p-1", out=lines.append)
+    assert [line.rsplit(" ... ", 1)[1].split(" ")[0] for line in lines] == ["ok"] * 6, lines
+    assert lines[3].endswith(f"(device id {thing})")
+    ident = load_identity(state)
+    assert ident.device_id == thing
+    assert ident.command_key is not None
+    for name in ("device.key", "device.crt", "command.pub", "device.json"):
+        assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
+    with system.db.tx() as db:  # enrolled by the hook, bound to the patient
+        assert db.execute("SELECT patient_ref FROM devices WHERE device_id = ?", (thing,)).fetchone() == ("p-1",)
+    # re-running with the same token from the same box is safe (the hook accepts the box that used it)
+    assert provision_aws(state, system.endpoint, token, "p-1", out=lambda _l: None) == thing
+
+
+def test_a_refused_token_ends_in_one_clear_error(system: AwsSystem) -> None:
+    state = system.device_dir("refused")
+    lines: list[str] = []
+    with pytest.raises(TokenRejected, match="provisioning hook") as err:
+        provision_aws(state, system.endpoint, "NOSUCHTOKEN23456", "p-2", out=lines.append)
+    assert err.value.exit_code == 51
+    assert lines[-1].endswith("... failed") and lines[-1].startswith("[4/6]")
+    assert not (state / "device.json").exists()
+
+
+def test_a_kept_ed25519_key_is_refused_before_any_network(system: AwsSystem) -> None:
+    state = system.device_dir("ed-kept")
+    load_or_create_key(state, "ed25519")  # a box enrolled on our broker before: its key stays Ed25519
+    lines: list[str] = []
+    with pytest.raises(KeyTypeRefused, match="deprovision"):
+        provision_aws(state, "mqtts://nowhere.invalid:8883", "T", "p-3", out=lines.append)
+    assert lines[-1].startswith("[2/6]") and lines[-1].endswith("failed")  # before any network

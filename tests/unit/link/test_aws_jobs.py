@@ -1,0 +1,115 @@
+"""The Jobs bridge (agent/link/aws_jobs.py) against recorded AWS replies: one run per job, whatever arrives twice."""
+
+from __future__ import annotations
+
+import json
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.link.aws_jobs import JobsBridge, result_status
+from agent.wire import aws, cose
+from agent.wire.result import encode_result
+
+THING = "gd-0123456789ab"
+KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+class Link:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, object]]] = []
+
+    def subscribe(self, topics: list[str]) -> list[int]:
+        return [1] * len(topics)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
+        self.sent.append((topic, json.loads(payload)))
+        return len(self.sent)
+
+
+def result(cmd_id: str, status: str) -> bytes:
+    return cose.sign1(KEY, encode_result(cmd_id, THING, status, "done", ""))
+
+
+def execution(job_id: str, version: int = 2) -> aws.JobExecution:
+    return aws.JobExecution(job_id, aws.IN_PROGRESS, version, 1, aws.command_document(job_id.encode()))
+
+
+def accepted(bridge: JobsBridge, link: Link, ex: aws.JobExecution | None) -> bool | None:
+    token = link.sent[-1][1]["clientToken"]
+    assert isinstance(token, str)
+    return bridge.on_message(
+        bridge.topics.start_next + "/accepted", aws.encode_start_next_accepted(ex, THING, token, 1)
+    )
+
+
+def test_result_status_reads_our_signed_result() -> None:
+    assert result_status(result("cmd-00000001", "ok")) == "ok"
+    assert result_status(b"garbage") is None
+
+
+def test_a_job_runs_once_and_is_reported() -> None:
+    submitted: list[bytes] = []
+    bridge, link = JobsBridge(THING, lambda b: submitted.append(b) or True), Link()
+    bridge.on_connect()
+    bridge.tick(link)
+    assert link.sent[-1][0] == bridge.topics.start_next
+    assert accepted(bridge, link, execution("cmd-00000001")) is True
+    assert submitted == [b"cmd-00000001"]
+    bridge.tick(link)  # running: neither an update nor another start-next
+    assert len(link.sent) == 1
+    # a notify-next for the same job while it runs changes nothing
+    bridge.on_message(bridge.topics.notify_next, aws.encode_next_changed(execution("cmd-00000001"), THING, 1))
+    bridge.tick(link)
+    assert len(link.sent) == 1
+    bridge.on_result("cmd-00000001", result("cmd-00000001", "ok"))
+    bridge.tick(link)
+    topic, body = link.sent[-1]
+    assert topic == bridge.topics.update("cmd-00000001")
+    assert (body["status"], body["expectedVersion"], body["statusDetails"]) == (aws.SUCCEEDED, 2, {"result": "ok"})
+    update = bridge.topics.update("cmd-00000001")
+    bridge.on_message(update + "/accepted", aws.encode_update_accepted(aws.SUCCEEDED, 3, {}, "", 1))
+    bridge.tick(link)
+    assert link.sent[-1][0] == bridge.topics.start_next  # the next one
+    assert accepted(bridge, link, None) is True
+    assert submitted == [b"cmd-00000001"]
+
+
+def test_after_a_restart_the_job_in_progress_is_handed_over_again_and_reported() -> None:
+    # the executor's journal makes the second hand-over a replay: its stored result comes back at once
+    bridge, link = JobsBridge(THING, lambda b: True), Link()
+    bridge.on_connect()
+    bridge.tick(link)
+    accepted(bridge, link, execution("cmd-00000002"))
+    bridge.on_result("cmd-00000002", result("cmd-00000002", "failed"))
+    bridge.tick(link)
+    assert link.sent[-1][1]["status"] == aws.FAILED
+    # the connection drops before the update's answer: on the next one the update goes again
+    bridge.on_connect()
+    bridge.tick(link)
+    assert link.sent[-1][0] == bridge.topics.update("cmd-00000002")
+
+
+def test_a_stale_version_is_retried_with_the_services_version() -> None:
+    bridge, link = JobsBridge(THING, lambda b: True), Link()
+    bridge.on_connect()
+    bridge.tick(link)
+    accepted(bridge, link, execution("cmd-00000003"))
+    bridge.on_result("cmd-00000003", result("cmd-00000003", "refused"))
+    bridge.tick(link)
+    assert link.sent[-1][1]["status"] == aws.REJECTED
+    update = bridge.topics.update("cmd-00000003")
+    rejection = aws.JobsRejection(aws.VERSION_MISMATCH, "stale", "", aws.IN_PROGRESS, 5)
+    bridge.on_message(update + "/rejected", aws.encode_jobs_rejection(rejection, 1))
+    bridge.tick(link)
+    assert link.sent[-1][0] == update and link.sent[-1][1]["expectedVersion"] == 5
+
+
+def test_a_job_not_stored_is_left_unacknowledged() -> None:
+    bridge, link = JobsBridge(THING, lambda b: False), Link()
+    bridge.on_connect()
+    bridge.tick(link)
+    assert accepted(bridge, link, execution("cmd-00000004")) is False
+
+
+def test_other_topics_are_not_the_bridges() -> None:
+    assert JobsBridge(THING, lambda b: True).on_message("gluco/v1/dev/x/acks", b"") is None
