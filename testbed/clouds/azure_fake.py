@@ -407,11 +407,16 @@ class AzureSystem(LocalSystem):
     """``LocalSystem`` behind the fake hub: the broker is a ``HubBroker``, the ``HubResponder`` runs beside it,
     the backend service sits behind the Azure bridge (backend/clouds/azure.py), boxes run ``mqtt.profile azure``."""
 
-    def __init__(self, run: Path, *, hub: str = HUB, c2d_per_s: float = C2D_PER_S, **kwargs: object) -> None:
+    def __init__(
+        self, run: Path, *, hub: str = HUB, c2d_per_s: float = C2D_PER_S, websockets: bool = False, **kwargs: object
+    ) -> None:
         super().__init__(run, **kwargs)  # type: ignore[arg-type]
         self.hub = hub
         self.dps_scope = DPS_SCOPE
-        self.broker = HubBroker(self.home.pki, self.home.broker_dir, hub=hub, dps_scope=self.dps_scope)
+        # websockets: [MQTT] MQTT 3.1.1 over WebSockets on 443, path /$iothub/websocket (mosquitto: any path)
+        self.broker = HubBroker(
+            self.home.pki, self.home.broker_dir, hub=hub, dps_scope=self.dps_scope, websockets=websockets
+        )
         self.home.crl_reloader = self.broker.reload_crl
         self.responder = HubResponder(self.broker, c2d_per_s=c2d_per_s)
 
