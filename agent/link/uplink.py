@@ -319,8 +319,12 @@ class Uplink:
         """False leaves the message unacknowledged, so the broker redelivers it after a reconnect."""
         self._last_in = time.monotonic()
         inbound = self.profile.classify(self.identity.device_id, topic, payload)
+        reply_refused = inbound.reply_refused
         if inbound.kind == profiles.COMMAND and self.on_command is not None:
             taken = self.on_command(inbound.payload)  # stores it durably first: only then is it PUBACKed
+        elif inbound.kind == profiles.COMMAND:
+            log.warning("a command on %s ignored: this link runs no command handler", topic)
+            taken, inbound = True, dataclasses.replace(inbound, reply=reply_refused)  # never claim it was stored
         elif inbound.kind == profiles.ACK:
             self._wake.set()
             try:
@@ -333,7 +337,7 @@ class Uplink:
             if inbound.kind == profiles.UNKNOWN:
                 log.warning("%s; ignored", inbound.note or f"message on unexpected topic {topic}")
             taken = True
-        reply = inbound.reply if taken else inbound.reply_refused
+        reply = inbound.reply if taken else reply_refused
         if reply is not None:  # a cloud request's answer (e.g. a direct method's response)
             try:
                 self._publish(reply)

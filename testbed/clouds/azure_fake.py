@@ -20,6 +20,10 @@ Sources, cited by tag at each rule:
           registers. Neither SDK implements it; the field names (``csr`` in, our certificate back in the
           webhook's ``payload``) are this fake's assumption, documented in docs/clouds.md.
 
+Not modelled: a publish to a topic outside a device's ACL is dropped by mosquitto (and PUBACKed, MQTT 3.1.1)
+where the hub would close the connection; the hub's 50-message C2D queue per device; the daily message quota.
+The agent's own topics come from agent/wire/azure.py, whose unit tests check them against the SDKs.
+
 The fake DPS shares the hub's mosquitto (real DPS is another host): a claim login as registration id X would
 take over a hub connection of device X, so the tests provision a box before its agent runs.
 
