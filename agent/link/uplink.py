@@ -325,7 +325,7 @@ class Uplink:
         elif inbound.kind == profiles.COMMAND:
             log.warning("a command on %s ignored: this link runs no command handler", topic)
             taken, inbound = True, dataclasses.replace(inbound, reply=reply_refused)  # never claim it was stored
-        elif inbound.kind == profiles.ACK:
+        elif inbound.kind in (profiles.ACK, profiles.TIME_REPLY):
             self._wake.set()
             try:
                 self._inbox.put_nowait(inbound)
@@ -412,6 +412,8 @@ class Uplink:
                 break
             if self._time_request is not None and self._take_time(inbound.payload):
                 continue
+            if inbound.kind == profiles.TIME_REPLY:
+                continue  # a late or repeated answer to a time request already settled
             for stream, numbers in self._verified_ack(inbound.payload).items():
                 acked[stream].update(numbers)
         for stream, pending in acked.items():

@@ -412,7 +412,14 @@ class AzureSystem(LocalSystem):
     the backend service sits behind the Azure bridge (backend/clouds/azure.py), boxes run ``mqtt.profile azure``."""
 
     def __init__(
-        self, run: Path, *, hub: str = HUB, c2d_per_s: float = C2D_PER_S, websockets: bool = False, **kwargs: object
+        self,
+        run: Path,
+        *,
+        hub: str = HUB,
+        c2d_per_s: float = C2D_PER_S,
+        c2d_burst: int = C2D_BURST,
+        websockets: bool = False,
+        **kwargs: object,
     ) -> None:
         super().__init__(run, **kwargs)  # type: ignore[arg-type]
         self.hub = hub
@@ -422,7 +429,7 @@ class AzureSystem(LocalSystem):
             self.home.pki, self.home.broker_dir, hub=hub, dps_scope=self.dps_scope, websockets=websockets
         )
         self.home.crl_reloader = self.broker.reload_crl
-        self.responder = HubResponder(self.broker, c2d_per_s=c2d_per_s)
+        self.responder = HubResponder(self.broker, c2d_per_s=c2d_per_s, c2d_burst=c2d_burst)
 
     def start(self) -> None:
         self.broker.start()
