@@ -111,6 +111,11 @@ class Renewer:
     def _exchange(self, request_id: str, code: str, message: str, data: dict[str, Any]) -> Any:
         """Stage a key, send its CSR in a pending result signed with the current key, take the delivered
         certificate, log in with it, swap. Returns the new leaf; raises RenewalError (old pair kept)."""
+        if not self.link.settings.side_connections:  # the trial login would drop the agent's own connection
+            raise renewal.RenewalError(
+                "one_connection_only",
+                "this cloud allows one connection per device: a new certificate means enrolling again (docs/clouds.md)",
+            )
         key, csr = renewal.stage_key(self.state, self.host.cfg.agent.key_type)
         waiting = _Waiting(request_id)
         self._waiting = waiting

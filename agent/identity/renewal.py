@@ -144,7 +144,7 @@ def try_login(state_dir: Path, running: LinkSettings, chain_pem: bytes) -> None:
     try:
         side = running.side("renew")
     except GlucoagentError as exc:
-        raise RenewalError("new_credentials_untested", str(exc)) from None
+        raise RenewalError("one_connection_only", str(exc)) from None
     settings = dataclasses.replace(side, tls=TlsFiles(ca=state_dir / CA_FILE, cert=staged / CERT_FILE, key=staged / KEY_FILE))
     link = MqttLink(settings)
     try:

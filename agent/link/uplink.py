@@ -338,9 +338,13 @@ class Uplink:
             self._wake.set()  # its answer (e.g. a job execution's update) goes out on the next pass
             return handled
         inbound = self.profile.classify(self.identity.device_id, topic, payload)
+        reply_refused = inbound.reply_refused
         if inbound.kind == profiles.COMMAND and self.on_command is not None:
             taken = self.on_command(inbound.payload)  # stores it durably first: only then is it PUBACKed
-        elif inbound.kind == profiles.ACK:
+        elif inbound.kind == profiles.COMMAND:
+            log.warning("a command on %s ignored: this link runs no command handler", topic)
+            taken, inbound = True, dataclasses.replace(inbound, reply=reply_refused)  # never claim it was stored
+        elif inbound.kind in (profiles.ACK, profiles.TIME_REPLY):
             self._wake.set()
             try:
                 self._inbox.put_nowait(inbound)
@@ -352,7 +356,7 @@ class Uplink:
             if inbound.kind == profiles.UNKNOWN:
                 log.warning("%s; ignored", inbound.note or f"message on unexpected topic {topic}")
             taken = True
-        reply = inbound.reply if taken else inbound.reply_refused
+        reply = inbound.reply if taken else reply_refused
         if reply is not None:  # a cloud request's answer (e.g. a direct method's response)
             try:
                 self._publish(reply)
@@ -429,6 +433,8 @@ class Uplink:
                 break
             if self._time_request is not None and self._take_time(inbound.payload):
                 continue
+            if inbound.kind == profiles.TIME_REPLY:
+                continue  # a late or repeated answer to a time request already settled
             for stream, numbers in self._verified_ack(inbound.payload).items():
                 acked[stream].update(numbers)
         for stream, pending in acked.items():

@@ -124,8 +124,10 @@ class AzureProfile(CloudProfile):
         if topic.startswith(c2d):
             props = decode_properties(topic[len(c2d) :])
             kind = props.get(KIND, COMMAND)
-            if kind in (ACK, profiles.TIME):
-                return Inbound(ACK, payload)  # the uplink tells an ack from a time reply by verifying
+            if kind == ACK:
+                return Inbound(ACK, payload)
+            if kind == profiles.TIME:
+                return Inbound(profiles.TIME_REPLY, payload)
             if kind == COMMAND:
                 return Inbound(COMMAND, payload)
             return Inbound(UNKNOWN, payload, note=f"C2D message of unknown kind {kind!r}")

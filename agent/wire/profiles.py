@@ -31,6 +31,7 @@ OUTGOING = (TELEMETRY, HEALTH, RESULTS, TIME, STATUS)
 
 # What arrives (``Inbound.kind``).
 ACK = "ack"  # a signed end-to-end ack, or the signed time reply (the uplink tells them apart by verifying)
+TIME_REPLY = "time_reply"  # the cloud's signed time only (where the cloud tells it apart from acks)
 COMMAND = "command"  # a signed command or certificate delivery (agent/wire/inbound.py classifies it further)
 REQUEST = "request"  # a cloud request answered by ``Inbound.reply`` alone (nothing for the agent to keep)
 UNKNOWN = "unknown"  # logged and ignored

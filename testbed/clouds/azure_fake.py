@@ -20,6 +20,10 @@ Sources, cited by tag at each rule:
           registers. Neither SDK implements it; the field names (``csr`` in, our certificate back in the
           webhook's ``payload``) are this fake's assumption, documented in docs/clouds.md.
 
+Not modelled: a publish to a topic outside a device's ACL is dropped by mosquitto (and PUBACKed, MQTT 3.1.1)
+where the hub would close the connection; the hub's 50-message C2D queue per device; the daily message quota.
+The agent's own topics come from agent/wire/azure.py, whose unit tests check them against the SDKs.
+
 The fake DPS shares the hub's mosquitto (real DPS is another host): a claim login as registration id X would
 take over a hub connection of device X, so the tests provision a box before its agent runs.
 
@@ -407,13 +411,25 @@ class AzureSystem(LocalSystem):
     """``LocalSystem`` behind the fake hub: the broker is a ``HubBroker``, the ``HubResponder`` runs beside it,
     the backend service sits behind the Azure bridge (backend/clouds/azure.py), boxes run ``mqtt.profile azure``."""
 
-    def __init__(self, run: Path, *, hub: str = HUB, c2d_per_s: float = C2D_PER_S, **kwargs: object) -> None:
+    def __init__(
+        self,
+        run: Path,
+        *,
+        hub: str = HUB,
+        c2d_per_s: float = C2D_PER_S,
+        c2d_burst: int = C2D_BURST,
+        websockets: bool = False,
+        **kwargs: object,
+    ) -> None:
         super().__init__(run, **kwargs)  # type: ignore[arg-type]
         self.hub = hub
         self.dps_scope = DPS_SCOPE
-        self.broker = HubBroker(self.home.pki, self.home.broker_dir, hub=hub, dps_scope=self.dps_scope)
+        # websockets: [MQTT] MQTT 3.1.1 over WebSockets on 443, path /$iothub/websocket (mosquitto: any path)
+        self.broker = HubBroker(
+            self.home.pki, self.home.broker_dir, hub=hub, dps_scope=self.dps_scope, websockets=websockets
+        )
         self.home.crl_reloader = self.broker.reload_crl
-        self.responder = HubResponder(self.broker, c2d_per_s=c2d_per_s)
+        self.responder = HubResponder(self.broker, c2d_per_s=c2d_per_s, c2d_burst=c2d_burst)
 
     def start(self) -> None:
         self.broker.start()

@@ -55,3 +55,35 @@ def test_every_reading_once_through_the_hub(hub: AzureSystem) -> None:
     assert hub.responder.routed > 0 and hub.responder.c2d_sent > 0
     log = (state / "agent.log").read_text()
     assert f"connected to mqtts://localhost:{hub.broker.port} as {device_id}" in log
+
+
+def test_check_stops_after_tls_on_a_one_connection_cloud(hub: AzureSystem) -> None:
+    """`glucoagent check` must not log in beside the agent: IoT Hub would drop the agent's connection."""
+    state = hub.run / "az-device"
+    config = state / "glucoagent.uci"
+    out = hub.glucoagent(state, "check", config=config)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "TLS handshake" in out.stdout
+    assert "not tried over mqtts://" in out.stdout and "one connection per device" in out.stdout
+    assert status(hub, state, config)["connected"] is True  # the agent's link was left alone
+
+
+def test_websockets_on_443_path(tmp_path: Path) -> None:
+    """MQTT over WebSockets with IoT Hub's path, through the same routes (agent/link/routes.py)."""
+    with AzureSystem(tmp_path / "ws", websockets=True) as hub:
+        meter = random_records("onetouch-ultra2", 5, seed=23)
+        (tmp_path / "m.json").write_text(dumps(meter))
+        link = tmp_path / "ttyWS"
+        hub.start_simulator("onetouch-ultra2", link, tmp_path / "m.json", "--baud", "0")
+        state = hub.device_dir("ws-box")
+        device_id = hub.enrol(state)
+        ws = f"wss://localhost:{hub.broker.ws_port}/$iothub/websocket"
+        config = device_config(
+            state / "glucoagent.uci", [(str(link), "auto")],
+            mqtt=hub.mqtt_options(transport="websockets", ws_endpoint=ws),
+        )  # fmt: skip
+        hub.start_agent(state, config)
+        assert hub.wait_for(lambda: len(hub.db.records(device_id=device_id, kind="reading")) == 5, 60), (
+            (state / "agent.log").read_text()[-2000:]
+        )
+        assert f"connected to {ws} as {device_id}" in (state / "agent.log").read_text()

@@ -113,8 +113,7 @@ def test_a_sixth_subscription_closes_the_connection(hub: AzureSystem, enrolled: 
 def test_c2d_throttle_loses_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     # One C2D send every 4 s: most cumulative acks and time replies are refused with 429.
-    with AzureSystem(tmp_path / "throttled", c2d_per_s=0.25) as hub:
-        hub.responder._bucket.tokens = 1  # start nearly empty
+    with AzureSystem(tmp_path / "throttled", c2d_per_s=0.25, c2d_burst=1) as hub:
         meter = random_records("onetouch-ultra2", 60, seed=41)
         (tmp_path / "m.json").write_text(dumps(meter))
         link = tmp_path / "ttyTHR"

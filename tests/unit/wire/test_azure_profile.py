@@ -61,7 +61,7 @@ def test_subscriptions_and_c2d_classification(p: AzureProfile) -> None:
     # [MQTT] the service adds its own properties ($.to, $.mid ...) before ours
     to = urllib.parse.quote(f"/devices/{DEV}/messages/deviceBound", safe="")
     assert p.classify(DEV, f"{c2d}%24.mid=1&%24.to={to}&kind=ack", b"a") == profiles.Inbound(profiles.ACK, b"a")
-    assert p.classify(DEV, f"{c2d}kind=time", b"t").kind == profiles.ACK
+    assert p.classify(DEV, f"{c2d}kind=time", b"t") == profiles.Inbound(profiles.TIME_REPLY, b"t")
     assert p.classify(DEV, f"{c2d}kind=command", b"c") == profiles.Inbound(profiles.COMMAND, b"c")
     assert p.classify(DEV, c2d, b"c").kind == profiles.COMMAND  # no bag: a command (verified before it runs)
     assert p.classify(DEV, f"{c2d}kind=other", b"").kind == profiles.UNKNOWN
