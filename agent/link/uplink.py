@@ -40,7 +40,8 @@ from agent.wire.provisioning import STATUS_OFFLINE, STATUS_ONLINE
 from agent.wire.topics import DeviceTopics
 
 log = logging.getLogger(__name__)
-_IDLE_WAIT_S = 0.2  # longest wait on the socket when there is nothing to do
+_IDLE_WAIT_S = 60.0  # longest wait on the socket when nothing falls due (wake() and any packet end it sooner)
+_MIN_WAIT_S = 0.01  # a deadline just reached: wait a moment rather than spin until it is strictly past
 DUTY_QUIET_S = 1.0  # duty mode: nothing came in for this long after the session resumed = the broker's mailbox is empty
 TOO_LARGE = "record_too_large"  # condition (and alert) while a record is too large for any message
 
@@ -154,6 +155,9 @@ class Uplink:
         self._wake.set()
         if urgent:
             self._urgent.set()
+        link = self.link
+        if link is not None:
+            link.wake()  # the uplink thread may be waiting in select() on the socket
 
     @property
     def duty(self) -> bool:
@@ -352,9 +356,10 @@ class Uplink:
         assert link is not None
         since = time.monotonic()
         while not self._stop.is_set():
-            # Wait in select() on the socket, not on an event: a PUBACK or an ack ends the wait
-            # at once. After a wake-up (an ack, new rows) only poll, so the work below runs now.
-            wait = 0.0 if self._wake.is_set() else _IDLE_WAIT_S
+            # Wait in select() on the socket, not on an event: a PUBACK, an ack or wake() (paho's
+            # wake-up socket) ends the wait at once; otherwise it lasts until something falls due.
+            # After a wake-up (an ack, new rows) only poll, so the work below runs now.
+            wait = 0.0 if self._wake.is_set() else self._idle_wait(link, since)
             self._wake.clear()
             if not link.loop(wait):
                 return False
@@ -370,6 +375,19 @@ class Uplink:
                 self._go_down(link)
                 return True
         return False
+
+    def _idle_wait(self, link: MqttLink, since: float) -> float:
+        """How long the link may sit in select() with nothing to do: until paho's keepalive needs a pass
+        (a dead link is still noticed within 1.3 x keepalive), a batch's ack or the time reply is overdue,
+        or (duty mode) the quiet second after the last message ends. Long waits, few wake-ups."""
+        now = time.monotonic()
+        due = [_IDLE_WAIT_S, link.due_in()]
+        due += [b.sent_at + self.cfg.mqtt.ack_timeout_s - now for b in self._inflight.values()]
+        if self._time_request is not None:
+            due.append(self._time_request[1] + self.cfg.mqtt.ack_timeout_s - now)
+        if self.duty:
+            due.append(max(since, self._last_in) + DUTY_QUIET_S - now)
+        return max(_MIN_WAIT_S, min(due))
 
     def _drain_inbox(self) -> None:
         # Acks that arrived together are applied in one transaction per stream: fewer fsyncs, less flash wear.
