@@ -31,7 +31,9 @@ class DutyFigures:
     hour_s: float  # real seconds per simulated hour
     connects: int  # TCP connections the agent opened
     cpu_s: float  # user + system CPU seconds of the agent process
-    context_switches: int  # voluntary + involuntary, all threads: the process's wake-ups
+    context_switches: int  # voluntary + involuntary, all threads
+    wakeups: int  # voluntary context switches, all threads: the times the process went to sleep and woke
+    real_s: float  # real seconds the figures cover (hours x hour_s)
     bytes_up: int
     bytes_down: int
     readings_sent: int  # readings the meter held
@@ -64,19 +66,21 @@ class _CountingProxy(TcpProxy):
             )
 
 
-def _cpu_and_switches(pid: int) -> tuple[float, int]:
+def _cpu_and_switches(pid: int) -> tuple[float, int, int]:
+    """(CPU seconds, all context switches, voluntary ones) of every thread of ``pid``."""
     ticks = os.sysconf("SC_CLK_TCK")
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (all threads)
-    switches = 0
+    switches = voluntary = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             text = (task / "status").read_text()
         except OSError:
             continue  # a thread that just ended
         switches += sum(int(n) for n in re.findall(r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)", text, re.M))
-    return cpu, switches
+        voluntary += sum(int(n) for n in re.findall(r"^voluntary_ctxt_switches:\s+(\d+)", text, re.M))
+    return cpu, switches, voluntary
 
 
 def run_duty_box(
@@ -88,6 +92,7 @@ def run_duty_box(
     wake_every_h: float = 1.0,
     commands_while_asleep: int = 3,
     link: str = "duty",
+    port_scan_s: float = 3600.0,
 ) -> DutyFigures:
     """Run one box for ``hours`` simulated hours and return what it cost and what arrived."""
     n_readings = int(hours // reading_every_h)
@@ -107,7 +112,7 @@ def run_duty_box(
             agent={
                 "link": link,
                 "wake_interval_s": str(wake_every_h * hour_s),
-                "port_scan_s": "0.5",
+                "port_scan_s": str(port_scan_s),  # the meter is noticed by events (agent/devwatch.py), not by polling
                 "reread_s": "86400",
                 "health_interval_s": str(max(10, round(hour_s))),
             },
@@ -119,7 +124,7 @@ def run_duty_box(
         sent: list[str] = []
         clis: list[subprocess.Popen[str]] = []
         start = time.monotonic()
-        cpu0, sw0 = _cpu_and_switches(agent.pid)
+        cpu0, sw0, vol0 = _cpu_and_switches(agent.pid)
         next_reading = start + reading_every_h * hour_s / 2  # mid-interval: the last one falls inside the run
         shown = 0
         command_at = [start + (i + 0.5) * hours * hour_s / max(commands_while_asleep, 1) for i in range(commands_while_asleep)]
@@ -135,13 +140,13 @@ def run_duty_box(
                         os.killpg(sim.pid, 15)
                         sim.wait()
                         system.procs.remove(sim)
-                        time.sleep(1.5)  # unplugged for longer than port_scan_s (0.5 s): the box sees it go and come
+                        time.sleep(1.5)  # unplugged a while; plugged in again, its link is made anew: an event
                     sim = system.start_simulator("onetouch-ultra2", tty, records, "--baud", "0")
                 if command_at and now >= command_at[0] and link == "duty" and _offline(system, device_id):
                     command_at.pop(0)
                     clis.append(_send_ping(system, device_id, timeout=hours * hour_s + 60))
                 time.sleep(0.05)
-            cpu1, sw1 = _cpu_and_switches(agent.pid)
+            cpu1, sw1, vol1 = _cpu_and_switches(agent.pid)
             up, down = proxy.totals()
             # Let what the last wake-up owes arrive before counting it (not part of the figures).
             system.wait_for(lambda: len(system.db.records(kind="reading")) >= n_readings, timeout=wake_every_h * hour_s + 60)
@@ -166,6 +171,8 @@ def run_duty_box(
             connects=proxy.accepted,
             cpu_s=round(cpu1 - cpu0, 3),
             context_switches=sw1 - sw0,
+            wakeups=vol1 - vol0,
+            real_s=hours * hour_s,
             bytes_up=up,
             bytes_down=down,
             readings_sent=n_readings,
