@@ -160,6 +160,7 @@ class Daemon:
         def apply() -> None:
             self.cfg = self.uplink.cfg = self.watcher.cfg = cfg
             self.watcher.nudge()  # its wait may have been set by the old port_scan_s or reread_s
+            self.uplink.wake(urgent=False)  # a link switched to duty mode goes down at its next pass
             self.recorder.limits = cfg.alerts
             self.store.max_records = cfg.buffer.max_records
             self.store.retention_s = cfg.buffer.retention_s

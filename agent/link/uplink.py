@@ -164,11 +164,16 @@ class Uplink:
         return self.cfg.agent.link == "duty"
 
     def _sleep(self) -> None:
-        """Duty mode, link down: until a reading is stored, a result waits, or wake_interval_s passed."""
+        """Duty mode, link down: until a reading is stored, a result waits, or wake_interval_s passed. The
+        options are read again at least every minute, so a set_config of agent.link (to always: wake now)
+        or agent.wake_interval_s takes effect within one."""
         log.info("uplink: duty mode: link down; next wake-up within %.0fs", self.cfg.agent.wake_interval_s)
-        deadline = time.monotonic() + self.cfg.agent.wake_interval_s
-        while not self._stop.is_set() and not self._urgent.is_set() and time.monotonic() < deadline:
-            self._urgent.wait(min(deadline - time.monotonic(), 60.0))
+        down = time.monotonic()
+        while not self._stop.is_set() and not self._urgent.is_set() and self.duty:
+            left = down + self.cfg.agent.wake_interval_s - time.monotonic()
+            if left <= 0:
+                break
+            self._urgent.wait(min(left, 60.0))
         self._urgent.clear()
         self.wakeups += 1
 
