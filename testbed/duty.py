@@ -192,3 +192,52 @@ def _send_ping(system: LocalSystem, device_id: str, timeout: float) -> subproces
     argv = [BACKEND_CLI, "command", device_id, "ping", "--home", str(system.home.root),
             "--port", str(system.broker.port), "--timeout", str(timeout)]  # fmt: skip
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IdleFigures:
+    link: str  # always | duty
+    window_s: float  # real seconds measured
+    cpu_s: float  # user + system CPU seconds of the agent process in the window
+    wakeups: int  # voluntary context switches of all its threads in the window
+    bytes_up: int  # on the wire, TLS included
+    bytes_down: int
+
+    def per_hour(self, value: float) -> float:
+        return value * 3600 / self.window_s
+
+
+def run_idle_box(run: Path, link: str, window_s: float = 60.0, **agent: str) -> IdleFigures:
+    """An agent with its meter read and uploaded, then left alone ``window_s`` real seconds with the
+    defaults a box runs with (port scan, health interval, keepalive, wake interval): what idling costs."""
+    records = run / "meter.json"
+    records.write_text(dumps(random_records("onetouch-ultra2", 3, seed=8)))
+    with LocalSystem(run / "sys") as system:
+        proxy = _CountingProxy(system.broker.port)
+        proxy.start()
+        try:
+            tty = run / "ttyIDLE"
+            system.start_simulator("onetouch-ultra2", tty, records, "--baud", "0")
+            state = system.device_dir()
+            if system.provision(state).returncode != 0:
+                raise RuntimeError("provisioning failed")
+            defaults = {"link": link, "port_scan_s": "5", "health_interval_s": "300"}
+            config = device_config(
+                state / "glucoagent.uci", [(str(tty), "onetouch-ultra2")], agent={**defaults, **agent},
+                mqtt={"endpoint": proxy.endpoint},
+            )  # fmt: skip
+            started = time.monotonic()
+            proc = system.start_agent(state, config)
+            if not system.wait_for(lambda: len(system.db.records(kind="reading")) >= 3, timeout=60):
+                raise RuntimeError("the readings did not arrive")
+            # Acks applied, a duty box gone down, and the first health sample (5 s after start) taken: the
+            # window holds the idle loops and keepalives; the next health sample comes after 300 s.
+            time.sleep(max(3.0, started + 8.0 - time.monotonic()))
+            cpu0, _sw0, vol0 = _cpu_and_switches(proc.pid)
+            up0, down0 = proxy.totals()
+            time.sleep(window_s)
+            cpu1, _sw1, vol1 = _cpu_and_switches(proc.pid)
+            up1, down1 = proxy.totals()
+        finally:
+            proxy.close()
+    return IdleFigures(link, window_s, round(cpu1 - cpu0, 3), vol1 - vol0, up1 - up0, down1 - down0)
