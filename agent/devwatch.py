@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -73,7 +72,7 @@ class DirWatch:
     def open(cls) -> DirWatch | None:
         """A new watch, or None where inotify is not available (then the caller polls)."""
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            libc = ctypes.CDLL(None, use_errno=True)  # the interpreter's own symbols, libc's among them (no ldconfig run)
             init = libc.inotify_init1
         except (OSError, AttributeError) as exc:
             log.info("no inotify (%s): ports are polled", exc)
