@@ -156,11 +156,10 @@ class MeterWatcher:
                     continue  # look once more: what was made before the new watch was set has no event
                 self._wait(watch, self._next_due(time.monotonic()))
         finally:
+            # The wake-up pipe stays open with the watcher: a stop() or read_now() after this must never
+            # write into a descriptor number the process has given to something else since.
             if watch is not None:
                 watch.close()
-            for fd in (self._wake_r, self._wake_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
 
     def _folders(self) -> set[Path]:
         """Where an event says a port (or a hotplug notice) may have changed."""

@@ -165,7 +165,7 @@ class Uplink:
 
     def _sleep(self) -> None:
         """Duty mode, link down: until a reading is stored, a result waits, or wake_interval_s passed. The
-        options are read again at least every minute, so a set_config of agent.link (to always: wake now)
+        options are read again at least every minute, so a set_config of agent.link (to always: come up)
         or agent.wake_interval_s takes effect within one."""
         log.info("uplink: duty mode: link down; next wake-up within %.0fs", self.cfg.agent.wake_interval_s)
         down = time.monotonic()
