@@ -77,7 +77,7 @@ class AgentSection:
     log_target: str = "auto"  # auto: syslog when /dev/log exists, else stderr
     key_type: str = "ed25519"
     health_interval_s: int = 300
-    port_scan_s: float = 5.0  # how often configured ports are checked for a meter
+    port_scan_s: float = 5.0  # pen readers are asked, and ports polled without inotify, this often
     reread_s: int = 900  # re-read a meter still attached after this long
     # System commands run by the cloud's sync_time and reboot commands ({epoch}: integer Unix seconds).
     settime_command: str = "date -u -s @{epoch}"

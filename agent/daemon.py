@@ -86,12 +86,13 @@ class Daemon:
             commands_idle=self.commands_idle,
             peer=(jobs := jobs_bridge(cfg.mqtt.cloud(), self.identity.device_id, self.on_command)),
         )
-        self.watcher = MeterWatcher(cfg, self.recorder, self.clock, on_stored=self.uplink.wake)
+        self.recorder.on_stored = lambda urgent: self.uplink.wake(urgent=urgent)
+        self.watcher = MeterWatcher(cfg, self.recorder, self.clock, on_stored=self.on_stored)
         self.ble: list[Any] = []  # agent.ble_source.BleSource per controller, imported only when one is configured
         if cfg.ble:
             from agent.ble_source import BleSource
 
-            self.ble = [BleSource(r, cfg.agent.state_dir, self.recorder, on_stored=self.uplink.wake) for r in cfg.ble]
+            self.ble = [BleSource(r, cfg.agent.state_dir, self.recorder, on_stored=self.on_stored) for r in cfg.ble]
         schedule = renewal.RenewalSchedule(
             renewal.cert_not_after(self.identity.cert_path), cfg.agent.renew_before_days * 86_400.0
         )
@@ -101,11 +102,18 @@ class Daemon:
         # the package database the box has (empty status_file: apk's when it exists, else opkg's)
         pm = PackageManager.parse(cfg.update.install_command, cfg.update.status_file)
         self.version_probe = VersionProbe(pm.status_file, cfg.update.package)
+        self._fresh = threading.Event()  # a reader stored records: publish the status snapshot now
         self.commands = CommandExecutor(
             self, self.uplink, self.store, self.clock, self.identity, schedule, renewed=renewed
         )
         if jobs is not None:  # AWS: a command's result ends its job execution
             self.commands.outbox.on_put = jobs.on_result
+
+    def on_stored(self) -> None:
+        """Reader threads: new records (and their source) are in the buffer: upload them, show them in status."""
+        self.uplink.wake()
+        self._fresh.set()
+        self._poke.set()
 
     def on_command(self, payload: bytes) -> bool:
         """Uplink thread: hand the message to the command worker (agent/commands/executor.py); False = not stored."""
@@ -162,6 +170,8 @@ class Daemon:
 
         def apply() -> None:
             self.cfg = self.uplink.cfg = self.watcher.cfg = cfg
+            self.watcher.nudge()  # its wait may have been set by the old port_scan_s or reread_s
+            self.uplink.wake(urgent=False)  # a link switched to duty mode goes down at its next pass
             self.recorder.limits = cfg.alerts
             self.store.max_records = cfg.buffer.max_records
             self.store.retention_s = cfg.buffer.retention_s
@@ -247,11 +257,15 @@ class Daemon:
         next_snapshot = 0.0
         next_purge = 0.0
         while not self._stop.is_set():
-            self._poke.wait(0.5)
+            # Sleep until the next scheduled job (a call, a signal or stop pokes it sooner): no fixed tick.
+            self._poke.wait(max(0.0, min(next_purge, next_snapshot, next_health) - time.monotonic()))
             self._poke.clear()
             if self._stop.is_set():
                 break
             self._run_calls()
+            if self._fresh.is_set():
+                self._fresh.clear()
+                next_snapshot = 0.0
             if time.monotonic() >= next_purge:
                 next_purge = time.monotonic() + PURGE_EVERY_S
                 self.purge_delivered()
@@ -262,8 +276,7 @@ class Daemon:
             if time.monotonic() >= next_health:
                 next_health = time.monotonic() + self.cfg.agent.health_interval_s
                 try:
-                    self.recorder.health(self.health_sample())
-                    self.uplink.wake(urgent=False)  # duty mode: a health sample waits for the next wake-up
+                    self.recorder.health(self.health_sample())  # wakes the uplink (not urgent: duty mode waits)
                 except GlucoagentError as exc:
                     log.warning("health sample not recorded: %s", exc)
         log.info("stopping")

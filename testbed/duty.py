@@ -31,7 +31,9 @@ class DutyFigures:
     hour_s: float  # real seconds per simulated hour
     connects: int  # TCP connections the agent opened
     cpu_s: float  # user + system CPU seconds of the agent process
-    context_switches: int  # voluntary + involuntary, all threads: the process's wake-ups
+    context_switches: int  # voluntary + involuntary, all threads
+    wakeups: int  # voluntary context switches, all threads: the times the process went to sleep and woke
+    real_s: float  # real seconds the figures cover (hours x hour_s)
     bytes_up: int
     bytes_down: int
     readings_sent: int  # readings the meter held
@@ -64,19 +66,21 @@ class _CountingProxy(TcpProxy):
             )
 
 
-def _cpu_and_switches(pid: int) -> tuple[float, int]:
+def _cpu_and_switches(pid: int) -> tuple[float, int, int]:
+    """(CPU seconds, all context switches, voluntary ones) of every thread of ``pid``."""
     ticks = os.sysconf("SC_CLK_TCK")
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (all threads)
-    switches = 0
+    switches = voluntary = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             text = (task / "status").read_text()
         except OSError:
             continue  # a thread that just ended
         switches += sum(int(n) for n in re.findall(r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)", text, re.M))
-    return cpu, switches
+        voluntary += sum(int(n) for n in re.findall(r"^voluntary_ctxt_switches:\s+(\d+)", text, re.M))
+    return cpu, switches, voluntary
 
 
 def run_duty_box(
@@ -88,6 +92,7 @@ def run_duty_box(
     wake_every_h: float = 1.0,
     commands_while_asleep: int = 3,
     link: str = "duty",
+    port_scan_s: float = 3600.0,
 ) -> DutyFigures:
     """Run one box for ``hours`` simulated hours and return what it cost and what arrived."""
     n_readings = int(hours // reading_every_h)
@@ -107,7 +112,7 @@ def run_duty_box(
             agent={
                 "link": link,
                 "wake_interval_s": str(wake_every_h * hour_s),
-                "port_scan_s": "0.5",
+                "port_scan_s": str(port_scan_s),  # the meter is noticed by events (agent/devwatch.py), not by polling
                 "reread_s": "86400",
                 "health_interval_s": str(max(10, round(hour_s))),
             },
@@ -119,7 +124,7 @@ def run_duty_box(
         sent: list[str] = []
         clis: list[subprocess.Popen[str]] = []
         start = time.monotonic()
-        cpu0, sw0 = _cpu_and_switches(agent.pid)
+        cpu0, sw0, vol0 = _cpu_and_switches(agent.pid)
         next_reading = start + reading_every_h * hour_s / 2  # mid-interval: the last one falls inside the run
         shown = 0
         command_at = [start + (i + 0.5) * hours * hour_s / max(commands_while_asleep, 1) for i in range(commands_while_asleep)]
@@ -135,13 +140,13 @@ def run_duty_box(
                         os.killpg(sim.pid, 15)
                         sim.wait()
                         system.procs.remove(sim)
-                        time.sleep(1.5)  # unplugged for longer than port_scan_s (0.5 s): the box sees it go and come
+                        time.sleep(1.5)  # unplugged a while; plugged in again, its link is made anew: an event
                     sim = system.start_simulator("onetouch-ultra2", tty, records, "--baud", "0")
                 if command_at and now >= command_at[0] and link == "duty" and _offline(system, device_id):
                     command_at.pop(0)
                     clis.append(_send_ping(system, device_id, timeout=hours * hour_s + 60))
                 time.sleep(0.05)
-            cpu1, sw1 = _cpu_and_switches(agent.pid)
+            cpu1, sw1, vol1 = _cpu_and_switches(agent.pid)
             up, down = proxy.totals()
             # Let what the last wake-up owes arrive before counting it (not part of the figures).
             system.wait_for(lambda: len(system.db.records(kind="reading")) >= n_readings, timeout=wake_every_h * hour_s + 60)
@@ -166,6 +171,8 @@ def run_duty_box(
             connects=proxy.accepted,
             cpu_s=round(cpu1 - cpu0, 3),
             context_switches=sw1 - sw0,
+            wakeups=vol1 - vol0,
+            real_s=hours * hour_s,
             bytes_up=up,
             bytes_down=down,
             readings_sent=n_readings,
@@ -185,3 +192,52 @@ def _send_ping(system: LocalSystem, device_id: str, timeout: float) -> subproces
     argv = [BACKEND_CLI, "command", device_id, "ping", "--home", str(system.home.root),
             "--port", str(system.broker.port), "--timeout", str(timeout)]  # fmt: skip
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IdleFigures:
+    link: str  # always | duty
+    window_s: float  # real seconds measured
+    cpu_s: float  # user + system CPU seconds of the agent process in the window
+    wakeups: int  # voluntary context switches of all its threads in the window
+    bytes_up: int  # on the wire, TLS included
+    bytes_down: int
+
+    def per_hour(self, value: float) -> float:
+        return value * 3600 / self.window_s
+
+
+def run_idle_box(run: Path, link: str, window_s: float = 60.0, **agent: str) -> IdleFigures:
+    """An agent with its meter read and uploaded, then left alone ``window_s`` real seconds with the
+    defaults a box runs with (port scan, health interval, keepalive, wake interval): what idling costs."""
+    records = run / "meter.json"
+    records.write_text(dumps(random_records("onetouch-ultra2", 3, seed=8)))
+    with LocalSystem(run / "sys") as system:
+        proxy = _CountingProxy(system.broker.port)
+        proxy.start()
+        try:
+            tty = run / "ttyIDLE"
+            system.start_simulator("onetouch-ultra2", tty, records, "--baud", "0")
+            state = system.device_dir()
+            if system.provision(state).returncode != 0:
+                raise RuntimeError("provisioning failed")
+            defaults = {"link": link, "port_scan_s": "5", "health_interval_s": "300"}
+            config = device_config(
+                state / "glucoagent.uci", [(str(tty), "onetouch-ultra2")], agent={**defaults, **agent},
+                mqtt={"endpoint": proxy.endpoint},
+            )  # fmt: skip
+            started = time.monotonic()
+            proc = system.start_agent(state, config)
+            if not system.wait_for(lambda: len(system.db.records(kind="reading")) >= 3, timeout=60):
+                raise RuntimeError("the readings did not arrive")
+            # Acks applied, a duty box gone down, and the first health sample (5 s after start) taken: the
+            # window holds the idle loops and keepalives; the next health sample comes after 300 s.
+            time.sleep(max(3.0, started + 8.0 - time.monotonic()))
+            cpu0, _sw0, vol0 = _cpu_and_switches(proc.pid)
+            up0, down0 = proxy.totals()
+            time.sleep(window_s)
+            cpu1, _sw1, vol1 = _cpu_and_switches(proc.pid)
+            up1, down1 = proxy.totals()
+        finally:
+            proxy.close()
+    return IdleFigures(link, window_s, round(cpu1 - cpu0, 3), vol1 - vol0, up1 - up0, down1 - down0)

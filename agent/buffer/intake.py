@@ -67,6 +67,11 @@ class Recorder:
         self.store = store
         self.signer = signer
         self.limits = limits
+        # Called after an alert or a health sample is stored (urgent: a clinical one), so the uplink, which
+        # waits on its socket rather than polling the buffer, sends it at once (the daemon points it at
+        # Uplink.wake). Readings, doses and BP wake it through their reader's on_stored, after the reader
+        # has noted the source (a status snapshot never shows them delivered from an unknown meter).
+        self.on_stored: Callable[[bool], None] = lambda urgent: None
 
     def accept_readings(self, source: str, readings: Sequence[GlucoseReading], *, complete: bool) -> list[int]:
         """Store the new readings of one meter read; returns their sequence numbers."""
@@ -142,6 +147,7 @@ class Recorder:
         entries = telemetry.alert_entries(code, message, extra)
         item = Intake(telemetry.Kind.ALERT, PRIO_ALERT, self.signer.builder(telemetry.Kind.ALERT, entries))
         self.store.accept([item])
+        self.on_stored(True)
 
     def raise_condition(self, code: str, message: str) -> None:
         """Record a local condition once per episode and send one alert for it."""
@@ -158,3 +164,5 @@ class Recorder:
             self.store.accept([item])
         except BufferFull:
             log.warning("buffer full: health sample not kept")
+            return
+        self.on_stored(False)  # duty mode: a health sample rides the next wake-up

@@ -21,6 +21,7 @@ Every refusal is logged and answered with a signed result; nothing here stops th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import queue
@@ -57,6 +58,7 @@ DEPROVISION_MARK = "deprovision"
 QUEUE_MAX = 64
 DELIVER_BEFORE_WIPE_S = 10.0
 PRUNE_EVERY_S = 86_400.0
+WORKER_WAIT_S = 60.0  # the idle worker's longest wait on its queue (submit, stop and renewals wake it sooner)
 
 
 class CommandExecutor:
@@ -86,7 +88,8 @@ class CommandExecutor:
         link.add_tick(lambda: self.outbox.flush(link))
         self.ring = LogRing()
         logging.getLogger().addHandler(self.ring)
-        self._queue: queue.Queue[tuple[bytes, float, Path | None, Inbound]] = queue.Queue(maxsize=QUEUE_MAX)
+        # None is a nudge (stop, a renewal asked for): the worker blocks on this queue, it does not poll.
+        self._queue: queue.Queue[tuple[bytes, float, Path | None, Inbound] | None] = queue.Queue(maxsize=QUEUE_MAX)
         self._stop = threading.Event()
         self.renewer = Renewer(
             host=host, link=link, identity=identity, pending_dir=self.pending_dir, schedule=schedule,
@@ -107,6 +110,7 @@ class CommandExecutor:
     def start_renewal(self, kind: str) -> None:
         """Daemon thread: have the worker renew (``renew``) or re-enrol over the claim path (``recover``)."""
         self.renewer.ask(kind)
+        self._nudge()
 
     # --- threads -------------------------------------------------------------------------------
     def submit(self, payload: bytes) -> bool:
@@ -126,6 +130,12 @@ class CommandExecutor:
 
     def stop(self) -> None:
         self._stop.set()
+        self._nudge()
+
+    def _nudge(self) -> None:
+        """End the worker's wait on its queue now (a full queue wakes it anyway)."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
 
     def run(self) -> None:
         """Worker thread: recover what a crash cut off, then serve the queue and the results outbox."""
@@ -135,19 +145,18 @@ class CommandExecutor:
             log.exception("command recovery failed; serving new commands anyway")
         while not self._stop.is_set():
             try:
-                self.work_once(timeout=0.2)
+                self.work_once(timeout=WORKER_WAIT_S)
             except Exception:  # the worker must outlive any bug in one command
                 log.exception("command worker: unexpected error")
 
     def work_once(self, timeout: float = 0.0) -> None:
         """One pass of the worker: the next queued message (waiting up to ``timeout``), an asked-for renewal."""
         try:
-            payload, received, stored, inbound = (
-                self._queue.get(timeout=timeout) if timeout else self._queue.get_nowait()
-            )
+            item = self._queue.get(timeout=timeout) if timeout else self._queue.get_nowait()
         except queue.Empty:
-            payload, stored = b"", None
-        if payload:
+            item = None
+        if item is not None and item[0]:
+            payload, received, stored, inbound = item
             self.handle(payload, received, inbound)
             if stored is not None:  # journaled (or refused) now: the inbox copy has done its job
                 stored.unlink(missing_ok=True)

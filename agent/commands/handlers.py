@@ -32,6 +32,8 @@ HOT_OPTIONS = frozenset(
         "agent.health_interval_s",
         "agent.port_scan_s",
         "agent.reread_s",
+        "agent.link",  # the uplink reads it at every pass and while asleep (at least once a minute)
+        "agent.wake_interval_s",
         "mqtt.batch_records",
         "mqtt.inflight",
         "mqtt.max_payload",

@@ -468,13 +468,34 @@ class MqttLink:
 
     def _ping_overdue(self) -> bool:
         # paho only gives up after ~2x keepalive; we want a dead link noticed within 1.5x.
-        # paho sends PINGREQ at most one keepalive after the last packet in, and both checks run
-        # once per loop() call (<= 0.2 s apart in the uplink), so waiting 0.3 x keepalive for the
-        # PINGRESP keeps the worst case at 1.3 x keepalive + 0.4 s: under 1.5x for keepalive >= 5,
+        # paho sends PINGREQ one keepalive after the last packet in or out, and the uplink's loop()
+        # wakes exactly then and again when the PINGRESP is overdue (due_in), so waiting 0.3 x
+        # keepalive for the PINGRESP keeps the worst case at 1.3 x keepalive plus a scheduling delay,
         # with room for a loaded CPU (9 s for a PINGRESP at the default 30 s is ample on cellular).
         # paho exposes no public "ping outstanding since" so read its private timestamp.
         ping_t = getattr(self.client, "_ping_t", 0)
         return bool(ping_t) and time.monotonic() - ping_t > PINGRESP_WAIT * self.s.keepalive
+
+    def due_in(self) -> float:
+        """Seconds until this link needs a loop() pass of its own: paho's PINGREQ falls due, or its
+        PINGRESP is overdue. A caller may wait in loop() this long without a dead link going unnoticed
+        (paho's private timestamps, as in _ping_overdue; paho 2.x keeps them in time.monotonic)."""
+        if not self.s.keepalive:
+            return float("inf")
+        now = time.monotonic()
+        ping_t = getattr(self.client, "_ping_t", 0)
+        if ping_t:
+            return max(0.0, ping_t + PINGRESP_WAIT * self.s.keepalive - now)
+        last = min(getattr(self.client, "_last_msg_out", now), getattr(self.client, "_last_bytes_received", now))
+        return max(0.0, last + self.s.keepalive - now)
+
+    def wake(self) -> None:
+        """Any thread: end a loop() waiting in select() now. Writes a byte to paho's own wake-up socket pair
+        (what its publish() does), so an idle link can wait long and still react at once."""
+        pair = getattr(self.client, "_sockpairW", None)
+        if pair is not None:
+            with contextlib.suppress(OSError):
+                pair.send(b"0")
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
         """Queue a publish; returns the mid to ask ``acked`` about. Raises LinkError when not sent."""

@@ -42,7 +42,8 @@ from agent.wire.provisioning import STATUS_OFFLINE, STATUS_ONLINE
 from agent.wire.topics import DeviceTopics
 
 log = logging.getLogger(__name__)
-_IDLE_WAIT_S = 0.2  # longest wait on the socket when there is nothing to do
+_IDLE_WAIT_S = 60.0  # longest wait on the socket when nothing falls due (wake() and any packet end it sooner)
+_MIN_WAIT_S = 0.01  # a deadline just reached: wait a moment rather than spin until it is strictly past
 DUTY_QUIET_S = 1.0  # duty mode: nothing came in for this long after the session resumed = the broker's mailbox is empty
 TOO_LARGE = "record_too_large"  # condition (and alert) while a record is too large for any message
 
@@ -170,17 +171,25 @@ class Uplink:
         self._wake.set()
         if urgent:
             self._urgent.set()
+        link = self.link
+        if link is not None:
+            link.wake()  # the uplink thread may be waiting in select() on the socket
 
     @property
     def duty(self) -> bool:
         return self.cfg.agent.link == "duty"
 
     def _sleep(self) -> None:
-        """Duty mode, link down: until a reading is stored, a result waits, or wake_interval_s passed."""
+        """Duty mode, link down: until a reading is stored, a result waits, or wake_interval_s passed. The
+        options are read again at least every minute, so a set_config of agent.link (to always: come up)
+        or agent.wake_interval_s takes effect within one."""
         log.info("uplink: duty mode: link down; next wake-up within %.0fs", self.cfg.agent.wake_interval_s)
-        deadline = time.monotonic() + self.cfg.agent.wake_interval_s
-        while not self._stop.is_set() and not self._urgent.is_set() and time.monotonic() < deadline:
-            self._urgent.wait(min(deadline - time.monotonic(), 60.0))
+        down = time.monotonic()
+        while not self._stop.is_set() and not self._urgent.is_set() and self.duty:
+            left = down + self.cfg.agent.wake_interval_s - time.monotonic()
+            if left <= 0:
+                break
+            self._urgent.wait(min(left, 60.0))
         self._urgent.clear()
         self.wakeups += 1
 
@@ -401,10 +410,10 @@ class Uplink:
         assert link is not None
         since = time.monotonic()
         while not self._stop.is_set():
-            # Wait in select() on the socket, not on an event: a PUBACK or an ack ends the wait
-            # at once. After a wake-up (an ack, new rows) only poll, so the work below runs now.
-            paced = self._next_send - time.monotonic()  # > 0: the profile's publish rate holds the next upload
-            wait = 0.0 if self._wake.is_set() else min(_IDLE_WAIT_S, paced) if paced > 0 else _IDLE_WAIT_S
+            # Wait in select() on the socket, not on an event: a PUBACK, an ack or wake() (paho's
+            # wake-up socket) ends the wait at once; otherwise it lasts until something falls due.
+            # After a wake-up (an ack, new rows) only poll, so the work below runs now.
+            wait = 0.0 if self._wake.is_set() else self._idle_wait(link, since)
             self._wake.clear()
             if not link.loop(wait):
                 return False
@@ -422,6 +431,21 @@ class Uplink:
                 self._go_down(link)
                 return True
         return False
+
+    def _idle_wait(self, link: MqttLink, since: float) -> float:
+        """How long the link may sit in select() with nothing to do: until paho's keepalive needs a pass
+        (a dead link is still noticed within 1.3 x keepalive), a batch's ack or the time reply is overdue,
+        or (duty mode) the quiet second after the last message ends. Long waits, few wake-ups."""
+        now = time.monotonic()
+        due = [_IDLE_WAIT_S, link.due_in()]
+        if self._next_send > now:  # the profile's publish rate holds the next upload until then
+            due.append(self._next_send - now)
+        due += [b.sent_at + self.cfg.mqtt.ack_timeout_s - now for b in self._inflight.values()]
+        if self._time_request is not None:
+            due.append(self._time_request[1] + self.cfg.mqtt.ack_timeout_s - now)
+        if self.duty:
+            due.append(max(since, self._last_in) + DUTY_QUIET_S - now)
+        return max(_MIN_WAIT_S, min(due))
 
     def _drain_inbox(self) -> None:
         # Acks that arrived together are applied in one transaction per stream: fewer fsyncs, less flash wear.

@@ -309,15 +309,25 @@ def test_proxy_killed_mid_upload_loses_nothing(
 # --- the link faults on these paths ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["websockets", "proxy-tcp", "proxy-websockets"])
+@pytest.mark.parametrize("path", ["websockets", "proxy-tcp", "proxy-websockets", "beyond-proxy-tcp", "beyond-proxy-websockets"])
 def test_black_hole_rst_and_flapping_on_field_paths(
     system: LocalSystem, boxes: Callable[..., Box], tinyproxy: Callable[..., Tinyproxy], path: str
 ) -> None:
-    """The fault proxy sits where the network misbehaves: before the websockets listener, or between
-    the box and the HTTP proxy."""
+    """The fault proxy sits where the network misbehaves: before the websockets listener, between the box
+    and the HTTP proxy, or beyond the HTTP proxy (its tunnel to the broker dies while the box's own TCP
+    connection to the proxy stays up: only the box's keepalive can tell)."""
     if path == "websockets":
         fault = TcpProxy(system.broker.ws_port).start()
         mqtt = {"transport": "websockets", "ws_endpoint": ws_url(fault.port)}
+    elif path.startswith("beyond-proxy-"):
+        transport = path.removeprefix("beyond-proxy-")
+        fault = TcpProxy(system.broker.ws_port if transport == "websockets" else system.broker.port).start()
+        hp = tinyproxy(connect_ports=(fault.port,))
+        mqtt = {"transport": transport, "proxy": hp.url}
+        if transport == "websockets":
+            mqtt["ws_endpoint"] = ws_url(fault.port)
+        else:
+            mqtt["endpoint"] = f"mqtts://localhost:{fault.port}"
     else:
         hp = tinyproxy(connect_ports=(system.broker.port, system.broker.ws_port))
         fault = TcpProxy(hp.port).start()
