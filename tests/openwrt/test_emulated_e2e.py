@@ -179,8 +179,12 @@ def test_emulated_agent_delivers_every_reading_verified_exactly_once(
             return json.loads(r.stdout)  # type: ignore[no-any-return]
 
         st = status()
-        if st["buffer_depth"] != 0:  # the last acks may still be on their way
-            assert system.wait_for(lambda: status()["buffer_depth"] == 0, timeout=60, poll=1), device.tail()
+        # the last acks may still be on their way; the snapshot `status` reads follows the daemon's state
+        # within a pass of its loop (slow under emulation)
+        if st["buffer_depth"] != 0 or not st["meters"]:
+            assert system.wait_for(
+                lambda: (s := status())["buffer_depth"] == 0 and bool(s["meters"]), timeout=60, poll=1
+            ), device.tail()
             st = status()
         assert st["provisioned"] is True and st["connected"] is True, st
         assert [m["protocol"] for m in st["meters"]] == ["onetouch-ultra2"], st  # type: ignore[union-attr]
