@@ -130,6 +130,7 @@ class JobsBridge:
         with self._lock:
             if self._current is not None and self._current.job_id == execution.job_id and self._outcome:
                 self._current = execution  # handed over again (version may have moved): report what we have
+                self._update_sent = False
                 return True
             self._current, self._outcome, self._update_sent = execution, None, False
         if not self.submit(command):
@@ -152,18 +153,22 @@ class JobsBridge:
         else:
             rejection = aws.decode_jobs_rejection(payload)
             log.warning("jobs: update of %s refused (%s): %s", job_id, rejection.code, rejection.message)
-            done = rejection.status in aws.TERMINAL  # someone (the cloud) ended it: nothing left to say
+            # Only a stale version is worth another update; anything else (the job deleted, ended by the cloud,
+            # a request it refuses) would be refused again, round trip after round trip. Our signed result
+            # went to the results topic anyway: nothing left to say.
+            done = rejection.status in aws.TERMINAL or rejection.code != aws.VERSION_MISMATCH
             version = rejection.version_number
         with self._lock:
             if done:
                 log.info("jobs: job %s ended", job_id)
                 self._current, self._outcome, self._ask = None, None, True
-            else:  # a stale version: ask again, start-next hands the execution back with its version
-                self._update_sent, self._ask = False, True
-                if version is not None:
-                    self._current = aws.JobExecution(
-                        job_id, current.status, version, current.execution_number, current.document
-                    )
+            elif version is not None and version != current.version_number:  # retried with the service's version
+                self._update_sent = False
+                self._current = aws.JobExecution(
+                    job_id, current.status, version, current.execution_number, current.document
+                )
+            else:  # stale without the service's version: start-next hands the execution back with it (_take)
+                self._ask = True
 
     def tick(self, link: JobsLink) -> None:
         """Uplink thread, every pass: report an outcome, or ask for the next job."""

@@ -113,3 +113,44 @@ def test_a_job_not_stored_is_left_unacknowledged() -> None:
 
 def test_other_topics_are_not_the_bridges() -> None:
     assert JobsBridge(THING, lambda b: True).on_message("gluco/v1/dev/x/acks", b"") is None
+
+
+def reported(link: Link, bridge: JobsBridge, job_id: str) -> int:
+    return sum(1 for topic, _ in link.sent if topic == bridge.topics.update(job_id))
+
+
+def test_an_update_refused_for_good_is_not_sent_again() -> None:
+    # a job deleted in the cloud (ResourceNotFound, no execution state): another update would be refused the
+    # same way, round trip after round trip; the bridge lets the job go and asks for the next one
+    bridge, link = JobsBridge(THING, lambda b: True), Link()
+    bridge.on_connect()
+    bridge.tick(link)
+    accepted(bridge, link, execution("cmd-00000005"))
+    bridge.on_result("cmd-00000005", result("cmd-00000005", "ok"))
+    bridge.tick(link)
+    update = bridge.topics.update("cmd-00000005")
+    gone = aws.JobsRejection(aws.RESOURCE_NOT_FOUND, "job cmd-00000005 not found")
+    bridge.on_message(update + "/rejected", aws.encode_jobs_rejection(gone, 1))
+    for _ in range(3):
+        bridge.tick(link)
+    assert reported(link, bridge, "cmd-00000005") == 1
+    assert link.sent[-1][0] == bridge.topics.start_next
+
+
+def test_a_stale_version_without_the_services_version_asks_start_next_for_it() -> None:
+    bridge, link = JobsBridge(THING, lambda b: True), Link()
+    bridge.on_connect()
+    bridge.tick(link)
+    accepted(bridge, link, execution("cmd-00000006"))
+    bridge.on_result("cmd-00000006", result("cmd-00000006", "ok"))
+    bridge.tick(link)
+    update = bridge.topics.update("cmd-00000006")
+    stale = aws.JobsRejection(aws.VERSION_MISMATCH, "stale")
+    bridge.on_message(update + "/rejected", aws.encode_jobs_rejection(stale, 1))
+    bridge.tick(link)
+    bridge.tick(link)
+    assert reported(link, bridge, "cmd-00000006") == 1  # not the same stale version again
+    assert link.sent[-1][0] == bridge.topics.start_next
+    assert accepted(bridge, link, execution("cmd-00000006", version=7)) is True
+    bridge.tick(link)
+    assert link.sent[-1][0] == update and link.sent[-1][1]["expectedVersion"] == 7
