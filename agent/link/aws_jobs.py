@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -32,6 +33,8 @@ from agent.wire.profiles import CloudProfile
 log = logging.getLogger(__name__)
 
 STATUS_OF_RESULT = {"ok": aws.SUCCEEDED, "failed": aws.FAILED, "refused": aws.REJECTED}
+TRANSIENT = frozenset({aws.REQUEST_THROTTLED, aws.INTERNAL_ERROR})  # an update refused for now, not for good
+RETRY_S = 30.0  # a transiently refused update goes again after this
 
 
 class JobsLink(Protocol):
@@ -64,6 +67,7 @@ class JobsBridge:
         self._ask = False  # ask start-next at the next tick
         self._asked_token = ""  # the start-next whose answer we wait for
         self._update_sent = False
+        self._retry_at = 0.0  # monotonic time before which a transiently refused update is not sent again
         self.started = 0  # executions handed to the executor (a replay counts too)
 
     @property
@@ -153,11 +157,16 @@ class JobsBridge:
         else:
             rejection = aws.decode_jobs_rejection(payload)
             log.warning("jobs: update of %s refused (%s): %s", job_id, rejection.code, rejection.message)
-            # Only a stale version is worth another update; anything else (the job deleted, ended by the cloud,
-            # a request it refuses) would be refused again, round trip after round trip. Our signed result
-            # went to the results topic anyway: nothing left to say.
-            done = rejection.status in aws.TERMINAL or rejection.code != aws.VERSION_MISMATCH
+            # A stale version is worth another update at once, a throttled one later; anything else (the job
+            # deleted, ended by the cloud, a request it refuses) would be refused again, round trip after round
+            # trip. Our signed result went to the results topic anyway: nothing left to say.
+            transient = rejection.code in TRANSIENT and rejection.status not in aws.TERMINAL
+            done = not transient and (rejection.status in aws.TERMINAL or rejection.code != aws.VERSION_MISMATCH)
             version = rejection.version_number
+            if transient:
+                with self._lock:
+                    self._update_sent, self._retry_at = False, time.monotonic() + RETRY_S
+                return
         with self._lock:
             if done:
                 log.info("jobs: job %s ended", job_id)
@@ -175,6 +184,7 @@ class JobsBridge:
         with self._lock:
             current, outcome = self._current, self._outcome
             report = current is not None and outcome is not None and not self._update_sent
+            report = report and time.monotonic() >= self._retry_at
             ask = self._ask and not self._asked_token and not report and (current is None or outcome is not None)
             if report:
                 self._update_sent = True

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.link import aws_jobs
 from agent.link.aws_jobs import JobsBridge, result_status
 from agent.wire import aws, cose
 from agent.wire.result import encode_result
@@ -154,3 +156,24 @@ def test_a_stale_version_without_the_services_version_asks_start_next_for_it() -
     assert accepted(bridge, link, execution("cmd-00000006", version=7)) is True
     bridge.tick(link)
     assert link.sent[-1][0] == update and link.sent[-1][1]["expectedVersion"] == 7
+
+
+def test_a_throttled_update_is_sent_again_later_not_at_once_and_not_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    # RequestThrottled / InternalError (iotjobs.py RejectedErrorCode) pass: the update goes again after a pause
+    now = [1000.0]
+    monkeypatch.setattr(aws_jobs.time, "monotonic", lambda: now[0])
+    bridge, link = JobsBridge(THING, lambda b: True), Link()
+    bridge.on_connect()
+    bridge.tick(link)
+    accepted(bridge, link, execution("cmd-00000007"))
+    bridge.on_result("cmd-00000007", result("cmd-00000007", "ok"))
+    bridge.tick(link)
+    update = bridge.topics.update("cmd-00000007")
+    throttled = aws.JobsRejection(aws.REQUEST_THROTTLED, "slow down")
+    bridge.on_message(update + "/rejected", aws.encode_jobs_rejection(throttled, 1))
+    bridge.tick(link)
+    assert reported(link, bridge, "cmd-00000007") == 1  # not at once
+    now[0] += aws_jobs.RETRY_S
+    bridge.tick(link)
+    assert reported(link, bridge, "cmd-00000007") == 2
+    assert link.sent[-1][1]["status"] == aws.SUCCEEDED
