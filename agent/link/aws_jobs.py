@@ -68,6 +68,7 @@ class JobsBridge:
         self._asked_token = ""  # the start-next whose answer we wait for
         self._update_sent = False
         self._retry_at = 0.0  # monotonic time before which a transiently refused update is not sent again
+        self._given_up: set[str] = set()  # jobs whose update the service refused for good, left to the cloud
         self.started = 0  # executions handed to the executor (a replay counts too)
 
     @property
@@ -124,6 +125,10 @@ class JobsBridge:
             if execution is None:
                 self._current = None
                 return True
+            if execution.job_id in self._given_up:  # handed back still IN_PROGRESS: replaying it changes nothing
+                log.debug("jobs: job %s was given up; waiting for the cloud to end it", execution.job_id)
+                self._current = None
+                return True
         try:
             command = aws.command_of(execution.document)
         except aws.AwsMessageError as exc:
@@ -153,7 +158,7 @@ class JobsBridge:
         version: int | None
         if what == "update/accepted":
             status, version, _token = aws.decode_update_accepted(payload)
-            done = status in aws.TERMINAL
+            done, given_up = status in aws.TERMINAL, False
         else:
             rejection = aws.decode_jobs_rejection(payload)
             log.warning("jobs: update of %s refused (%s): %s", job_id, rejection.code, rejection.message)
@@ -162,12 +167,16 @@ class JobsBridge:
             # trip. Our signed result went to the results topic anyway: nothing left to say.
             transient = rejection.code in TRANSIENT and rejection.status not in aws.TERMINAL
             done = not transient and (rejection.status in aws.TERMINAL or rejection.code != aws.VERSION_MISMATCH)
+            given_up = done and rejection.status not in aws.TERMINAL  # still IN_PROGRESS: the cloud must end it
             version = rejection.version_number
             if transient:
                 with self._lock:
                     self._update_sent, self._retry_at = False, time.monotonic() + RETRY_S
                 return
         with self._lock:
+            if given_up:
+                log.error("jobs: job %s is left for the cloud to end: its update is refused for good", job_id)
+                self._given_up.add(job_id)
             if done:
                 log.info("jobs: job %s ended", job_id)
                 self._current, self._outcome, self._ask = None, None, True

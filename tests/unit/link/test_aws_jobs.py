@@ -177,3 +177,29 @@ def test_a_throttled_update_is_sent_again_later_not_at_once_and_not_dropped(monk
     bridge.tick(link)
     assert reported(link, bridge, "cmd-00000007") == 2
     assert link.sent[-1][1]["status"] == aws.SUCCEEDED
+
+
+def test_a_job_whose_update_is_refused_for_good_is_not_run_again_when_handed_back() -> None:
+    # InvalidRequest leaves the execution IN_PROGRESS, so start-next hands it back: replaying it would send the
+    # stored result and the refused update again, round after round
+    submitted: list[bytes] = []
+    bridge, link = JobsBridge(THING, lambda b: submitted.append(b) or True), Link()
+    bridge.on_connect()
+    bridge.tick(link)
+    accepted(bridge, link, execution("cmd-00000008"))
+    bridge.on_result("cmd-00000008", result("cmd-00000008", "ok"))
+    bridge.tick(link)
+    update = bridge.topics.update("cmd-00000008")
+    refused = aws.JobsRejection(aws.INVALID_REQUEST, "bad request", "", aws.IN_PROGRESS, 2)
+    bridge.on_message(update + "/rejected", aws.encode_jobs_rejection(refused, 1))
+    bridge.tick(link)
+    assert link.sent[-1][0] == bridge.topics.start_next
+    assert accepted(bridge, link, execution("cmd-00000008")) is True
+    for _ in range(3):
+        bridge.tick(link)
+    assert submitted == [b"cmd-00000008"] and reported(link, bridge, "cmd-00000008") == 1
+    assert link.sent[-1][0] == bridge.topics.start_next  # nothing more until the cloud says something new
+    # another job queued behind it: notify-next names it, and it is asked for
+    bridge.on_message(bridge.topics.notify_next, aws.encode_next_changed(execution("cmd-00000009"), THING, 1))
+    bridge.tick(link)
+    assert sum(1 for topic, _ in link.sent if topic == bridge.topics.start_next) == 3
