@@ -45,14 +45,20 @@ class JobsLink(Protocol):
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int: ...
 
 
-def result_status(result: bytes) -> str | None:
-    """Our own signed result's status (ok, failed, refused, pending), read without verifying: we signed it."""
+def _peek(signed: bytes, key: str) -> str | None:
+    """A string field of a COSE_Sign1 payload map, read without verifying (for matching only: the executor
+    verifies commands, and results are our own)."""
     try:
-        body = cbor2.loads(cose.parse_sign1(result)[3])
+        body = cbor2.loads(cose.parse_sign1(signed)[3])
     except (GlucoagentError, ValueError, cbor2.CBORDecodeError, TypeError, IndexError):
         return None
-    status = body.get("status") if isinstance(body, dict) else None
-    return status if isinstance(status, str) else None
+    value = body.get(key) if isinstance(body, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def result_status(result: bytes) -> str | None:
+    """Our own signed result's status (ok, failed, refused, pending)."""
+    return _peek(result, "status")
 
 
 class JobsBridge:
@@ -63,6 +69,7 @@ class JobsBridge:
         self.submit = submit  # the executor's: True once the command is stored durably
         self._lock = threading.Lock()
         self._current: aws.JobExecution | None = None  # handed to the executor, not yet updated to terminal
+        self._cmd_id = ""  # the id of the command ``_current`` carries (its results are the job's)
         self._outcome: tuple[str, str, str] | None = None  # (job id, status, result code) to report
         self._ask = False  # ask start-next at the next tick
         self._asked_token = ""  # the start-next whose answer we wait for
@@ -87,7 +94,7 @@ class JobsBridge:
             return  # "pending" progress of a renewal, or unreadable: not the end of the job
         with self._lock:
             current = self._current
-            if current is not None and cmd_id in (current.job_id, ""):
+            if current is not None and cmd_id in (self._cmd_id or current.job_id, ""):
                 self._outcome = (current.job_id, STATUS_OF_RESULT[status], status)
                 self._update_sent = False
 
@@ -135,6 +142,7 @@ class JobsBridge:
             log.error("jobs: job %s carries no command of ours (%s); reported FAILED", execution.job_id, exc)
             with self._lock:
                 self._current, self._outcome = execution, (execution.job_id, aws.FAILED, "no_command")
+                self._cmd_id = ""
             return True
         with self._lock:
             if self._current is not None and self._current.job_id == execution.job_id and self._outcome:
@@ -142,6 +150,7 @@ class JobsBridge:
                 self._update_sent = False
                 return True
             self._current, self._outcome, self._update_sent = execution, None, False
+            self._cmd_id = _peek(command, "id") or execution.job_id  # = the job id when our backend sent it
         if not self.submit(command):
             with self._lock:
                 self._current = None

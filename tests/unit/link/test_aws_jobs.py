@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from agent.link import aws_jobs
 from agent.link.aws_jobs import JobsBridge, result_status
 from agent.wire import aws, cose
+from agent.wire.command import encode_command
 from agent.wire.result import encode_result
 
 THING = "gd-0123456789ab"
@@ -203,3 +204,21 @@ def test_a_job_whose_update_is_refused_for_good_is_not_run_again_when_handed_bac
     bridge.on_message(bridge.topics.notify_next, aws.encode_next_changed(execution("cmd-00000009"), THING, 1))
     bridge.tick(link)
     assert sum(1 for topic, _ in link.sent if topic == bridge.topics.start_next) == 3
+
+
+def test_a_job_named_otherwise_than_its_command_is_still_reported() -> None:
+    # CreateJob's jobId is the command id when our backend sends it (backend/aws.py); a job named otherwise by
+    # other tooling must not hold the bridge forever: its result is matched by the command's own id
+    key = ed25519.Ed25519PrivateKey.generate()
+    command = encode_command(key, "cmd-00000010", THING, "ping", {}, issued_at=1, expires_at=2)
+    job = aws.JobExecution("clinic-job-7", aws.IN_PROGRESS, 2, 1, aws.command_document(command))
+    bridge, link = JobsBridge(THING, lambda b: True), Link()
+    bridge.on_connect()
+    bridge.tick(link)
+    accepted(bridge, link, job)
+    bridge.on_result("cmd-00000010", result("cmd-00000010", "ok"))
+    bridge.tick(link)
+    assert link.sent[-1][0] == bridge.topics.update("clinic-job-7") and link.sent[-1][1]["status"] == aws.SUCCEEDED
+    bridge.on_result("cmd-00000099", result("cmd-00000099", "failed"))  # another command's result: not this job's
+    bridge.tick(link)
+    assert reported(link, bridge, "clinic-job-7") == 1
