@@ -247,6 +247,12 @@ def _ws_endpoint(text: str) -> str:
     return text
 
 
+def _argv(text: str) -> str:
+    """A command line split as the update installer splits it (shlex), so a bad one is refused here."""
+    shlex.split(text)  # ValueError (e.g. "No closing quotation") names the file, line and option
+    return text
+
+
 def _proxy(text: str) -> str:
     if text:
         from agent.link.proxy import parse_proxy  # its grammar lives beside the tunnel
@@ -310,7 +316,7 @@ SCHEMA: dict[str, dict[str, Callable[[str], Any]]] = {
     },
     "update": {
         "package": str,
-        "install_command": str,
+        "install_command": _argv,
         "status_file": str,
         "gate_s": _int_range(30, 86_400),
         "reserve_bytes": _int_range(0, 1 << 30),

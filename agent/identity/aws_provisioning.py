@@ -25,7 +25,7 @@ from agent.identity.provisioning import EnrolContext, _routes
 from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles
 from agent.link.routes import connect_first
 from agent.wire import aws
-from agent.wire.provisioning import EnrolRequest, decode_request
+from agent.wire.provisioning import EnrolRequest, decode_request, device_id_for
 
 AWS_KEY_TYPE = "p256"  # "X.509 client certificates": AWS IoT Core takes RSA and ECDSA keys, not Ed25519
 
@@ -113,6 +113,12 @@ def enrol_by_aws_fleet(ctx: EnrolContext) -> tuple[dict[str, Any], Endpoint]:
             if not ok:
                 raise _refused("RegisterThing", aws.decode_service_rejection(payload))
             registered = aws.decode_thing_registered(payload)
+            ours_id = device_id_for(ctx.key.public_key())
+            if registered.thing_name != ours_id:  # it becomes the client id and topics; the cloud knows our key's id
+                raise ProvisioningError(
+                    f"AWS registered thing {registered.thing_name!r}, not this box's device id {ours_id!r}: the "
+                    "provisioning template's pre-provisioning hook must name the thing (docs/clouds.md)"
+                )
             command_key = registered.device_configuration.get(aws.COMMAND_KEY_CONFIG, "")
             if "PUBLIC KEY" not in command_key:
                 raise ProvisioningError(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -32,6 +33,8 @@ from agent.wire.profiles import CloudProfile
 log = logging.getLogger(__name__)
 
 STATUS_OF_RESULT = {"ok": aws.SUCCEEDED, "failed": aws.FAILED, "refused": aws.REJECTED}
+TRANSIENT = frozenset({aws.REQUEST_THROTTLED, aws.INTERNAL_ERROR})  # an update refused for now, not for good
+RETRY_S = 30.0  # a transiently refused update goes again after this
 
 
 class JobsLink(Protocol):
@@ -42,14 +45,20 @@ class JobsLink(Protocol):
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int: ...
 
 
-def result_status(result: bytes) -> str | None:
-    """Our own signed result's status (ok, failed, refused, pending), read without verifying: we signed it."""
+def _peek(signed: bytes, key: str) -> str | None:
+    """A string field of a COSE_Sign1 payload map, read without verifying (for matching only: the executor
+    verifies commands, and results are our own)."""
     try:
-        body = cbor2.loads(cose.parse_sign1(result)[3])
+        body = cbor2.loads(cose.parse_sign1(signed)[3])
     except (GlucoagentError, ValueError, cbor2.CBORDecodeError, TypeError, IndexError):
         return None
-    status = body.get("status") if isinstance(body, dict) else None
-    return status if isinstance(status, str) else None
+    value = body.get(key) if isinstance(body, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def result_status(result: bytes) -> str | None:
+    """Our own signed result's status (ok, failed, refused, pending)."""
+    return _peek(result, "status")
 
 
 class JobsBridge:
@@ -60,10 +69,13 @@ class JobsBridge:
         self.submit = submit  # the executor's: True once the command is stored durably
         self._lock = threading.Lock()
         self._current: aws.JobExecution | None = None  # handed to the executor, not yet updated to terminal
+        self._cmd_id = ""  # the id of the command ``_current`` carries (its results are the job's)
         self._outcome: tuple[str, str, str] | None = None  # (job id, status, result code) to report
         self._ask = False  # ask start-next at the next tick
         self._asked_token = ""  # the start-next whose answer we wait for
         self._update_sent = False
+        self._retry_at = 0.0  # monotonic time before which a transiently refused update is not sent again
+        self._given_up: set[str] = set()  # jobs whose update the service refused for good, left to the cloud
         self.started = 0  # executions handed to the executor (a replay counts too)
 
     @property
@@ -82,7 +94,7 @@ class JobsBridge:
             return  # "pending" progress of a renewal, or unreadable: not the end of the job
         with self._lock:
             current = self._current
-            if current is not None and cmd_id in (current.job_id, ""):
+            if current is not None and cmd_id in (self._cmd_id or current.job_id, ""):
                 self._outcome = (current.job_id, STATUS_OF_RESULT[status], status)
                 self._update_sent = False
 
@@ -120,18 +132,25 @@ class JobsBridge:
             if execution is None:
                 self._current = None
                 return True
+            if execution.job_id in self._given_up:  # handed back still IN_PROGRESS: replaying it changes nothing
+                log.debug("jobs: job %s was given up; waiting for the cloud to end it", execution.job_id)
+                self._current = None
+                return True
         try:
             command = aws.command_of(execution.document)
         except aws.AwsMessageError as exc:
             log.error("jobs: job %s carries no command of ours (%s); reported FAILED", execution.job_id, exc)
             with self._lock:
                 self._current, self._outcome = execution, (execution.job_id, aws.FAILED, "no_command")
+                self._cmd_id = ""
             return True
         with self._lock:
             if self._current is not None and self._current.job_id == execution.job_id and self._outcome:
                 self._current = execution  # handed over again (version may have moved): report what we have
+                self._update_sent = False
                 return True
             self._current, self._outcome, self._update_sent = execution, None, False
+            self._cmd_id = _peek(command, "id") or execution.job_id  # = the job id when our backend sent it
         if not self.submit(command):
             with self._lock:
                 self._current = None
@@ -148,28 +167,42 @@ class JobsBridge:
         version: int | None
         if what == "update/accepted":
             status, version, _token = aws.decode_update_accepted(payload)
-            done = status in aws.TERMINAL
+            done, given_up = status in aws.TERMINAL, False
         else:
             rejection = aws.decode_jobs_rejection(payload)
             log.warning("jobs: update of %s refused (%s): %s", job_id, rejection.code, rejection.message)
-            done = rejection.status in aws.TERMINAL  # someone (the cloud) ended it: nothing left to say
+            # A stale version is worth another update at once, a throttled one later; anything else (the job
+            # deleted, ended by the cloud, a request it refuses) would be refused again, round trip after round
+            # trip. Our signed result went to the results topic anyway: nothing left to say.
+            transient = rejection.code in TRANSIENT and rejection.status not in aws.TERMINAL
+            done = not transient and (rejection.status in aws.TERMINAL or rejection.code != aws.VERSION_MISMATCH)
+            given_up = done and rejection.status not in aws.TERMINAL  # still IN_PROGRESS: the cloud must end it
             version = rejection.version_number
+            if transient:
+                with self._lock:
+                    self._update_sent, self._retry_at = False, time.monotonic() + RETRY_S
+                return
         with self._lock:
+            if given_up:
+                log.error("jobs: job %s is left for the cloud to end: its update is refused for good", job_id)
+                self._given_up.add(job_id)
             if done:
                 log.info("jobs: job %s ended", job_id)
                 self._current, self._outcome, self._ask = None, None, True
-            else:  # a stale version: ask again, start-next hands the execution back with its version
-                self._update_sent, self._ask = False, True
-                if version is not None:
-                    self._current = aws.JobExecution(
-                        job_id, current.status, version, current.execution_number, current.document
-                    )
+            elif version is not None and version != current.version_number:  # retried with the service's version
+                self._update_sent = False
+                self._current = aws.JobExecution(
+                    job_id, current.status, version, current.execution_number, current.document
+                )
+            else:  # stale without the service's version: start-next hands the execution back with it (_take)
+                self._ask = True
 
     def tick(self, link: JobsLink) -> None:
         """Uplink thread, every pass: report an outcome, or ask for the next job."""
         with self._lock:
             current, outcome = self._current, self._outcome
             report = current is not None and outcome is not None and not self._update_sent
+            report = report and time.monotonic() >= self._retry_at
             ask = self._ask and not self._asked_token and not report and (current is None or outcome is not None)
             if report:
                 self._update_sent = True

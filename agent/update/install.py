@@ -80,7 +80,10 @@ def install(
     now = installed_version(pm.status_file, m.name)
     if rc == "0" and now == m.version:
         return
-    if now == running:  # nothing changed: no gate to wait for
+    if rc == "timeout":  # killed mid-way: files of either version may be on disk, whatever the database says
+        if hand_to_watchdog(state_dir, "install_timeout"):
+            log.error("update: %s cut off after %.0fs; the watchdog reinstalls %s", m.name, INSTALL_TIMEOUT_S, running)
+    elif now == running:  # refused, nothing changed: no gate to wait for
         (directory / PENDING_FILE).unlink(missing_ok=True)
     raise UpdateFailed("install_failed", f"package manager exit {rc}, {m.name} now at {now}: {detail}")
 

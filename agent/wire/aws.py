@@ -233,6 +233,7 @@ DEVICE_SETTABLE = frozenset({IN_PROGRESS, SUCCEEDED, FAILED, REJECTED})  # Updat
 INVALID_TOPIC, INVALID_JSON, INVALID_REQUEST = "InvalidTopic", "InvalidJson", "InvalidRequest"
 INVALID_STATE_TRANSITION, RESOURCE_NOT_FOUND = "InvalidStateTransition", "ResourceNotFound"
 VERSION_MISMATCH, TERMINAL_STATE_REACHED = "VersionMismatch", "TerminalStateReached"
+INTERNAL_ERROR, REQUEST_THROTTLED = "InternalError", "RequestThrottled"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

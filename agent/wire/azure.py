@@ -19,6 +19,7 @@ import base64
 import binascii
 import dataclasses
 import json
+import math
 import re
 from typing import ClassVar
 from urllib.parse import quote, unquote
@@ -214,9 +215,14 @@ def decode_dps_response(topic: str, payload: bytes) -> DpsResponse | None:
     retry = props.get("retry-after")
     try:
         body = json.loads(payload) if payload else {}
-        return DpsResponse(int(status), props.get("$rid", ""), float(retry) if retry else None, body)
+        code, wait = int(status), float(retry) if retry else None
     except ValueError as exc:
         raise ValueError(f"malformed DPS response on {topic}: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValueError(f"malformed DPS response on {topic}: the body is no JSON object")  # noqa: TRY004 (the callers catch ValueError)
+    if wait is not None and not 0 <= wait < math.inf:  # nan, negative or infinite: no wait we can keep
+        raise ValueError(f"malformed DPS response on {topic}: retry-after {retry!r}")
+    return DpsResponse(code, props.get("$rid", ""), wait, body)
 
 
 def encode_dps_register(registration_id: str, csr_der: bytes, request: bytes) -> bytes:

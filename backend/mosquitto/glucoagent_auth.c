@@ -134,7 +134,9 @@ static const char *refusal(const char *cn, const char *client_id) {
         return starts_with(client_id, cfg.backend_prefix) ? NULL : "the backend's client id must start with its prefix";
     }
     if (strcmp(cn, cfg.claim_cn) == 0) {
-        if (cfg.dps_scope[0] && is_device_id(client_id)) return NULL; /* a DPS registration: user name checked later */
+        /* a DPS registration (ClientId = registration id, a device id; user name checked later), never one that
+           takes the backend's prefix: that login would take over the backend's connection and its session */
+        if (cfg.dps_scope[0] && is_device_id(client_id) && !starts_with(client_id, cfg.backend_prefix)) return NULL;
         return starts_with(client_id, cfg.claim_prefix) ? NULL : "the claim's client id must start with its prefix";
     }
     if (!is_device_id(cn) || starts_with(cn, cfg.claim_prefix) || starts_with(cn, cfg.backend_prefix)

@@ -8,6 +8,7 @@ import dataclasses
 import fcntl
 import hashlib
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -121,6 +122,45 @@ def test_watchdog_waits_while_the_package_manager_still_installs(
     finally:
         os.close(lock)
     done = box.watchdog(now=2**40)
+    assert done.returncode == 0, done.stderr
+    assert box.running == v1.ipk_version
+
+
+def busybox_path(tmp_path: Path, tools_bin: str) -> str:
+    """A PATH of BusyBox's applets without flock (an OpenWrt image built without it), the host tools first."""
+    applets = tmp_path / "applets"
+    applets.mkdir()
+    busybox = shutil.which("busybox")
+    assert busybox, "busybox is missing: make setup installs it"
+    listed = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for name in listed:
+        if name != "flock":
+            (applets / name).symlink_to(busybox)
+    return f"{tools_bin}:{applets}"
+
+
+def test_watchdog_without_flock_still_waits_for_the_package_manager(
+    box: Box, ipks: tuple[Package, Path, Package, Path], tmp_path: Path
+) -> None:
+    # BUSYBOX_DEFAULT_FLOCK is y on OpenWrt, but an image may leave it out: the watchdog must still never
+    # reinstall while the package manager the agent started runs (it holds install.lock open until it exits)
+    v1, v1_ipk, v2, v2_ipk = ipks
+    previous = keep(box.state, v1_ipk, manifest(v1, v1_ipk))
+    install(box.state, box.pm, v2_ipk, manifest(v2, v2_ipk), running=v1.ipk_version, previous=previous, gate_s=0)
+    tools_bin = box.root.env["PATH"].split(":")[0]
+    bare = dataclasses.replace(box.root, env={**box.root.env, "PATH": busybox_path(tmp_path, tools_bin)})
+    lock = os.open(box.state / UPDATE_DIR / INSTALL_LOCK, os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    holder = subprocess.Popen(["sleep", "120"], pass_fds=(lock,))  # as the package manager run holds it
+    os.close(lock)
+    try:
+        busy = bare.watchdog(box.state, 2**40)
+        assert busy.returncode == 0, busy.stderr
+        assert box.running == v2.ipk_version and (box.state / UPDATE_DIR / PENDING_FILE).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    done = bare.watchdog(box.state, 2**40)
     assert done.returncode == 0, done.stderr
     assert box.running == v1.ipk_version
 

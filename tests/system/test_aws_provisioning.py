@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from agent.config import MqttSection
-from agent.errors import TokenRejected
+from agent.errors import ProvisioningError, TokenRejected
 from agent.identity.credentials import load_identity, load_or_create_key
 from agent.identity.provisioning import KeyTypeRefused, provision
+from agent.wire import aws
 from testbed.clouds.aws_fake import AwsSystem
 
 AWS = MqttSection(profile="aws")
@@ -64,3 +65,19 @@ def test_a_kept_ed25519_key_is_refused_before_any_network(system: AwsSystem) -> 
     with pytest.raises(KeyTypeRefused, match="deprovision"):
         provision_aws(state, "mqtts://nowhere.invalid:8883", "T", "p-3", out=lines.append)
     assert lines[-1].startswith("[2/6]") and lines[-1].endswith("failed")  # before any network
+
+
+def test_a_thing_not_named_after_the_box_key_is_refused_before_anything_is_saved(system: AwsSystem) -> None:
+    # The thing name is the box's device id from then on (client id, topics), and our backend knows the box by
+    # the id its key yields: a template that names the thing otherwise (or a reply meant for another box)
+    # must end enrolment with one clear error, not leave credentials under a foreign id
+    state = system.device_dir("misnamed")
+    hook = system.aws.hook
+    system.aws.hook = lambda event: {**hook(event), "parameterOverrides": {aws.THING_PARAM: "someone-else"}}
+    try:
+        with pytest.raises(ProvisioningError, match="someone-else") as err:
+            provision_aws(state, system.endpoint, system.token("p-9"), "p-9", out=lambda _l: None)
+    finally:
+        system.aws.hook = hook
+    assert "device id" in str(err.value)
+    assert not (state / "device.json").exists()

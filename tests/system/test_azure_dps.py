@@ -5,11 +5,15 @@ provisioning logic), then the box logs in to the hub with the certificate the CS
 from __future__ import annotations
 
 import json
+import ssl
+import threading
 from collections.abc import Iterator
 
+import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from paho.mqtt.enums import CallbackAPIVersion
 
 from testbed.clouds.azure_fake import AzureSystem
 from testbed.harness import device_config
@@ -56,3 +60,30 @@ def test_dps_refuses_a_login_with_another_id_scope(hub: AzureSystem) -> None:
     assert out.returncode != 0
     assert "refused the login" in out.stderr, out.stderr
     assert "user name names another ID scope" in hub.broker.log_text()
+
+
+@pytest.mark.parametrize("client_id", ["backend-dps-takeover", "claim-dps-x"])
+def test_the_claim_certificate_never_logs_in_to_dps_as_the_backend(hub: AzureSystem, client_id: str) -> None:
+    # DPS's ClientId is the registration id (a device id); the backend's and the claim's own prefixes are not
+    # registration ids: a claim login as "backend-…" would take over the backend's connection and its session
+    claim = hub.home.pki.claim
+    codes: list[int] = []
+    done = threading.Event()
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
+    ctx = ssl.create_default_context(cafile=str(claim.ca))
+    ctx.load_cert_chain(str(claim.cert), str(claim.key))
+    c.tls_set_context(ctx)
+    c.username_pw_set(f"{hub.dps_scope}/registrations/{client_id}/api-version=2019-03-31")
+    c.on_connect = lambda _c, _u, _f, rc, _p: (codes.append(int(getattr(rc, "value", rc))), done.set())
+    c.on_disconnect = lambda *_a: done.set()
+    c.connect(hub.broker.host, hub.broker.port, keepalive=30)
+    c.loop_start()
+    try:
+        assert done.wait(10)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    if client_id.startswith("claim-"):
+        assert codes == [0]  # the claim's own login is unchanged
+    else:
+        assert codes != [0], "the claim certificate logged in with the backend's client id prefix"

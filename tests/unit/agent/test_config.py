@@ -40,6 +40,8 @@ def test_values_are_read_and_typed(tmp_path: Path) -> None:
         ("config alerts 'alerts'\n\toption hypo_mgdl '60'\n\toption severe_hypo_mgdl '65'\n", r"severe_hypo_mgdl must not exceed"),
         ("config mqtt 'mqtt'\n\toption ack 'puback'\n\toption protocol 'mqttv311'\n", r"mqtt\.ack 'puback' needs mqtt\.protocol 'mqttv5'"),
         ("config gadget 'g'\n", r":1: unknown section type 'gadget'"),
+        # the daemon splits it into argv at start: unparsable, it crashed there with a traceback, again and again
+        ("config update 'update'\n\toption install_command \"opkg 'install\"\n", r":2: update\.install_command: "),
     ],
 )
 def test_errors_name_the_line_and_option(tmp_path: Path, text: str, message: str) -> None:

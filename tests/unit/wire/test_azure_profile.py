@@ -108,3 +108,20 @@ def test_dps_formats() -> None:
 def test_hub_name_checked() -> None:
     with pytest.raises(ValueError, match="azure_hub"):
         AzureProfile(azure_hub="not a host")
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload"),
+    [
+        ("$dps/registrations/res/200/?$rid=9", b"[]"),  # a body that is no JSON object
+        ("$dps/registrations/res/200/?$rid=9", b"null"),
+        ("$dps/registrations/res/202/?$rid=9&retry-after=nan", b"{}"),  # a wait that is no wait
+        ("$dps/registrations/res/202/?$rid=9&retry-after=-5", b"{}"),
+        ("$dps/registrations/res/2x0/?$rid=9", b"{}"),
+    ],
+)
+def test_a_malformed_dps_response_is_a_value_error(topic: str, payload: bytes) -> None:
+    # dps.py logs a ValueError and waits for a good answer; anything else would reach the technician as a
+    # traceback (a list has no .get) or poll DPS in a tight loop
+    with pytest.raises(ValueError, match="malformed DPS response"):
+        azure.decode_dps_response(topic, payload)
