@@ -64,7 +64,6 @@ struct settings {
 };
 
 struct rate_slot {
-    const void *client; /* identity only, never dereferenced */
     time_t second;
     long count;
 };
@@ -254,11 +253,11 @@ static const char *topic_refusal(const char *topic) {
 static bool over_rate(struct mosquitto *client) {
     size_t i = ((size_t)client >> 4) % RATE_SLOTS;
     time_t now = time(NULL);
-    if (rates[i].client != client || rates[i].second != now) {
-        rates[i].client = client;
+    if (rates[i].second != now) {
         rates[i].second = now;
         rates[i].count = 0;
     }
+    /* connections sharing a slot share its count: stricter, never looser */
     return ++rates[i].count > cfg.max_publish_rate;
 }
 
