@@ -137,12 +137,13 @@ def check_certificate(chain_pem: bytes, key: cose.PrivateKey, device_id: str, ca
     return leaf
 
 
-def try_login(state_dir: Path, running: LinkSettings, chain_pem: bytes) -> None:
-    """Log in with the staged key and the new certificate on a side connection; raises RenewalError."""
+def try_login(state_dir: Path, running: LinkSettings, chain_pem: bytes, *, alone: bool = False) -> None:
+    """Log in with the staged key and the new certificate on a side connection; raises RenewalError.
+    ``alone``: as the device itself, while its own link is held down (a cloud with one connection per device)."""
     staged = renew_dir(state_dir)
     atomic_write(staged / CERT_FILE, chain_pem)
     try:
-        side = running.side("renew")
+        side = dataclasses.replace(running, clean_start=False, will=None) if alone else running.side("renew")
     except GlucoagentError as exc:
         raise RenewalError("one_connection_only", str(exc)) from None
     settings = dataclasses.replace(side, tls=TlsFiles(ca=state_dir / CA_FILE, cert=staged / CERT_FILE, key=staged / KEY_FILE))

@@ -47,6 +47,9 @@ class CloudAdapter:
     # 0: one signed ack per stored batch, at once. > 0: the cloud throttles messages to a device, so acks are
     # cumulative: one ack per device listing everything stored since its last, at most this often.
     ack_interval_s: ClassVar[float] = 0.0
+    # True: a box renews its certificate by enrolling again with its old key's signature (Azure: DPS, one
+    # connection per device), so a re-enrolment is taken before the certificate expires, not only after.
+    renews_by_enrolment: ClassVar[bool] = False
 
     def control_topics(self) -> list[str]:
         return [topics.ALL_PROVISION_REQUESTS, topics.ALL_STATUS, topics.ALL_RESULTS, topics.ALL_FETCH, topics.ALL_TIME]
