@@ -163,9 +163,11 @@ def commit(state_dir: Path) -> None:
 
 
 def complete_swap(state_dir: Path) -> bool:
-    """Finish a committed swap (also after a crash mid-way). True when a swap was completed."""
+    """Finish a committed swap (also after a crash mid-way); an uncommitted staged key (a renewal a crash cut
+    off before its commit) is dropped. True when a swap was completed."""
     staged = renew_dir(state_dir)
     if not (staged / COMMIT).exists():
+        discard(state_dir)
         return False
     for name in (KEY_FILE, CERT_FILE):  # each rename is atomic; repeating the loop is harmless
         if (staged / name).exists():
