@@ -114,6 +114,8 @@ class Renewer:
         certificate, log in with it, swap. Returns the new leaf; raises RenewalError (old pair kept)."""
         if self.host.cfg.mqtt.cloud().enrolment == "dps":  # Azure: a new certificate comes from DPS
             return self._renew_by_dps()
+        if self.host.cfg.mqtt.cloud().enrolment == "aws-fleet":  # AWS: from fleet provisioning's MQTT API
+            return self._renew_on_aws(expired=False)
         if not self.link.settings.side_connections:  # the trial login would drop the agent's own connection
             raise renewal.RenewalError(
                 "one_connection_only",
@@ -159,6 +161,21 @@ class Renewer:
         finally:
             self.link.release()
         self._use_key(load_key(self.state / KEY_FILE), relink=False)  # the link comes back with the new pair
+        return leaf
+
+    def _renew_on_aws(self, *, expired: bool) -> Any:
+        """AWS IoT Core: CreateCertificateFromCsr and RegisterThing again (agent/identity/aws_renewal.py), on a
+        side connection (or, ``expired``, the claim connection). Returns the new leaf; raises RenewalError."""
+        from agent.identity.aws_renewal import renew_on_aws  # AWS only
+        from agent.wire.aws import DEFAULT_TEMPLATE, AwsProfile
+
+        profile = self.host.cfg.mqtt.cloud()
+        template = profile.aws_template if isinstance(profile, AwsProfile) else DEFAULT_TEMPLATE
+        leaf = renew_on_aws(
+            self.state, self.link.settings, self.identity.device_id, self.host.signer.key, template,
+            expired=expired, stop=self.stopping.is_set,
+        )  # fmt: skip
+        self._use_key(load_key(self.state / KEY_FILE), relink=not expired)  # expired: the link is down already
         return leaf
 
     def _await_delivery(self, waiting: _Waiting) -> Delivery:
@@ -210,6 +227,10 @@ class Renewer:
             if kind == "recover" and self.host.cfg.mqtt.cloud().enrolment == "dps":
                 log.warning("the device certificate expired %.1f days ago: registering again with DPS", -days)
                 leaf = self._renew_by_dps()
+                code = "recovered"
+            elif kind == "recover" and self.host.cfg.mqtt.cloud().enrolment == "aws-fleet":
+                log.warning("the device certificate expired %.1f days ago: renewing over the claim connection", -days)
+                leaf = self._renew_on_aws(expired=True)
                 code = "recovered"
             elif kind == "recover":
                 log.warning(

@@ -35,7 +35,12 @@ the documented contract the box meets, each rule with its source:
   CA stands in for AWS's), RegisterThing calls the template's **pre-provisioning hook** and refuses with
   ``{"statusCode": 403, "errorCode": "AccessDenied", …}`` when it says no. AWS answers only the connection
   that asked; mosquitto cannot, so every claim connection subscribed may see a reply (the box ignores a
-  certificate that is not for its key).
+  certificate that is not for its key). The same two calls from a thing's own certificate renew it (the
+  device policy allows them, docs/clouds.md): "Device provisioning MQTT API" lets any principal whose
+  policy allows the topics call them, and RegisterThing with the ownership token attaches the new
+  certificate to the thing the template (after our hook) names. The thing attached is modelled by the CN,
+  so a CSR naming a thing (CN) gets a certificate with that CN; AWS keeps it PENDING_ACTIVATION until
+  RegisterThing, which the fake does not model (see docs/clouds.md, "The fake").
 * **Jobs** (``AwsIotCore``): developer guide "Jobs device MQTT API" and ``awsiot/iotjobs.py``; queued
   executions per thing (kept in ``jobs.json``, they outlive the thing's sessions), ``notify-next`` when the
   next pending execution changes (not on subscribe: a device asks ``start-next`` once subscribed, as
@@ -64,6 +69,7 @@ import paho.mqtt.client as mqtt
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 
 from agent.wire import aws
 from agent.wire import topics as wire_topics
@@ -108,6 +114,11 @@ def aws_acl(template: str = TEMPLATE) -> str:
             "# the device policy: a thing's own topics (CN = thing name)",
             *(f"pattern write {dev}/{leaf}" for leaf in DEVICE_WRITE),
             *(f"pattern read {dev}/{leaf}" for leaf in DEVICE_READ if leaf != wire_topics.COMMANDS),  # commands: Jobs
+            # the device policy's renewal grant: fleet provisioning's two calls on the thing's own connection
+            f"pattern write {aws.CREATE_FROM_CSR}",
+            f"pattern read {aws.CREATE_FROM_CSR}/+",
+            f"pattern write {provision}",
+            f"pattern read {provision}/+",
             f"pattern write {jobs}/start-next",
             f"pattern read {jobs}/start-next/+",
             f"pattern read {jobs}/notify-next",
@@ -316,7 +327,11 @@ class AwsIotCore:
         if not isinstance(public_key, ec.EllipticCurvePublicKey):
             self._reject_provisioning(topic, 400, "InvalidCertificateSigningRequest", "unsupported key algorithm")
             return
-        pem = self.pki.sign_device_csr(csr_pem, device_id_for(public_key))
+        # The CN models the thing the certificate gets attached to: a renewing thing's CSR names it (CN); an
+        # enrolling box's does not, and its thing is named after its key by our hook.
+        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        named = str(names[0].value) if names else ""
+        pem = self.pki.sign_device_csr(csr_pem, named if aws.THING_RE.match(named) else device_id_for(public_key))
         cert_id = hashlib.sha256(x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)).hexdigest()
         token = secrets.token_urlsafe(48)
         with self._lock:
