@@ -55,7 +55,6 @@ from agent.errors import GlucoagentError
 from agent.fsutil import atomic_write, fsync_dir
 from agent.identity import der
 from agent.identity.credentials import (
-    CA_FILE,
     CERT_FILE,
     KEY_FILE,
     build_csr,
@@ -148,7 +147,8 @@ def try_login(state_dir: Path, running: LinkSettings, chain_pem: bytes, *, alone
         side = dataclasses.replace(running, clean_start=False, will=None) if alone else running.side("renew")
     except GlucoagentError as exc:
         raise RenewalError("one_connection_only", str(exc)) from None
-    settings = dataclasses.replace(side, tls=TlsFiles(ca=state_dir / CA_FILE, cert=staged / CERT_FILE, key=staged / KEY_FILE))
+    # the broker's trust anchor as the running link has it (mqtt.server_ca, or the fleet CA)
+    settings = dataclasses.replace(side, tls=TlsFiles(ca=running.tls.ca, cert=staged / CERT_FILE, key=staged / KEY_FILE))
     link = MqttLink(settings)
     try:
         link.connect()

@@ -131,6 +131,7 @@ class Uplink:
             protocol=cfg.mqtt.protocol,
             keepalive=cfg.mqtt.keepalive,
             connect_timeout_s=cfg.mqtt.connect_timeout_s,
+            server_ca=cfg.mqtt.server_ca_path(cfg.agent.state_dir),
         )
         self._endpoint, self._base = endpoint, base
         # The proxy password is read at each connect (_ways), not here: a missing or loose password file
