@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ from agent.wire import aws as wire_aws
 from agent.wire import cose, topics
 from agent.wire import provisioning as wire_provisioning
 from agent.wire import renewal as wire_renewal
+from agent.wire.profiles import Publish
 from backend.clouds.adapter import CloudAdapter
 from backend.commands import device_key_lookup, key_in_good_standing
 from backend.db import BackendDb
@@ -106,6 +108,16 @@ def _renewal(db: BackendDb, params: Mapping[str, Any], cert: x509.Certificate) -
     return {"allowProvisioning": True, "parameterOverrides": {wire_aws.THING_PARAM: device_id}}
 
 
+# The bridge to AWS's control plane (as backend/clouds/azure.py's to the hub's service API): our service, on its
+# broker, publishes CreateJob's arguments; the bridge (in the clinic's account, with its credentials) calls
+# CreateJob (jobId = command id, targets = the thing's ARN, document). Not in this repository; the fake plays it.
+CREATE_JOB = "aws-bridge/create-job"  # aws-bridge/create-job/<thing>/<job id>, payload: the job document (JSON)
+
+
+def create_job_topic(thing: str, job_id: str) -> str:
+    return f"{CREATE_JOB}/{thing}/{job_id}"
+
+
 class JobsApi(Protocol):
     """The part of the AWS IoT control plane we call (CreateJob); the fake in testbed/clouds implements it."""
 
@@ -126,6 +138,13 @@ class AwsAdapter(CloudAdapter):
     ``send_command_as_job``; a renewal's certificate delivery has no way to the box on AWS (docs/clouds.md)."""
 
     name: ClassVar[str] = "aws"
+
+    def command(self, device_id: str, cmd_id: str, envelope: bytes, ttl_s: float | None = None) -> Publish:
+        """The command as a job: CreateJob's request for the bridge (``create_job_topic``), which holds the
+        clinic's AWS credentials; the signed command's own expiry bounds it, not ``ttl_s``."""
+        if not wire_aws.JOB_ID_RE.match(cmd_id) or not wire_aws.THING_RE.match(device_id):
+            raise ValueError(f"command id {cmd_id!r} or thing {device_id!r} cannot name a job")
+        return Publish(create_job_topic(device_id, cmd_id), json.dumps(wire_aws.command_document(envelope)).encode())
 
     def control_topics(self) -> list[str]:
         return [t for t in super().control_topics() if t != topics.ALL_PROVISION_REQUESTS]

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="glucoagent",
         choices=("glucoagent", "azure", "aws"),
         help="the cloud the boxes use: glucoagent (this broker), azure (IoT Hub via its bridge) or aws "
-        "(IoT Core: its topic rule delivers; commands as jobs, not by `command`); docs/clouds.md",
+        "(IoT Core: its topic rule delivers; commands as jobs); docs/clouds.md",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -74,6 +74,10 @@ class CloudAdapter:
         topic = {ACK: dev.acks, TIME_REPLY: dev.acks, COMMAND: dev.commands, CHUNK: dev.chunks}[kind]
         return Publish(topic, payload)
 
+    def command(self, device_id: str, cmd_id: str, envelope: bytes, ttl_s: float | None = None) -> Publish:
+        """How one signed command leaves for a box (``glucoagent-backend command``): a message to it here."""
+        return self.to_device(device_id, COMMAND, envelope, ttl_s=ttl_s)
+
     def provision_reply(self, request_id: str, payload: bytes) -> Publish:
         return Publish(topics.provision_response(request_id), payload)
 

@@ -46,7 +46,9 @@ the documented contract the box meets, each rule with its source:
   next pending execution changes (not on subscribe: a device asks ``start-next`` once subscribed, as
   aws-iot-device-client's ``JobsFeature::runJobs`` does), ``start-next``, ``<jobId>/update`` with ``expectedVersion`` and terminal
   states, refusals in RejectedError's shape with its codes.
-* **Control plane**: ``create_job`` stands for the CreateJob API (AWS IoT API reference).
+* **Control plane**: ``create_job`` stands for the CreateJob API (AWS IoT API reference), called in process or
+  as the bridge does for `glucoagent-backend command --cloud aws` (``aws-bridge/create-job/<thing>/<job id>``,
+  backend/aws.py).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ from cryptography.x509.oid import NameOID
 from agent.wire import aws
 from agent.wire import topics as wire_topics
 from agent.wire.provisioning import device_id_for
-from backend.aws import pre_provisioning_hook, send_command_as_job
+from backend.aws import CREATE_JOB, pre_provisioning_hook, send_command_as_job
 from backend.broker import Broker
 from backend.broker_config import ACL_FILE, CONTROL_TOPIC, DEVICE_READ, DEVICE_WRITE, broker_account, install_file
 from backend.mqtt_client import tls_client
@@ -102,6 +104,7 @@ def aws_acl(template: str = TEMPLATE) -> str:
             f"topic readwrite {wire_topics.PREFIX}/#",
             "topic readwrite $aws/#",
             f"topic write {CONTROL_TOPIC}",
+            "topic readwrite aws-bridge/#",  # our service to the control-plane bridge (backend/aws.py)
             "",
             f"user {CLAIM_CN}",  # the claim policy: fleet provisioning topics only
             f"topic deny {wire_topics.PREFIX}/#",
@@ -281,6 +284,7 @@ class AwsIotCore:
             self.provision_topic,
             "$aws/things/+/jobs/start-next",
             "$aws/things/+/jobs/+/update",
+            f"{CREATE_JOB}/+/+",  # the bridge's CreateJob requests (backend/aws.py)
         ]
         client.subscribe([(f, 1) for f in filters])
         self._ready.set()
@@ -292,7 +296,10 @@ class AwsIotCore:
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         payload = bytes(msg.payload)
         try:
-            if msg.topic == aws.CREATE_FROM_CSR:
+            if msg.topic.startswith(CREATE_JOB + "/"):  # the bridge calls CreateJob (AWS IoT API reference)
+                _, _, thing, job_id = msg.topic.rsplit("/", 3)
+                self.create_job(thing, job_id, json.loads(payload))
+            elif msg.topic == aws.CREATE_FROM_CSR:
                 self._create_from_csr(payload)
             elif msg.topic == self.provision_topic:
                 self._register_thing(payload)
