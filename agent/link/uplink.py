@@ -180,6 +180,7 @@ class Uplink:
         """Any thread: take the link down and keep it down until ``release`` (``parked`` says when it is)."""
         self._hold.set()
         self._wake.set()
+        self._urgent.set()  # duty mode: out of its sleep, so the hold is seen at once
 
     def release(self) -> None:
         self._hold.clear()

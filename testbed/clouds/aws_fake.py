@@ -240,6 +240,7 @@ class AwsIotCore:
         self.pki = broker.pki
         self.state_dir = state_dir
         self.hook = hook
+        self.cert_days = 365.0  # lifetime of the certificates it issues (tests shorten it to provoke expiry)
         self.device_configuration = device_configuration
         self.template = template
         self.provision_topic = aws.provision_topic(template)
@@ -338,7 +339,9 @@ class AwsIotCore:
         # enrolling box's does not, and its thing is named after its key by our hook.
         names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         named = str(names[0].value) if names else ""
-        pem = self.pki.sign_device_csr(csr_pem, named if aws.THING_RE.match(named) else device_id_for(public_key))
+        pem = self.pki.sign_device_csr(
+            csr_pem, named if aws.THING_RE.match(named) else device_id_for(public_key), days=self.cert_days
+        )
         cert_id = hashlib.sha256(x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)).hexdigest()
         token = secrets.token_urlsafe(48)
         with self._lock:

@@ -192,3 +192,25 @@ def test_the_schedule_renews_and_a_sigkill_mid_renewal_keeps_the_old_pair(tmp_pa
         assert system.wait_for(lambda: len(readings(system, box.device_id)) >= 18, 60), log_of(box.state)[-3000:]
         assert_once(system, box.device_id, meter)
         assert len(kids(system, box.device_id)) == 2
+
+
+def test_a_thing_whose_certificate_expired_offline_renews_over_the_claim_connection(tmp_path: Path) -> None:
+    with AwsSystem(tmp_path / "aws") as system:
+        system.aws.cert_days = 25 / DAY  # AWS issues a certificate that expires 25 s after enrolment
+        box = Box(system, "renew-expired")
+        system.aws.cert_days = 365
+        not_after = cert_of(box.state).not_valid_after_utc.timestamp()
+        old_kid = cose.key_id(load_key(box.state / "device.key").public_key())
+        meter = random_records("onetouch-ultra2", 10, seed=193)
+        assert system.wait_for(lambda: time.time() > not_after + 1, 40)
+        box.meter(meter)
+        system.start_agent(box.state, box.config)
+        assert system.wait_for(lambda: len(readings(system, box.device_id)) >= 10, 120), log_of(box.state)[-4000:]
+        assert "renewing over the claim connection" in log_of(box.state)
+        assert "certificate recovered" in log_of(box.state)
+        names = cert_of(box.state).subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        assert [n.value for n in names] == [box.device_id]  # the same thing
+        assert cert_of(box.state).not_valid_after_utc.timestamp() > time.time() + 300 * DAY
+        assert_once(system, box.device_id, meter)
+        assert kids(system, box.device_id) == {old_kid}
+        assert system.db.counter("renewed") == 1

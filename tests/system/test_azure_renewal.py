@@ -164,3 +164,27 @@ def test_the_schedule_renews_through_dps_and_a_sigkill_mid_renewal_keeps_the_old
         assert [r[0] for r in rows] == ["renewed"]
         time.sleep(3)
         assert box.log.count("registering again with DPS") == 2, box.log[-3000:]  # the killed one, this one
+
+
+def test_a_box_whose_certificate_expired_offline_registers_again_with_dps_and_delivers(tmp_path: Path) -> None:
+    """Expired while offline, the hub refuses the certificate: the schedule's ``recover`` registers again with
+    DPS (proof signed by the old key), same device id, the readings signed by the old key delivered once."""
+    with AzureSystem(tmp_path / "hub") as hub:
+        hub.home.cert_days = 25 / DAY  # a certificate that expires 25 s after enrolment
+        box = Box(hub, "renew-expired")
+        hub.home.cert_days = 365
+        not_after = cert_of(box.state).not_valid_after_utc.timestamp()
+        old_kid = cose.key_id(load_key(box.state / "device.key").public_key())
+        meter = random_records("onetouch-ultra2", 10, seed=183)
+        assert hub.wait_for(lambda: time.time() > not_after + 1, 40)
+        box.meter(meter)
+        hub.start_agent(box.state, box.config)
+        assert hub.wait_for(lambda: len(readings(hub, box.device_id)) >= 10, 120), box.log[-4000:]
+        assert "registering again with DPS" in box.log and "certificate recovered" in box.log
+        assert json.loads((box.state / "device.json").read_text())["device_id"] == box.device_id
+        names = cert_of(box.state).subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        assert [n.value for n in names] == [box.device_id]
+        assert cert_of(box.state).not_valid_after_utc.timestamp() > time.time() + 300 * DAY
+        assert_once(hub, box.device_id, meter)
+        assert kids(hub, box.device_id) == {old_kid}  # signed before the renewal, verified by the old key's kid
+        assert hub.db.counter("recovered") == 1
