@@ -112,6 +112,13 @@ class MqttSection:
     dps_host: str = "global.azure-devices-provisioning.net"  # azure: the Device Provisioning Service endpoint
     dps_id_scope: str = ""  # azure: the DPS instance's ID scope (0ne…)
     aws_template: str = "GlucoagentFleet"  # aws: the fleet provisioning template's name (docs/clouds.md)
+    # The trust anchor the broker's certificate must chain to (PEM; a relative path is under state_dir). Empty:
+    # the fleet CA delivered at enrolment (ca.crt). Behind Azure or AWS: the cloud's public root (docs/clouds.md).
+    server_ca: str = ""
+
+    def server_ca_path(self, state_dir: Path) -> Path | None:
+        """``server_ca`` as a path (None: the fleet CA in the identity). Never fetched at run time."""
+        return state_dir / self.server_ca if self.server_ca else None
 
     def cloud(self) -> CloudProfile:
         """The cloud profile these options select (validated by build_config, so this does not raise there)."""
@@ -303,6 +310,7 @@ SCHEMA: dict[str, dict[str, Callable[[str], Any]]] = {
         "dps_host": str,
         "dps_id_scope": str,
         "aws_template": str,
+        "server_ca": str,
     },
     "buffer": {
         "path": str,

@@ -167,7 +167,8 @@ def run_checks(cfg: Config, out: Any = print) -> int:
     profile = cfg.mqtt.cloud()
     base = dataclasses.replace(
         device_link_settings(
-            profile, ident, ep, protocol=cfg.mqtt.protocol, connect_timeout_s=cfg.mqtt.connect_timeout_s
+            profile, ident, ep, protocol=cfg.mqtt.protocol, connect_timeout_s=cfg.mqtt.connect_timeout_s,
+            server_ca=cfg.mqtt.server_ca_path(state),
         ),
         will=None,
     )

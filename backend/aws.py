@@ -17,6 +17,9 @@ delivers ``gluco/v1/dev/<thing>/telemetry`` and the results as our broker does, 
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -24,12 +27,15 @@ from typing import Any, ClassVar, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent.wire import aws as wire_aws
 from agent.wire import cose, topics
 from agent.wire import provisioning as wire_provisioning
+from agent.wire import renewal as wire_renewal
+from agent.wire.profiles import Publish
 from backend.clouds.adapter import CloudAdapter
+from backend.commands import device_key_lookup, key_in_good_standing
 from backend.db import BackendDb
 from backend.provisioning import ProvisioningMixin
 
@@ -50,6 +56,8 @@ def pre_provisioning_hook(db: BackendDb, event: Mapping[str, Any]) -> dict[str, 
     if not (isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ec.SECP256R1)):
         log.warning("pre-provisioning hook: certificate key is not EC P-256")
         return {"allowProvisioning": False}
+    if params.get(wire_aws.RENEWAL_PROOF_PARAM):
+        return _renewal(db, params, cert)
     device_id = wire_provisioning.device_id_for(public_key)
     kid = cose.key_id(public_key)
     now = time.time()
@@ -68,6 +76,46 @@ def pre_provisioning_hook(db: BackendDb, event: Mapping[str, Any]) -> dict[str, 
     log.info("pre-provisioning hook: %s enrolled", device_id)
     db.bump("provisioned")
     return {"allowProvisioning": True, "parameterOverrides": {wire_aws.THING_PARAM: device_id}}
+
+
+def _renewal(db: BackendDb, params: Mapping[str, Any], cert: x509.Certificate) -> dict[str, Any]:
+    """A thing renewing its certificate (agent/identity/aws_renewal.py): no token, but the new key's CSR signed
+    with a key registered for the thing (the re-enrolment proof of agent/wire/renewal.py). The new certificate
+    must carry that CSR's key; its key is registered for the same device, the same thing is named."""
+    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    try:
+        signed = base64.b64decode(str(params.get(wire_aws.RENEWAL_PROOF_PARAM, "")), validate=True)
+        device_id = wire_renewal.claimed_device(signed)
+        request = wire_renewal.decode_recovery(
+            signed, str(params.get(wire_aws.RENEWAL_ID_PARAM, "")), device_key_lookup(db, device_id)
+        )
+        csr_key = x509.load_pem_x509_csr(request.csr_pem).public_key()
+    except (wire_renewal.RecoveryRefused, ValueError, binascii.Error) as exc:
+        log.warning("pre-provisioning hook: renewal refused: %s", exc)
+        return {"allowProvisioning": False}
+    # On AWS the certificates are AWS's: revoking is deactivating them there, not our CRL.
+    why = key_in_good_standing(db, device_id, request.kid, frozenset())
+    if why is None and csr_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) != spki:
+        why = "the certificate is not for the key of the signed CSR"
+    if why is not None:
+        log.warning("pre-provisioning hook: renewal of %s refused: %s", device_id, why)
+        db.bump("renewal_refused")
+        return {"allowProvisioning": False}
+    db.add_key(kid=cose.key_id(cert.public_key()), device_id=device_id,  # type: ignore[arg-type]
+               cert_pem=cert.public_bytes(Encoding.PEM), now=time.time())  # fmt: skip
+    log.info("pre-provisioning hook: %s renews its certificate", device_id)
+    db.bump("renewed")
+    return {"allowProvisioning": True, "parameterOverrides": {wire_aws.THING_PARAM: device_id}}
+
+
+# The bridge to AWS's control plane (as backend/clouds/azure.py's to the hub's service API): our service, on its
+# broker, publishes CreateJob's arguments; the bridge (in the clinic's account, with its credentials) calls
+# CreateJob (jobId = command id, targets = the thing's ARN, document). Not in this repository; the fake plays it.
+CREATE_JOB = "aws-bridge/create-job"  # aws-bridge/create-job/<thing>/<job id>, payload: the job document (JSON)
+
+
+def create_job_topic(thing: str, job_id: str) -> str:
+    return f"{CREATE_JOB}/{thing}/{job_id}"
 
 
 class JobsApi(Protocol):
@@ -90,6 +138,13 @@ class AwsAdapter(CloudAdapter):
     ``send_command_as_job``; a renewal's certificate delivery has no way to the box on AWS (docs/clouds.md)."""
 
     name: ClassVar[str] = "aws"
+
+    def command(self, device_id: str, cmd_id: str, envelope: bytes, ttl_s: float | None = None) -> Publish:
+        """The command as a job: CreateJob's request for the bridge (``create_job_topic``), which holds the
+        clinic's AWS credentials; the signed command's own expiry bounds it, not ``ttl_s``."""
+        if not wire_aws.JOB_ID_RE.match(cmd_id) or not wire_aws.THING_RE.match(device_id):
+            raise ValueError(f"command id {cmd_id!r} or thing {device_id!r} cannot name a job")
+        return Publish(create_job_topic(device_id, cmd_id), json.dumps(wire_aws.command_document(envelope)).encode())
 
     def control_topics(self) -> list[str]:
         return [t for t in super().control_topics() if t != topics.ALL_PROVISION_REQUESTS]

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.errors import ConfigError, GlucoagentError
+from agent.errors import GlucoagentError
 
 log = logging.getLogger("glucoagent-backend")
 
@@ -52,14 +52,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     home.cert_days = args.cert_days
     # One worker: today's single connection does everything. More: this process keeps the control
     # topics and N ingest processes share telemetry and health (backend/workers.py says why).
-    if args.cloud != "glucoagent" and args.workers > 1:
-        raise ConfigError(f"--workers {args.workers}: the {args.cloud} bridge is served by one process (docs/clouds.md)")
     service = home.service(args.host, args.port, role="all" if args.workers == 1 else "control", cloud=args.cloud)
     stop = threading.Event()
     if args.workers > 1:
         from backend.workers import WorkerPool
 
-        pool = WorkerPool(args.workers, home.root, args.host, args.port, args.log_level)
+        pool = WorkerPool(args.workers, home.root, args.host, args.port, args.log_level, cloud=args.cloud)
         pool_thread = threading.Thread(target=pool.run, args=(stop,), name="ingest-workers", daemon=True)
         pool_thread.start()
     if args.retention_days is not None:
@@ -93,7 +91,7 @@ def cmd_ingest_worker(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s ingest-{args.slot} %(name)s: %(message)s"
     )
-    service = BackendHome(args.home).ingest_worker(args.host, args.port, args.slot)
+    service = BackendHome(args.home).ingest_worker(args.host, args.port, args.slot, cloud=args.cloud)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: service.stop())
     service.run()
@@ -190,15 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_at_least_one,
         default=1,
         metavar="N",
-        help="ingest processes sharing telemetry and health via an MQTT 5 shared subscription "
-        "(default 1: one process does everything)",
+        help="ingest processes sharing telemetry and health via an MQTT 5 shared subscription, on any --cloud "
+        "(where it delivers them) (default 1: one process does everything)",
     )
     p.add_argument(
         "--cloud",
         default="glucoagent",
         choices=("glucoagent", "azure", "aws"),
         help="the cloud the boxes use: glucoagent (this broker), azure (IoT Hub via its bridge) or aws "
-        "(IoT Core: its topic rule delivers; commands as jobs, not by `command`); docs/clouds.md",
+        "(IoT Core: its topic rule delivers; commands as jobs); docs/clouds.md",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -207,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="localhost")
     p.add_argument("--port", type=int, default=8883)
     p.add_argument("--slot", type=_at_least_one, required=True, help="worker number: client id backend-ingest-N")
+    p.add_argument("--cloud", default="glucoagent", choices=("glucoagent", "azure", "aws"), help="as serve's --cloud")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_ingest_worker)
 

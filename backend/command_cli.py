@@ -63,6 +63,7 @@ def add_parser(subparsers: Any, home_default: Path) -> None:
     p.add_argument("--ttl", type=float, default=3600.0, help="seconds the command stays valid (default 3600)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the result (default 60)")
     p.add_argument(
-        "--cloud", default="glucoagent", choices=("glucoagent", "azure"), help="the cloud the box uses (docs/clouds.md)"
-    )
+        "--cloud", default="glucoagent", choices=("glucoagent", "azure", "aws"),
+        help="the cloud the box uses: on aws the command goes as a job (CreateJob through the bridge); docs/clouds.md",
+    )  # fmt: skip
     p.set_defaults(func=cmd_command)

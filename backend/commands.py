@@ -34,7 +34,7 @@ from agent.wire import cose
 from agent.wire.command import COMMANDS, MAX_LIFETIME_S, encode_command
 from agent.wire.renewal import REQUEST_CODE, encode_delivery
 from agent.wire.result import Result, decode_result
-from backend.clouds.adapter import COMMAND, RESULTS, CloudAdapter
+from backend.clouds.adapter import RESULTS, CloudAdapter
 from backend.db import BackendDb, jsonable
 from backend.mqtt_client import BackendLink, LinkSettings
 
@@ -335,7 +335,7 @@ class CommandClient:
         if any(c >= 0x80 for c in codes):
             raise CommandError(f"broker refused the results subscription (codes {codes})")
         record_sent(self.db, device_id, cmd_id, ctype)
-        msg = self.cloud.to_device(device_id, COMMAND, envelope, ttl_s=ttl_s)
+        msg = self.cloud.command(device_id, cmd_id, envelope, ttl_s=ttl_s)
         mid = self.link.publish(msg.topic, msg.payload, qos=1)
         accept_by = time.monotonic() + 10.0
         while (accepted := self.link.acked(mid)) is None:

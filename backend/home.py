@@ -122,9 +122,10 @@ class BackendHome:
         service.releases = self.releases
         return service
 
-    def ingest_worker(self, host: str, port: int, slot: int) -> BackendService:
+    def ingest_worker(self, host: str, port: int, slot: int, cloud: str = "glucoagent") -> BackendService:
         """Ingest worker ``slot`` of ``serve --workers N`` (backend/workers.py): a kept session under a
-        fixed client id, and a PUBACK only after what it received is stored and acknowledged."""
+        fixed client id, and a PUBACK only after what it received is stored and acknowledged. ``cloud``:
+        where it reads (the Azure bridge's ingest endpoint, AWS's topic rule target, our topics)."""
         from backend.workers import WORKER_SESSION_S, worker_client_id
 
         settings = dataclasses.replace(
@@ -133,7 +134,7 @@ class BackendHome:
             session_expiry_s=WORKER_SESSION_S,
             manual_ack=True,
         )
-        return BackendService(self.db(), self.keys(), settings, INITIAL_CONFIG, role="ingest")
+        return BackendService(self.db(), self.keys(), settings, INITIAL_CONFIG, role="ingest", cloud=adapter_for(cloud))
 
     @property
     def releases(self) -> ReleaseShelf:

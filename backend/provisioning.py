@@ -46,6 +46,7 @@ class ProvisioningMixin:
     keys: BackendKeys
     initial_config: dict[str, Any]
     _keys: dict[tuple[str, bytes], cose.PublicKey]
+    renews_by_enrolment = False  # the service sets it from its cloud adapter (backend/clouds/adapter.py)
 
     def provision(self, request_id: str, payload: bytes) -> dict[str, Any]:
         def refuse(code: str, message: str) -> dict[str, Any]:
@@ -126,7 +127,7 @@ class ProvisioningMixin:
         registered = self.db.device_key(device_id, kid)
         assert registered is not None  # key_in_good_standing found it
         left = x509.load_pem_x509_certificate(registered[0]).not_valid_after_utc.timestamp() - time.time()
-        if left > RECOVERY_SKEW_S:
+        if left > RECOVERY_SKEW_S and not self.renews_by_enrolment:
             return refuse("not_expired", f"the certificate is valid for {left / 86_400:.1f} more days: renew it over "
                           "the device's own topics")  # fmt: skip
         try:
@@ -137,7 +138,7 @@ class ProvisioningMixin:
         except (ValueError, UnsupportedAlgorithm, GlucoagentError) as exc:
             return refuse("bad_csr", f"CSR refused: {exc}")
         self.db.add_key(kid=cose.key_id(public_key), device_id=device_id, cert_pem=cert_pem, now=time.time())
-        log.info("%s re-enrolled over the claim path (certificate expired %.1f days ago)", device_id, -left / 86_400)
+        log.info("%s re-enrolled (certificate %s %.1f days)", device_id, "valid for" if left > 0 else "expired", abs(left) / 86_400)
         self.db.bump("recovered")
         return {"ok": True, "device_id": device_id, "cert": cert_pem + self.keys.ca_pem}
 

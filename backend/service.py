@@ -94,6 +94,7 @@ class BackendService(ProvisioningMixin, IngestMixin):
             raise ValueError("an ingest worker acknowledges only what it stored: it needs manual_ack")
         self.role = role
         self.cloud = cloud or CloudAdapter()  # where the cloud delivers, how it sends (backend/clouds/)
+        self.renews_by_enrolment = self.cloud.renews_by_enrolment
         self._acks_due: dict[str, dict[str, list[int]]] = {}  # cumulative acks (cloud.ack_interval_s > 0)
         self._acks_sent: dict[str, float] = {}  # device -> monotonic time of its last ack
         self.db = db

@@ -58,11 +58,11 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class WorkerPool:
     """Starts ``count`` ingest workers and restarts any that exits before ``stop()``."""
 
-    def __init__(self, count: int, home: Path, host: str, port: int, log_level: str) -> None:
+    def __init__(self, count: int, home: Path, host: str, port: int, log_level: str, cloud: str = "glucoagent") -> None:
         self.count = count
         self.argv = [
             sys.executable, "-m", "backend.cli", "ingest-worker",
-            "--home", str(home), "--host", host, "--port", str(port), "--log-level", log_level,
+            "--home", str(home), "--host", host, "--port", str(port), "--log-level", log_level, "--cloud", cloud,
         ]  # fmt: skip
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.restarts = 0

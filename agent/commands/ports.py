@@ -73,6 +73,13 @@ class Link(Protocol):
 
     def stats(self) -> dict[str, object]: ...
 
+    parked: threading.Event  # set while held down (``hold``): the device's one connection is free
+
+    def hold(self) -> None:
+        """Take the link down and keep it down (a renewal on a one-connection cloud) until ``release``."""
+
+    def release(self) -> None: ...
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Outcome:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.commands.ports import Host, Link, Outcome
+from agent.config import Endpoint
 from agent.errors import GlucoagentError
 from agent.fsutil import atomic_write
 from agent.identity import recovery, renewal
@@ -111,6 +112,10 @@ class Renewer:
     def _exchange(self, request_id: str, code: str, message: str, data: dict[str, Any]) -> Any:
         """Stage a key, send its CSR in a pending result signed with the current key, take the delivered
         certificate, log in with it, swap. Returns the new leaf; raises RenewalError (old pair kept)."""
+        if self.host.cfg.mqtt.cloud().enrolment == "dps":  # Azure: a new certificate comes from DPS
+            return self._renew_by_dps()
+        if self.host.cfg.mqtt.cloud().enrolment == "aws-fleet":  # AWS: from fleet provisioning's MQTT API
+            return self._renew_on_aws(expired=False)
         if not self.link.settings.side_connections:  # the trial login would drop the agent's own connection
             raise renewal.RenewalError(
                 "one_connection_only",
@@ -132,6 +137,45 @@ class Renewer:
         finally:
             self._waiting = None
         self._use_key(key)
+        return leaf
+
+    def _renew_by_dps(self) -> Any:
+        """Azure (one connection per device): hold the link down, register again with DPS with the new key's
+        CSR, try the new pair as the device, swap (agent/identity/dps.py ``renew_by_dps``), let the link come
+        back with it. Also the re-enrolment of an expired box there. Returns the new leaf; raises RenewalError."""
+        from agent.identity.dps import renew_by_dps  # Azure only
+
+        cfg = self.host.cfg
+        self.link.hold()
+        try:
+            deadline = time.monotonic() + RENEW_TIMEOUT_S
+            while not self.link.parked.wait(0.1):
+                if time.monotonic() > deadline or self.stopping.is_set():
+                    raise renewal.RenewalError("renewal_timeout", "the link did not go down for the renewal")
+            log.info("certificate renewal: registering again with DPS (the link is down meanwhile)")
+            hub = Endpoint.parse(cfg.mqtt.endpoint or self.identity.endpoint)
+            leaf = renew_by_dps(
+                self.state, cfg.mqtt, hub, self.link.settings, self.identity.device_id, self.host.signer.key,
+                cfg.agent.key_type,
+            )  # fmt: skip
+        finally:
+            self.link.release()
+        self._use_key(load_key(self.state / KEY_FILE), relink=False)  # the link comes back with the new pair
+        return leaf
+
+    def _renew_on_aws(self, *, expired: bool) -> Any:
+        """AWS IoT Core: CreateCertificateFromCsr and RegisterThing again (agent/identity/aws_renewal.py), on a
+        side connection (or, ``expired``, the claim connection). Returns the new leaf; raises RenewalError."""
+        from agent.identity.aws_renewal import renew_on_aws  # AWS only
+        from agent.wire.aws import DEFAULT_TEMPLATE, AwsProfile
+
+        profile = self.host.cfg.mqtt.cloud()
+        template = profile.aws_template if isinstance(profile, AwsProfile) else DEFAULT_TEMPLATE
+        leaf = renew_on_aws(
+            self.state, self.link.settings, self.identity.device_id, self.host.signer.key, template,
+            expired=expired, stop=self.stopping.is_set,
+        )  # fmt: skip
+        self._use_key(load_key(self.state / KEY_FILE), relink=not expired)  # expired: the link is down already
         return leaf
 
     def _await_delivery(self, waiting: _Waiting) -> Delivery:
@@ -180,7 +224,15 @@ class Renewer:
         days = (schedule.not_after - time.time()) / 86_400
         settled, code = False, ""
         try:
-            if kind == "recover":
+            if kind == "recover" and self.host.cfg.mqtt.cloud().enrolment == "dps":
+                log.warning("the device certificate expired %.1f days ago: registering again with DPS", -days)
+                leaf = self._renew_by_dps()
+                code = "recovered"
+            elif kind == "recover" and self.host.cfg.mqtt.cloud().enrolment == "aws-fleet":
+                log.warning("the device certificate expired %.1f days ago: renewing over the claim connection", -days)
+                leaf = self._renew_on_aws(expired=True)
+                code = "recovered"
+            elif kind == "recover":
                 log.warning(
                     "the device certificate expired %.1f days ago (the box was offline): re-enrolling over the "
                     "claim path with proof of the old key; device id, patient and unsent readings are kept",

@@ -95,14 +95,18 @@ def load_key(path: Path) -> PrivateKey:
     return key
 
 
-def build_csr(key: PrivateKey, hardware_serial: str) -> bytes:
-    """CSR naming the hardware serial; the CA chooses the device id (the certificate CN)."""
+def build_csr(key: PrivateKey, hardware_serial: str, common_name: str | None = None) -> bytes:
+    """CSR naming the hardware serial; the CA chooses the device id (the certificate CN). ``common_name``:
+    the device id asked for (an AWS renewal: the thing the new certificate is for)."""
     # x509 and serialization only for provisioning and renewal: not at steady state (RSS, docs/field.md)
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.x509.oid import NameOID
 
-    subject = x509.Name([x509.NameAttribute(NameOID.SERIAL_NUMBER, hardware_serial)])
+    names = [x509.NameAttribute(NameOID.SERIAL_NUMBER, hardware_serial)]
+    if common_name:
+        names.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    subject = x509.Name(names)
     builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
     algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
     return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)

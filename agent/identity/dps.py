@@ -17,16 +17,28 @@ import queue
 import re
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent.config import Endpoint
-from agent.errors import LinkTimeout, ProvisioningError
-from agent.identity.provisioning import EnrolContext, _routes, raise_refusal
+from agent.config import Endpoint, MqttSection
+from agent.errors import GlucoagentError, LinkTimeout, ProvisioningError
+from agent.identity.credentials import CA_FILE
+from agent.identity.provisioning import FACTORY_DIR, EnrolContext, _routes, raise_refusal
+from agent.identity.renewal import (
+    RenewalError,
+    check_certificate,
+    commit,
+    discard,
+    new_request_id,
+    stage_key,
+    try_login,
+)
 from agent.link.mqtt import LinkSettings, MqttLink, TlsFiles
 from agent.link.routes import connect_first
+from agent.wire import cose
 from agent.wire.azure import (
     DPS_DEFAULT_RETRY_S,
     DPS_RESPONSES,
@@ -39,6 +51,7 @@ from agent.wire.azure import (
     payload_bytes,
 )
 from agent.wire.provisioning import check_reply, decode_reply, device_id_for
+from agent.wire.renewal import encode_recovery_request
 
 log = logging.getLogger(__name__)
 _CODE_RE = re.compile(r"^(?P<code>[a-z_]{3,40}): (?P<message>.*)$", re.DOTALL)
@@ -163,3 +176,101 @@ def _assignment(body: dict[str, Any], registration_id: str) -> tuple[dict[str, A
     if not isinstance(hub, str) or not hub:
         raise ProvisioningError("DPS assigned no IoT hub")
     return reply, hub
+
+
+# --- renewal: registering again ------------------------------------------------------------------------
+def renew_by_dps(
+    state_dir: Path,
+    mqtt: MqttSection,
+    hub: Endpoint,
+    running: LinkSettings,
+    device_id: str,
+    old_key: cose.PrivateKey,
+    key_type: str,
+    *,
+    timeout_s: float = 60.0,
+) -> x509.Certificate:
+    """A new certificate by registering with DPS again (the box's own link must be held down: one connection).
+
+    The same registration as enrolment, with registration id = this device's id and, in ``payload``, a
+    recovery request in place of the token (agent/wire/renewal.py: signed with the current device key over
+    the new key's CSR), which our allocation webhook checks as re-enrolment. The new key is staged in
+    ``renew/``; the certificate DPS returns is checked, tried by logging in to the hub as this device (its
+    link is down), and only then swapped in (renewal.commit). Raises RenewalError; the old pair stays.
+    [CSR] assumed as in enrol_by_dps: the factory claim certificate is the onboarding credential here too.
+    """
+    factory = state_dir / FACTORY_DIR
+    claim = TlsFiles(ca=factory / "ca.crt", cert=factory / "claim.crt", key=factory / "claim.key")
+    if not all(p.exists() for p in (claim.ca, claim.cert, claim.key)):
+        raise RenewalError("no_claim", f"no factory claim certificate in {factory}: DPS cannot be reached")
+    if not mqtt.dps_id_scope:
+        raise RenewalError("no_dps_scope", "mqtt.dps_id_scope is not set: DPS cannot be reached")
+    key, csr_pem = stage_key(state_dir, key_type)
+    try:
+        request_id = new_request_id()
+        request = encode_recovery_request(request_id, device_id, old_key, csr_pem, time.time())
+        csr_der = x509.load_pem_x509_csr(csr_pem).public_bytes(serialization.Encoding.DER)
+        body = encode_dps_register(device_id, csr_der, request)
+        settings = LinkSettings(
+            host=mqtt.dps_host, port=hub.port, client_id=device_id,  # [DPS] ClientId = registrationId
+            tls=claim, protocol="mqttv311", clean_start=True, username=dps_username(mqtt.dps_id_scope, device_id),
+        )  # fmt: skip
+        state = _register_once(state_dir, mqtt, settings, body, timeout_s)
+        chain = _renewed_chain(state, device_id)
+        leaf = check_certificate(chain, key, device_id, (state_dir / CA_FILE).read_bytes())
+        try_login(state_dir, running, chain, alone=True)
+        commit(state_dir)
+    except BaseException:
+        discard(state_dir)  # a no-op once COMMIT is written: the swap then completes, now or at the next start
+        raise
+    return leaf
+
+
+def _register_once(state_dir: Path, mqtt: MqttSection, settings: LinkSettings, body: bytes, timeout_s: float) -> dict[str, Any]:
+    responses: queue.SimpleQueue[DpsResponse] = queue.SimpleQueue()
+
+    def on_message(topic: str, payload: bytes) -> None:
+        try:
+            got = decode_dps_response(topic, payload)
+        except ValueError as exc:
+            log.warning("dps: %s", exc)
+            return
+        if got is not None:
+            responses.put(got)
+
+    ep = Endpoint(settings.host, settings.port)
+    try:
+        link = connect_first(_routes(mqtt, ep, settings, state_dir), lambda way: MqttLink(way, on_message=on_message))
+    except GlucoagentError as exc:
+        raise RenewalError("dps_unreachable", f"cannot connect to DPS {ep}: {exc}") from None
+    try:
+        codes = link.subscribe([DPS_RESPONSES])
+        if not any(c >= 0x80 for c in codes):
+            return _register(link, responses, body, timeout_s)
+    except GlucoagentError as exc:
+        raise RenewalError("dps_failed", f"registration with DPS failed: {exc}") from None
+    finally:
+        link.disconnect()
+    raise RenewalError("dps_refused", f"DPS refused the response subscription (codes {codes})")
+
+
+def _renewed_chain(body: dict[str, Any], device_id: str) -> bytes:
+    """The certificate chain from DPS's final answer to a renewal; a refusal raises RenewalError with our code."""
+    state = body.get("registrationState")
+    if not isinstance(state, dict):
+        raise RenewalError("dps_failed", f"DPS answered {body.get('status')!r} without a registration state")
+    if body.get("status") != "assigned":
+        message = str(state.get("errorMessage", body.get("status")))
+        m = _CODE_RE.match(message)
+        code, text = (m["code"], m["message"]) if m else ("dps_failed", message)
+        raise RenewalError(code, f"DPS registration {body.get('status')}: {text}")
+    try:
+        reply = decode_reply(payload_bytes(state.get("payload")))
+    except ValueError as exc:
+        raise RenewalError("bad_reply", f"DPS assigned the box but returned no reply: {exc}") from None
+    if not reply.get("ok"):
+        raise RenewalError(str(reply.get("code", "refused")), f"renewal refused: {reply.get('message', '')}")
+    chain = reply.get("cert")
+    if reply.get("device_id") != device_id or state.get("deviceId") != device_id or not isinstance(chain, bytes):
+        raise RenewalError("bad_reply", "the DPS reply names another device or has no certificate")
+    return chain

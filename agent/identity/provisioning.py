@@ -307,7 +307,8 @@ def confirm(
     ident = load_identity(state_dir)
     ep = Endpoint.parse(ident.endpoint)
     profile = (mqtt or MqttSection()).cloud()
-    base = device_link_settings(profile, ident, ep, protocol=protocol)
+    server_ca = (mqtt or MqttSection()).server_ca_path(state_dir)
+    base = device_link_settings(profile, ident, ep, protocol=protocol, server_ca=server_ca)
     link = connect_first(_routes(mqtt, ep, base, state_dir), MqttLink)
     try:
         if not profile.status_messages:

@@ -46,7 +46,7 @@ def recover(
     Raises RenewalError (the old files stay as they are, the staged key is dropped).
     """
     factory = state_dir / FACTORY_DIR
-    claim = TlsFiles(ca=state_dir / CA_FILE, cert=factory / "claim.crt", key=factory / "claim.key")
+    claim = TlsFiles(ca=running.tls.ca, cert=factory / "claim.crt", key=factory / "claim.key")
     if not claim.cert.exists() or not claim.key.exists():
         raise RenewalError("no_claim", f"no factory claim certificate in {factory}: re-enrol with a technician")
     key, csr = stage_key(state_dir, key_type)

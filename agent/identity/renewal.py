@@ -55,7 +55,6 @@ from agent.errors import GlucoagentError
 from agent.fsutil import atomic_write, fsync_dir
 from agent.identity import der
 from agent.identity.credentials import (
-    CA_FILE,
     CERT_FILE,
     KEY_FILE,
     build_csr,
@@ -96,12 +95,12 @@ def renew_dir(state_dir: Path) -> Path:
     return state_dir / RENEW_DIR
 
 
-def stage_key(state_dir: Path, key_type: str) -> tuple[cose.PrivateKey, bytes]:
+def stage_key(state_dir: Path, key_type: str, common_name: str | None = None) -> tuple[cose.PrivateKey, bytes]:
     """A fresh key written to ``renew/`` (0600) and its CSR. The live key is untouched."""
     discard(state_dir)
     key = generate_key(key_type)
     atomic_write(renew_dir(state_dir) / KEY_FILE, key_pem(key))
-    return key, build_csr(key, hardware_serial())
+    return key, build_csr(key, hardware_serial(), common_name)
 
 
 def _spki(key: cose.PublicKey | object) -> bytes:
@@ -111,15 +110,16 @@ def _spki(key: cose.PublicKey | object) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)  # type: ignore[no-any-return]
 
 
-def check_certificate(chain_pem: bytes, key: cose.PrivateKey, device_id: str, ca_pem: bytes) -> x509.Certificate:
-    """The delivered leaf must carry the staged key, name this device and be issued by the pinned CA."""
+def check_certificate(chain_pem: bytes, key: cose.PrivateKey, device_id: str, ca_pem: bytes | None) -> x509.Certificate:
+    """The delivered leaf must carry the staged key, name this device and be issued by the pinned CA
+    (``ca_pem`` None: a cloud whose issuing CA the box does not hold, AWS; the trial login checks it there)."""
     # x509 only while a certificate is checked (renewal, re-enrolment): not at steady state (RSS, docs/field.md)
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
     try:
         certs = x509.load_pem_x509_certificates(chain_pem)
-        ca = x509.load_pem_x509_certificate(ca_pem)
+        ca = None if ca_pem is None else x509.load_pem_x509_certificate(ca_pem)
     except ValueError as exc:
         raise RenewalError("bad_certificate", f"unreadable certificate: {exc}") from None
     leaf = certs[0]
@@ -129,7 +129,8 @@ def check_certificate(chain_pem: bytes, key: cose.PrivateKey, device_id: str, ca
     if not names or names[0].value != device_id:
         raise RenewalError("bad_certificate", "the certificate names another device")
     try:
-        leaf.verify_directly_issued_by(ca)
+        if ca is not None:
+            leaf.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as exc:
         raise RenewalError("bad_certificate", f"not issued by the pinned fleet CA: {exc!r}") from None
     if not_after(leaf) < time.time():
@@ -137,15 +138,17 @@ def check_certificate(chain_pem: bytes, key: cose.PrivateKey, device_id: str, ca
     return leaf
 
 
-def try_login(state_dir: Path, running: LinkSettings, chain_pem: bytes) -> None:
-    """Log in with the staged key and the new certificate on a side connection; raises RenewalError."""
+def try_login(state_dir: Path, running: LinkSettings, chain_pem: bytes, *, alone: bool = False) -> None:
+    """Log in with the staged key and the new certificate on a side connection; raises RenewalError.
+    ``alone``: as the device itself, while its own link is held down (a cloud with one connection per device)."""
     staged = renew_dir(state_dir)
     atomic_write(staged / CERT_FILE, chain_pem)
     try:
-        side = running.side("renew")
+        side = dataclasses.replace(running, clean_start=False, will=None) if alone else running.side("renew")
     except GlucoagentError as exc:
         raise RenewalError("one_connection_only", str(exc)) from None
-    settings = dataclasses.replace(side, tls=TlsFiles(ca=state_dir / CA_FILE, cert=staged / CERT_FILE, key=staged / KEY_FILE))
+    # the broker's trust anchor as the running link has it (mqtt.server_ca, or the fleet CA)
+    settings = dataclasses.replace(side, tls=TlsFiles(ca=running.tls.ca, cert=staged / CERT_FILE, key=staged / KEY_FILE))
     link = MqttLink(settings)
     try:
         link.connect()
@@ -162,9 +165,11 @@ def commit(state_dir: Path) -> None:
 
 
 def complete_swap(state_dir: Path) -> bool:
-    """Finish a committed swap (also after a crash mid-way). True when a swap was completed."""
+    """Finish a committed swap (also after a crash mid-way); an uncommitted staged key (a renewal a crash cut
+    off before its commit) is dropped. True when a swap was completed."""
     staged = renew_dir(state_dir)
     if not (staged / COMMIT).exists():
+        discard(state_dir)
         return False
     for name in (KEY_FILE, CERT_FILE):  # each rename is atomic; repeating the loop is harmless
         if (staged / name).exists():

@@ -204,8 +204,16 @@ def _relaxed_socket_class(ca: Path, host: str) -> type[ssl.SSLSocket]:
     return _PinnedSocket
 
 
+def pinned_context(ca: Path) -> ssl.SSLContext:
+    """A client context trusting ``ca`` alone (the fleet CA, or ``mqtt.server_ca``): no system CAs."""
+    try:
+        return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsError(f"cannot load the broker's trust anchor {ca} (mqtt.server_ca, or ca.crt): {exc}") from exc
+
+
 def _tls_context(files: TlsFiles, relax_validity_for: str | None = None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.ca))  # fleet CA pinned, no system CAs
+    ctx = pinned_context(files.ca)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED

@@ -11,7 +11,7 @@ import ssl
 from collections.abc import Callable
 
 from agent.errors import GlucoagentError
-from agent.link.mqtt import LinkSettings, MqttLink, classify_connect_error
+from agent.link.mqtt import LinkSettings, MqttLink, classify_connect_error, pinned_context
 from agent.link.proxy import open_tunnel
 from agent.link.routes import falls_back
 
@@ -27,8 +27,8 @@ def _reach_and_handshake(settings: LinkSettings, timeout: float) -> str:
             sock = socket.create_connection((settings.host, settings.port), timeout=timeout)
     except OSError as exc:
         raise classify_connect_error(exc, settings.host, settings.port) from exc
-    ctx = ssl.create_default_context(cafile=str(settings.tls.ca))  # the pinned fleet CA only
     try:
+        ctx = pinned_context(settings.tls.ca)  # the pinned trust anchor only
         ctx.load_cert_chain(str(settings.tls.cert), str(settings.tls.key))
         with ctx.wrap_socket(sock, server_hostname=settings.host) as tls:
             return str(tls.version())

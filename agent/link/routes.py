@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 from agent.config import Endpoint, MqttSection, WsEndpoint
 from agent.errors import BrokerUnreachable, GlucoagentError, LinkTimeout
@@ -74,15 +75,17 @@ def device_link_settings(
     protocol: str,
     keepalive: int = 30,
     connect_timeout_s: float = 15.0,
+    server_ca: Path | None = None,
 ) -> LinkSettings:
     """The device's own MQTT login as ``profile`` wants it: client id, user name, protocol, keepalive cap,
-    the will where the profile has one. One place for the uplink and provisioning's confirmation."""
+    the will where the profile has one. One place for the uplink and provisioning's confirmation.
+    ``server_ca``: the broker's trust anchor (``mqtt.server_ca``); None: the fleet CA of the identity."""
     will = profile.will(identity.device_id)
     return LinkSettings(
         host=endpoint.host,
         port=endpoint.port,
         client_id=profile.client_id(identity.device_id),
-        tls=TlsFiles(ca=identity.ca_path, cert=identity.cert_path, key=identity.key_path),
+        tls=TlsFiles(ca=server_ca or identity.ca_path, cert=identity.cert_path, key=identity.key_path),
         protocol=profile.protocol(protocol),
         keepalive=profile.keepalive(keepalive),
         connect_timeout_s=connect_timeout_s,

@@ -132,6 +132,7 @@ class Uplink:
             protocol=cfg.mqtt.protocol,
             keepalive=cfg.mqtt.keepalive,
             connect_timeout_s=cfg.mqtt.connect_timeout_s,
+            server_ca=cfg.mqtt.server_ca_path(cfg.agent.state_dir),
         )
         self._endpoint, self._base = endpoint, base
         # The proxy password is read at each connect (_ways), not here: a missing or loose password file
@@ -155,6 +156,10 @@ class Uplink:
         self.wakeups = 0  # duty mode: times the link came up
         self._next_send = 0.0  # monotonic time before which the profile's publish rate allows no upload
         self._refusals_logged: MqttLink | None = None  # the connection whose refused batches were logged already
+        # One connection per device (azure): a renewal registers again with DPS as this device, so the link
+        # goes down and stays down while it runs (hold), then comes back with the new certificate (release).
+        self._hold = threading.Event()
+        self.parked = threading.Event()  # set while held and down: the device's one connection is free
 
     def add_tick(self, work: Callable[[], None]) -> None:
         """Run ``work`` on the uplink thread at every loop pass (paho's client is not thread-safe)."""
@@ -174,6 +179,32 @@ class Uplink:
         link = self.link
         if link is not None:
             link.wake()  # the uplink thread may be waiting in select() on the socket
+
+    def hold(self) -> None:
+        """Any thread: take the link down and keep it down until ``release`` (``parked`` says when it is)."""
+        self._hold.set()
+        self._wake.set()
+        self._urgent.set()  # duty mode: out of its sleep, so the hold is seen at once
+
+    def release(self) -> None:
+        self._hold.clear()
+        self.parked.clear()
+        self._wake.set()
+
+    def _pause(self, delay: float) -> None:
+        """A backoff that ``stop`` and ``hold`` cut short (a renewal must not wait out a long backoff)."""
+        end = time.monotonic() + delay
+        while not self._stop.is_set() and not self._hold.is_set() and (left := end - time.monotonic()) > 0:
+            self._stop.wait(min(left, 0.2))
+
+    def _park(self) -> None:
+        """Uplink thread: while held, stay disconnected (a clean DISCONNECT first, the session kept)."""
+        if self.link is not None and self.link.connected:
+            self._go_down(self.link)
+        while self._hold.is_set() and not self._stop.is_set():
+            self.parked.set()
+            self._stop.wait(0.05)
+        self.parked.clear()
 
     @property
     def duty(self) -> bool:
@@ -213,6 +244,9 @@ class Uplink:
         """Until stop(): connect, serve, back off, repeat. Never raises for link trouble."""
         asleep = False  # duty mode: the last link went down on purpose
         while not self._stop.is_set():
+            if self._hold.is_set():
+                self._park()
+                continue
             if self.duty and asleep:
                 self._sleep()
                 if self._stop.is_set():
@@ -230,7 +264,7 @@ class Uplink:
                     continue
                 delay = self._attempts.next_delay()
                 log.warning("uplink: %s; retrying in %.1fs", exc, delay)
-                self._stop.wait(delay)
+                self._pause(delay)
                 continue
             up_since = time.monotonic()
             try:
@@ -244,14 +278,14 @@ class Uplink:
                 self.counters.connected_since = None
             if self._stop.is_set():
                 break
-            if asleep:
+            if asleep or self._hold.is_set():
                 self._attempts.reset()
                 continue
             if time.monotonic() - up_since >= self.cfg.mqtt.stable_s:
                 self._attempts.reset()
             delay = self._attempts.next_delay()
             log.warning("uplink: link lost (%s); reconnecting in %.1fs", self._reason(), delay)
-            self._stop.wait(delay)
+            self._pause(delay)
         self._shutdown()
 
     def _reason(self) -> str:
@@ -427,6 +461,10 @@ class Uplink:
                 work()
             if self.peer is not None:
                 self.peer.tick(link)
+            if self._hold.is_set():  # a renewal needs the device's one connection (``hold``)
+                log.info("uplink: link down while the certificate is renewed")
+                self._go_down(link)
+                return False
             if self.duty and self._done(since):
                 self._go_down(link)
                 return True

@@ -56,6 +56,10 @@ DEFAULT_TEMPLATE = "GlucoagentFleet"  # the provisioning template's name a clini
 # The template's parameters (RegisterThing ``parameters``) and ``deviceConfiguration`` entries: the box sends
 # the first three, the pre-provisioning hook overrides the thing name; the configuration carries our keys.
 TOKEN_PARAM, PATIENT_PARAM, SERIAL_PARAM, THING_PARAM = "EnrolmentToken", "PatientRef", "SerialNumber", "ThingName"
+# A renewal's RegisterThing (agent/identity/aws_renewal.py) carries, in place of the token, the request id and
+# the proof signed with the thing's current key (agent/wire/renewal.py ``sign_recovery``, base64): our hook
+# checks it and names the same thing, so the new certificate is attached to it.
+RENEWAL_ID_PARAM, RENEWAL_PROOF_PARAM = "RenewalId", "RenewalProof"
 COMMAND_KEY_CONFIG, RELEASE_KEY_CONFIG = "CommandKey", "ReleaseKey"
 HOOK_REFUSED = (403, "AccessDenied")  # RegisterThing refused because the pre-provisioning hook said no
 DOCUMENT_KEY = "glucoagent"  # our part of a job document

@@ -95,9 +95,14 @@ def decode_delivery(data: bytes, command_key: cose.PublicKey, device_id: str) ->
 # --- re-enrolment over the claim path ----------------------------------------------------------------
 def encode_recovery_request(request_id: str, device_id: str, old_key: cose.PrivateKey, csr: bytes, now: float) -> bytes:
     """The claim-path request: the CSR for the new key, signed (COSE) with the old device key."""
+    return cbor2.dumps({"v": 1, "req": request_id, RECOVER_KEY: sign_recovery(request_id, device_id, old_key, csr, now)})
+
+
+def sign_recovery(request_id: str, device_id: str, old_key: cose.PrivateKey, csr: bytes, now: float) -> bytes:
+    """The proof a re-enrolment carries (``decode_recovery`` checks it): COSE_Sign1 by the old device key over
+    ``{"req", "dev", "csr", "iat"}``. Also the AWS renewal's proof (template parameter, agent/wire/aws.py)."""
     inner = cbor2.dumps({"req": request_id, "dev": device_id, "csr": csr, "iat": int(now)}, canonical=True)
-    signed = cose.sign1(old_key, inner, kid=cose.key_id(old_key.public_key()))
-    return cbor2.dumps({"v": 1, "req": request_id, RECOVER_KEY: signed})
+    return cose.sign1(old_key, inner, kid=cose.key_id(old_key.public_key()))
 
 
 def claimed_device(signed: object) -> str:

@@ -47,6 +47,9 @@ class CloudAdapter:
     # 0: one signed ack per stored batch, at once. > 0: the cloud throttles messages to a device, so acks are
     # cumulative: one ack per device listing everything stored since its last, at most this often.
     ack_interval_s: ClassVar[float] = 0.0
+    # True: a box renews its certificate by enrolling again with its old key's signature (Azure: DPS, one
+    # connection per device), so a re-enrolment is taken before the certificate expires, not only after.
+    renews_by_enrolment: ClassVar[bool] = False
 
     def control_topics(self) -> list[str]:
         return [topics.ALL_PROVISION_REQUESTS, topics.ALL_STATUS, topics.ALL_RESULTS, topics.ALL_FETCH, topics.ALL_TIME]
@@ -70,6 +73,10 @@ class CloudAdapter:
         dev = topics.DeviceTopics(device_id)
         topic = {ACK: dev.acks, TIME_REPLY: dev.acks, COMMAND: dev.commands, CHUNK: dev.chunks}[kind]
         return Publish(topic, payload)
+
+    def command(self, device_id: str, cmd_id: str, envelope: bytes, ttl_s: float | None = None) -> Publish:
+        """How one signed command leaves for a box (``glucoagent-backend command``): a message to it here."""
+        return self.to_device(device_id, COMMAND, envelope, ttl_s=ttl_s)
 
     def provision_reply(self, request_id: str, payload: bytes) -> Publish:
         return Publish(topics.provision_response(request_id), payload)

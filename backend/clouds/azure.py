@@ -74,6 +74,7 @@ DPS_ALLOCATION = f"{BRIDGE}/dps/allocation/"
 class AzureAdapter(CloudAdapter):
     name: ClassVar[str] = "azure"
     ack_interval_s: ClassVar[float] = ACK_INTERVAL_S
+    renews_by_enrolment: ClassVar[bool] = True  # the box registers again with DPS (agent/identity/dps.py)
 
     def __init__(self) -> None:
         # request id -> (operation id, registration id, hub) of a custom allocation request being answered

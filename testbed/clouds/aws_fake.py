@@ -35,13 +35,20 @@ the documented contract the box meets, each rule with its source:
   CA stands in for AWS's), RegisterThing calls the template's **pre-provisioning hook** and refuses with
   ``{"statusCode": 403, "errorCode": "AccessDenied", …}`` when it says no. AWS answers only the connection
   that asked; mosquitto cannot, so every claim connection subscribed may see a reply (the box ignores a
-  certificate that is not for its key).
+  certificate that is not for its key). The same two calls from a thing's own certificate renew it (the
+  device policy allows them, docs/clouds.md): "Device provisioning MQTT API" lets any principal whose
+  policy allows the topics call them, and RegisterThing with the ownership token attaches the new
+  certificate to the thing the template (after our hook) names. The thing attached is modelled by the CN,
+  so a CSR naming a thing (CN) gets a certificate with that CN; AWS keeps it PENDING_ACTIVATION until
+  RegisterThing, which the fake does not model (see docs/clouds.md, "The fake").
 * **Jobs** (``AwsIotCore``): developer guide "Jobs device MQTT API" and ``awsiot/iotjobs.py``; queued
   executions per thing (kept in ``jobs.json``, they outlive the thing's sessions), ``notify-next`` when the
   next pending execution changes (not on subscribe: a device asks ``start-next`` once subscribed, as
   aws-iot-device-client's ``JobsFeature::runJobs`` does), ``start-next``, ``<jobId>/update`` with ``expectedVersion`` and terminal
   states, refusals in RejectedError's shape with its codes.
-* **Control plane**: ``create_job`` stands for the CreateJob API (AWS IoT API reference).
+* **Control plane**: ``create_job`` stands for the CreateJob API (AWS IoT API reference), called in process or
+  as the bridge does for `glucoagent-backend command --cloud aws` (``aws-bridge/create-job/<thing>/<job id>``,
+  backend/aws.py).
 """
 
 from __future__ import annotations
@@ -64,11 +71,12 @@ import paho.mqtt.client as mqtt
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 
 from agent.wire import aws
 from agent.wire import topics as wire_topics
 from agent.wire.provisioning import device_id_for
-from backend.aws import pre_provisioning_hook, send_command_as_job
+from backend.aws import CREATE_JOB, pre_provisioning_hook, send_command_as_job
 from backend.broker import Broker
 from backend.broker_config import ACL_FILE, CONTROL_TOPIC, DEVICE_READ, DEVICE_WRITE, broker_account, install_file
 from backend.mqtt_client import tls_client
@@ -96,6 +104,7 @@ def aws_acl(template: str = TEMPLATE) -> str:
             f"topic readwrite {wire_topics.PREFIX}/#",
             "topic readwrite $aws/#",
             f"topic write {CONTROL_TOPIC}",
+            "topic readwrite aws-bridge/#",  # our service to the control-plane bridge (backend/aws.py)
             "",
             f"user {CLAIM_CN}",  # the claim policy: fleet provisioning topics only
             f"topic deny {wire_topics.PREFIX}/#",
@@ -108,6 +117,11 @@ def aws_acl(template: str = TEMPLATE) -> str:
             "# the device policy: a thing's own topics (CN = thing name)",
             *(f"pattern write {dev}/{leaf}" for leaf in DEVICE_WRITE),
             *(f"pattern read {dev}/{leaf}" for leaf in DEVICE_READ if leaf != wire_topics.COMMANDS),  # commands: Jobs
+            # the device policy's renewal grant: fleet provisioning's two calls on the thing's own connection
+            f"pattern write {aws.CREATE_FROM_CSR}",
+            f"pattern read {aws.CREATE_FROM_CSR}/+",
+            f"pattern write {provision}",
+            f"pattern read {provision}/+",
             f"pattern write {jobs}/start-next",
             f"pattern read {jobs}/start-next/+",
             f"pattern read {jobs}/notify-next",
@@ -226,6 +240,7 @@ class AwsIotCore:
         self.pki = broker.pki
         self.state_dir = state_dir
         self.hook = hook
+        self.cert_days = 365.0  # lifetime of the certificates it issues (tests shorten it to provoke expiry)
         self.device_configuration = device_configuration
         self.template = template
         self.provision_topic = aws.provision_topic(template)
@@ -270,6 +285,7 @@ class AwsIotCore:
             self.provision_topic,
             "$aws/things/+/jobs/start-next",
             "$aws/things/+/jobs/+/update",
+            f"{CREATE_JOB}/+/+",  # the bridge's CreateJob requests (backend/aws.py)
         ]
         client.subscribe([(f, 1) for f in filters])
         self._ready.set()
@@ -281,7 +297,10 @@ class AwsIotCore:
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         payload = bytes(msg.payload)
         try:
-            if msg.topic == aws.CREATE_FROM_CSR:
+            if msg.topic.startswith(CREATE_JOB + "/"):  # the bridge calls CreateJob (AWS IoT API reference)
+                _, _, thing, job_id = msg.topic.rsplit("/", 3)
+                self.create_job(thing, job_id, json.loads(payload))
+            elif msg.topic == aws.CREATE_FROM_CSR:
                 self._create_from_csr(payload)
             elif msg.topic == self.provision_topic:
                 self._register_thing(payload)
@@ -316,7 +335,13 @@ class AwsIotCore:
         if not isinstance(public_key, ec.EllipticCurvePublicKey):
             self._reject_provisioning(topic, 400, "InvalidCertificateSigningRequest", "unsupported key algorithm")
             return
-        pem = self.pki.sign_device_csr(csr_pem, device_id_for(public_key))
+        # The CN models the thing the certificate gets attached to: a renewing thing's CSR names it (CN); an
+        # enrolling box's does not, and its thing is named after its key by our hook.
+        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        named = str(names[0].value) if names else ""
+        pem = self.pki.sign_device_csr(
+            csr_pem, named if aws.THING_RE.match(named) else device_id_for(public_key), days=self.cert_days
+        )
         cert_id = hashlib.sha256(x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)).hexdigest()
         token = secrets.token_urlsafe(48)
         with self._lock:

@@ -18,14 +18,19 @@ Sources, cited by tag at each rule:
   [ALLOC] "Understand custom allocation policies with Azure IoT Hub Device Provisioning Service"
   [CSR]   "Device certificate issuance" (Azure Device Registry, preview): the device sends a CSR when it
           registers. Neither SDK implements it; the field names (``csr`` in, our certificate back in the
-          webhook's ``payload``) are this fake's assumption, documented in docs/clouds.md.
+          webhook's ``payload``) are this fake's assumption, documented in docs/clouds.md. Renewal is the same
+          registration again with a new CSR ("renew by re-provisioning", same page): assumed, as above.
+  [REST]  DPS REST reference, "Device Registration State": ``substatus`` ``initialAssignment`` the first time,
+          ``reprovisionedToInitialAssignment`` when a device registers again to the hub it was on.
 
 Not modelled: a publish to a topic outside a device's ACL is dropped by mosquitto (and PUBACKed, MQTT 3.1.1)
 where the hub would close the connection; the hub's 50-message C2D queue per device; the daily message quota.
 The agent's own topics come from agent/wire/azure.py, whose unit tests check them against the SDKs.
 
 The fake DPS shares the hub's mosquitto (real DPS is another host): a claim login as registration id X would
-take over a hub connection of device X, so the tests provision a box before its agent runs.
+take over a hub connection of device X, so the tests provision a box before its agent runs. A renewal
+registers again as X while the box holds its hub link down; that DPS login (clean session) also drops the
+hub session's queued C2D messages here, which real DPS, another host, does not touch.
 
 Where the real service closes the connection ([MQTT]: "AMQP returns errors for many conditions, while MQTT
 terminates the connection") the fake closes it too, through the auth plugin's disconnect command, and logs
@@ -180,6 +185,7 @@ class HubResponder:
         self.hub = broker.hub if isinstance(broker, HubBroker) else HUB
         self._operations: dict[str, dict[str, object]] = {}  # DPS operation id -> its status body
         self._pending: dict[str, str] = {}  # operation id -> registration id, while the webhook works
+        self._assigned: set[str] = set()  # registration ids assigned once (a second time is a re-provisioning)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._client: mqtt.Client | None = None
@@ -354,12 +360,14 @@ class HubResponder:
                 "assignedHub": answer["iotHubHostName"],
                 "deviceId": registration_id,  # [DPS] the device id is the registration id
                 "status": "assigned",
-                "substatus": "initialAssignment",
+                # [REST] a second registration of the same id to the same hub (a renewal) is a re-provisioning
+                "substatus": "reprovisionedToInitialAssignment" if registration_id in self._assigned else "initialAssignment",
                 "createdDateTimeUtc": now,
                 "lastUpdatedDateTimeUtc": now,
                 "payload": answer.get("payload"),  # [ALLOC] returned to the device
             }
             self._operations[operation] = {"operationId": operation, "status": "assigned", "registrationState": state}
+            self._assigned.add(registration_id)
         else:  # [ALLOC] a failing webhook fails the registration; its message is kept
             state = {"registrationId": registration_id, "status": "failed", "errorCode": 400207,
                      "errorMessage": str(answer.get("message", "custom allocation failed")),

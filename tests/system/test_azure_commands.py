@@ -136,19 +136,3 @@ def test_a_command_as_a_direct_method_is_answered_after_it_is_stored(box: Box) -
         box.stop()
     finally:
         service.disconnect()
-
-
-def test_renewal_is_refused_clearly_on_a_one_connection_cloud(box: Box) -> None:
-    """A trial login with the new certificate would drop the agent's connection on IoT Hub: the renewal fails
-    with one code before any key is made, and the agent stays connected."""
-    box.start()
-    argv = [BACKEND_CLI, "command", box.device_id, "renew_certificate", "--cloud", "azure", "--home",
-            str(box.hub.home.root), "--port", str(box.hub.broker.port), "--timeout", "30"]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    assert out.returncode == 1, out.stderr
-    result = json.loads(out.stdout)
-    assert (result["status"], result["code"]) == ("failed", "one_connection_only")
-    assert "one connection per device" in result["message"]
-    assert not (box.state / "renew").exists() or not any((box.state / "renew").iterdir())
-    assert box.log().count("uplink: connected to") == box.log().count("glucoagent running as")  # no reconnect
-    box.stop()
