@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from agent.errors import GlucoagentError
@@ -47,13 +47,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from backend.revocation import CrlKeeper
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Handlers first: a SIGTERM while the home and database are being opened still ends serve cleanly.
+    stop = threading.Event()
+    stoppers: list[Callable[[], None]] = [stop.set]
+
+    def on_signal(*_: object) -> None:
+        for s in list(stoppers):
+            s()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     home = BackendHome(args.home)
     home.ensure()
     home.cert_days = args.cert_days
     # One worker: today's single connection does everything. More: this process keeps the control
     # topics and N ingest processes share telemetry and health (backend/workers.py says why).
     service = home.service(args.host, args.port, role="all" if args.workers == 1 else "control", cloud=args.cloud)
-    stop = threading.Event()
+    stoppers.insert(0, service.stop)
+    if stop.is_set():
+        service.stop()
     if args.workers > 1:
         from backend.workers import WorkerPool
 
@@ -66,12 +78,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sweeper = RetentionSweeper(service.db, args.retention_days, args.retention_interval)
         threading.Thread(target=sweeper.run, args=(stop,), name="retention", daemon=True).start()
 
-    def on_signal(*_: object) -> None:
-        service.stop()
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
     thread = threading.Thread(target=service.run, name="backend", daemon=True)
     thread.start()
     # Re-issue the CRL daily (valid 30 days) and make the broker in this home reload it.

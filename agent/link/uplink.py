@@ -168,7 +168,7 @@ class Uplink:
     # --- lifecycle --------------------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
+        self.wake()  # out of select() on the socket and out of a duty sleep at once
 
     def wake(self, urgent: bool = True) -> None:
         """New rows in the buffer: upload without waiting for the next tick. In duty mode only an ``urgent``
@@ -183,8 +183,7 @@ class Uplink:
     def hold(self) -> None:
         """Any thread: take the link down and keep it down until ``release`` (``parked`` says when it is)."""
         self._hold.set()
-        self._wake.set()
-        self._urgent.set()  # duty mode: out of its sleep, so the hold is seen at once
+        self.wake()  # out of select() and (duty mode) out of its sleep, so the hold is seen at once
 
     def release(self) -> None:
         self._hold.clear()
