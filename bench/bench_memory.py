@@ -58,6 +58,7 @@ EAGER = (
     "tenacity",
     "ctypes.util",
     "drivers.simulators.base",
+    "cryptography.hazmat.primitives.asymmetric.ec",
 )
 EAGER_LAUNCHER = (
     "import importlib, sys\n"

@@ -57,6 +57,7 @@ LAZY = {
     "subprocess",  # stepping the clock, sync_time, reboot, an update's install
     "ctypes.util",  # the clock's adjtimex is found in the process's own symbols
     "drivers.simulators",  # `glucoagent simulate` only (the daemon builds the same parser)
+    "cryptography.hazmat.primitives.asymmetric.ec",  # a P-256 key: this box's is Ed25519
     "drivers.novopen",  # the pen driver: no pen configured
     "drivers.contour_astm",  # meters not configured
     "drivers.onetouch_ultraeasy",
