@@ -8,14 +8,12 @@ plus (boot id, monotonic) which is always right within one boot.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import dataclasses
 import datetime as dt
 import enum
 import functools
 import logging
 import shlex
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -61,12 +59,10 @@ class _Timex(ctypes.Structure):
 
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
-    # find_library may run ldconfig: do it once, not per timestamp.
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
+    # The process's own symbols (dlopen(NULL)) include the C library's, glibc's and musl's alike: no
+    # ctypes.util.find_library, which runs ldconfig or gcc (neither is on OpenWrt) and imports subprocess.
     try:
-        return ctypes.CDLL(name, use_errno=True)
+        return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
 
@@ -136,6 +132,8 @@ class Clock:
         mono = time.clock_gettime(time.CLOCK_BOOTTIME)
         offset = true - time.time()
         if abs(offset) > FAR_OFF_S:
+            import subprocess  # stepping the clock is rare: not held at steady state (docs/field.md)
+
             argv = shlex.split(settime_command.replace("{epoch}", str(round(true))))
             try:
                 proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.buffer.intake import Recorder
 from agent.buffer.store import Store, open_store
@@ -24,7 +24,6 @@ from agent.errors import GlucoagentError, StorageUnavailable
 from agent.identity import renewal
 from agent.identity.credentials import DeviceIdentity, load_identity
 from agent.identity.signer import Signer
-from agent.link.aws_jobs import jobs_bridge
 from agent.link.uplink import Uplink
 from agent.meters import MeterWatcher
 from agent.snapshot import clear_snapshot, write_snapshot
@@ -33,6 +32,9 @@ from agent.update.outcome import VersionProbe
 from agent.update.outcome import health_fields as update_health
 from agent.update.pkgdb import PackageManager
 from agent.wire.clocksync import anchor_sample
+
+if TYPE_CHECKING:
+    from agent.link.aws_jobs import JobsBridge
 
 log = logging.getLogger(__name__)
 APPLY_WAIT_S = 10.0  # a configuration change the daemon's loop must take within this
@@ -75,6 +77,12 @@ class Daemon:
         self.recorder = Recorder(self.store, self.signer, cfg.alerts)
         if set_aside:
             self.recorder.raise_condition("store_corrupt", f"buffer file was corrupt; kept aside as {set_aside}")
+        profile = cfg.mqtt.cloud()
+        jobs: JobsBridge | None = None
+        if profile.name == "aws":  # AWS IoT Jobs: its module loads on that profile only (docs/field.md)
+            from agent.link.aws_jobs import jobs_bridge
+
+            jobs = jobs_bridge(profile, self.identity.device_id, self.on_command)
         self.uplink = Uplink(
             cfg,
             self.identity,
@@ -84,7 +92,7 @@ class Daemon:
             clock=self.clock,
             on_time=self.on_time,
             commands_idle=self.commands_idle,
-            peer=(jobs := jobs_bridge(cfg.mqtt.cloud(), self.identity.device_id, self.on_command)),
+            peer=jobs,
         )
         self.recorder.on_stored = lambda urgent: self.uplink.wake(urgent=urgent)
         self.watcher = MeterWatcher(cfg, self.recorder, self.clock, on_stored=self.on_stored)

@@ -20,7 +20,6 @@ from drivers import readings_json
 from drivers.errors import BadRecordsFile, DriverError, DriverUsageError, InputUnreadable, InvalidResponse
 from drivers.models import GlucoseReading
 from drivers.registry import PROTOCOLS, SIMULATED, driver_module, is_ble, is_pen
-from drivers.simulators.base import DEFAULT_BAUD
 
 PROG = "glucoagent"
 #: Flags that shape a simulated meter / a simulated pen reader; giving one to the other kind is an error.
@@ -66,7 +65,7 @@ def add_parsers(subparsers: Any) -> None:
     m.add_argument("--records", help="JSON array of readings (docs/readings.md), newest first; default: demo set")
     m.add_argument("--serial", help="meter serial number (default: from the records, else per protocol)")
     m.add_argument("--clock-skew", type=float, help="meter clock minus local time, seconds (default 0)")
-    m.add_argument("--baud", type=float, help=f"pacing (default {DEFAULT_BAUD:g}); 0 = as fast as possible")
+    m.add_argument("--baud", type=float, help="pacing in baud (default: a real meter's); 0 = as fast as possible")
     m.add_argument("--noise", type=float, help="probability of noise bytes per line/frame/packet")
     m.add_argument("--drop", type=float, help="probability of a dropped byte per unit")
     m.add_argument("--bad-checksum", type=float, help="probability of a wrong checksum per unit")
@@ -123,7 +122,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _simulate_meter(args: argparse.Namespace, link: Path) -> int:
+    # the simulators are imported here, not at the top: the daemon builds this parser too (docs/field.md)
     from drivers.simulators import records as demo
+    from drivers.simulators.base import DEFAULT_BAUD
     from drivers.simulators.faults import Faults
     from drivers.simulators.run import serve
 

@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import logging
 import queue
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -214,7 +213,7 @@ class CommandExecutor:
             outcome = handler.run(self.ctx, cmd, received)
         except CommandRejected as exc:
             outcome = Outcome("refused", exc.code, str(exc))
-        except (GlucoagentError, OSError, subprocess.SubprocessError) as exc:
+        except (GlucoagentError, OSError) as exc:  # handlers._run_script turns a script's timeout into one
             outcome = Outcome("failed", "error", str(exc) or type(exc).__name__)
         except Exception as exc:
             log.exception("command %s (%s) crashed", cmd.id, cmd.type)

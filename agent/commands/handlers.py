@@ -6,19 +6,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shlex
-import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.buffer.store import CLINICAL
 from agent.commands.logring import redact
 from agent.commands.ports import INTERRUPTED, Context, Handler, Interruption, Outcome
 from agent.config import SCHEMA, SETTABLE_KEYS, build_config
-from agent.errors import CommandRejected, ConfigError
+from agent.errors import CommandRejected, ConfigError, GlucoagentError
 from agent.fsutil import atomic_write
 from agent.uci import parse_uci, set_option
 from agent.wire.command import COMMANDS, Command
+
+if TYPE_CHECKING:
+    import subprocess
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +210,12 @@ if set(HANDLERS) != set(COMMANDS):  # the wire's table is the one list of comman
 
 
 def _run_script(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(argv, capture_output=True, timeout=SCRIPT_TIMEOUT_S, check=False)
+    import subprocess  # only sync_time and reboot run a program: not held at steady state (docs/field.md)
+
+    try:
+        return subprocess.run(argv, capture_output=True, timeout=SCRIPT_TIMEOUT_S, check=False)
+    except subprocess.SubprocessError as exc:  # a timeout: the executor reports it as the command's failure
+        raise GlucoagentError(str(exc)) from exc
 
 
 def _tail(proc: subprocess.CompletedProcess[bytes]) -> str:

@@ -15,15 +15,17 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.errors import ConfigError, NotProvisioned
 from agent.fsutil import atomic_write
 from agent.identity import der
-from agent.wire.cose import PrivateKey, PublicKey, key_id
+from agent.wire.cose import is_private_key, is_public_key, key_id
 
 if TYPE_CHECKING:
     from cryptography import x509
+
+    from agent.wire.cose import PrivateKey, PublicKey
 
 KEY_FILE = "device.key"
 CERT_FILE = "device.crt"
@@ -54,6 +56,8 @@ def generate_key(key_type: str) -> PrivateKey:
     if key_type == "ed25519":
         return ed25519.Ed25519PrivateKey.generate()
     if key_type == "p256":
+        from cryptography.hazmat.primitives.asymmetric import ec  # only for a P-256 key (docs/field.md)
+
         return ec.generate_private_key(ec.SECP256R1())
     raise ConfigError(f"agent.key_type: expected one of {', '.join(KEY_TYPES)}, got {key_type!r}")
 
@@ -90,7 +94,7 @@ def load_key(path: Path) -> PrivateKey:
             key = serialization.load_pem_private_key(pem, password=None)
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"{path}: the device key is unreadable ({exc}); deprovision and enrol again") from exc
-    if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
+    if not is_private_key(key):
         raise ConfigError(f"{path}: unsupported key type {type(key).__name__}")
     return key
 
@@ -179,7 +183,7 @@ def load_identity(state_dir: Path) -> DeviceIdentity:
         command_key = load_public_key((state_dir / COMMAND_KEY_FILE).read_bytes())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"credentials in {state_dir} are unreadable: {exc}") from exc
-    if not isinstance(command_key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
+    if not is_public_key(command_key):
         raise ConfigError(f"{state_dir / COMMAND_KEY_FILE}: unsupported key type")
     return DeviceIdentity(
         state_dir=state_dir,

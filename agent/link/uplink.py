@@ -21,9 +21,7 @@ import threading
 import time
 import types
 from collections.abc import Callable
-from typing import Any, Protocol
-
-import tenacity
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.buffer.store import CLINICAL, HEALTH, OutboxRow, Store
 from agent.clock import Anchor, Clock
@@ -40,6 +38,9 @@ from agent.wire.clocksync import NONCE_BYTES, decode_time_reply, encode_time_req
 from agent.wire.profiles import Inbound, Publish
 from agent.wire.provisioning import STATUS_OFFLINE, STATUS_ONLINE
 from agent.wire.topics import DeviceTopics
+
+if TYPE_CHECKING:
+    import tenacity
 
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 60.0  # longest wait on the socket when nothing falls due (wake() and any packet end it sooner)
@@ -75,10 +76,15 @@ class _Attempts:
 
     def __init__(self, lo: float, cap: float) -> None:
         self.count = 0
-        self._wait = tenacity.wait_random_exponential(multiplier=lo, max=cap)
-        self.lo = lo
+        self._wait: tenacity.wait.wait_random_exponential | None = None
+        self.lo, self.cap = lo, cap
 
     def next_delay(self) -> float:
+        if self._wait is None:
+            # tenacity loads at the first failed or lost connection, not at steady state (docs/field.md)
+            import tenacity
+
+            self._wait = tenacity.wait_random_exponential(multiplier=self.lo, max=self.cap)
         self.count += 1
         # Full jitter: uniform(0, min(cap, lo * 2^n)), but never a busy loop.
         return max(self.lo / 2, float(self._wait(types.SimpleNamespace(attempt_number=self.count))))  # type: ignore[arg-type]

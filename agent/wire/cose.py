@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import io
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import cbor2
 from cryptography.exceptions import InvalidSignature
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes
 # The enums only, from where the serialization package itself takes them: that package also loads ssh,
 # bcrypt and the ciphers, which the running box never needs (docs/field.md).
 from cryptography.hazmat.primitives._serialization import Encoding, PublicFormat
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, utils
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.errors import SignatureError
 
@@ -36,8 +36,13 @@ ALG_ED25519 = -19
 CONTEXT_SIGNATURE1 = "Signature1"
 ES256_COORD = 32
 
-PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
-PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
+# cryptography's ec (P-256: the other clouds' device keys) is imported only where such a key is in hand, so
+# an Ed25519 box never holds it (docs/field.md); the aliases are for annotations only.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+    PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,9 +61,29 @@ def key_id(public_key: PublicKey) -> bytes:
     return hashlib.sha256(spki).digest()[:16]
 
 
+def is_private_key(obj: object) -> TypeGuard[PrivateKey]:
+    """An Ed25519 or EC private key (the kinds COSE here signs with)."""
+    if isinstance(obj, ed25519.Ed25519PrivateKey):
+        return True
+    from cryptography.hazmat.primitives.asymmetric import ec  # not an Ed25519 key: see PrivateKey
+
+    return isinstance(obj, ec.EllipticCurvePrivateKey)
+
+
+def is_public_key(obj: object) -> TypeGuard[PublicKey]:
+    """An Ed25519 or EC public key."""
+    if isinstance(obj, ed25519.Ed25519PublicKey):
+        return True
+    from cryptography.hazmat.primitives.asymmetric import ec  # not an Ed25519 key: see PrivateKey
+
+    return isinstance(obj, ec.EllipticCurvePublicKey)
+
+
 def default_alg(key: PrivateKey | PublicKey) -> int:
     if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
         return ALG_EDDSA
+    from cryptography.hazmat.primitives.asymmetric import ec  # not an Ed25519 key: see PrivateKey
+
     if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1":
         return ALG_ES256
     raise SignatureError(f"unsupported key type for COSE: {type(key).__name__}")
@@ -86,13 +111,36 @@ def sign1(
     tbs = _sig_structure(protected, external_aad, payload)
     if alg in (ALG_EDDSA, ALG_ED25519) and isinstance(key, ed25519.Ed25519PrivateKey):
         signature = key.sign(tbs)
-    elif alg == ALG_ES256 and isinstance(key, ec.EllipticCurvePrivateKey):
-        r, s = utils.decode_dss_signature(key.sign(tbs, ec.ECDSA(hashes.SHA256())))
-        signature = r.to_bytes(ES256_COORD, "big") + s.to_bytes(ES256_COORD, "big")
+    elif alg == ALG_ES256 and not isinstance(key, ed25519.Ed25519PrivateKey):
+        signature = _es256_sign(key, tbs)
     else:
         raise SignatureError(f"algorithm {alg} does not fit a {type(key).__name__}")
     unprotected = {HDR_KID: kid} if kid is not None else {}
     return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, unprotected, payload, signature]))
+
+
+def _es256_sign(key: object, tbs: bytes) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric import ec, utils  # not an Ed25519 key: see PrivateKey
+
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise SignatureError(f"algorithm {ALG_ES256} does not fit a {type(key).__name__}")
+    r, s = utils.decode_dss_signature(key.sign(tbs, ec.ECDSA(hashes.SHA256())))
+    return r.to_bytes(ES256_COORD, "big") + s.to_bytes(ES256_COORD, "big")
+
+
+def _es256_verified(key: object, signature: bytes, tbs: bytes) -> bool:
+    """False where a P-256 key and a 64-byte signature are not both there; InvalidSignature where they are
+    and the signature does not verify."""
+    from cryptography.hazmat.primitives.asymmetric import ec, utils  # not an Ed25519 key: see PrivateKey
+
+    if not (isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"):
+        return False
+    if len(signature) != 2 * ES256_COORD:
+        return False
+    r = int.from_bytes(signature[:ES256_COORD], "big")
+    s = int.from_bytes(signature[ES256_COORD:], "big")
+    key.verify(utils.encode_dss_signature(r, s), tbs, ec.ECDSA(hashes.SHA256()))
+    return True
 
 
 def _loads_one(data: bytes) -> Any:
@@ -159,16 +207,7 @@ def verify1(
     try:
         if alg in (ALG_EDDSA, ALG_ED25519) and isinstance(key, ed25519.Ed25519PublicKey):
             key.verify(signature, tbs)
-        elif (
-            alg == ALG_ES256
-            and isinstance(key, ec.EllipticCurvePublicKey)
-            and key.curve.name == "secp256r1"
-            and len(signature) == 2 * ES256_COORD
-        ):
-            r = int.from_bytes(signature[:ES256_COORD], "big")
-            s = int.from_bytes(signature[ES256_COORD:], "big")
-            key.verify(utils.encode_dss_signature(r, s), tbs, ec.ECDSA(hashes.SHA256()))
-        else:
+        elif alg != ALG_ES256 or isinstance(key, ed25519.Ed25519PublicKey) or not _es256_verified(key, signature, tbs):
             raise SignatureError(f"algorithm {alg} does not fit a {type(key).__name__}")
     except InvalidSignature:
         raise SignatureError("signature does not verify") from None

@@ -124,18 +124,28 @@ PROFILE_NAMES = ("glucoagent", "azure", "aws")  # mqtt.profile's allowed values 
 
 
 def profile_classes() -> dict[str, type[CloudProfile]]:
-    """Every implemented profile by name. Each cloud's module subclasses ``CloudProfile`` (imported here,
-    late, because they import this module)."""
-    from agent.wire.aws import AwsProfile
-    from agent.wire.azure import AzureProfile
+    """Every implemented profile by name (this imports every cloud's module)."""
+    return {name: cls for name in PROFILE_NAMES if (cls := _profile_class(name)) is not None}
 
-    return {"glucoagent": CloudProfile, "azure": AzureProfile, "aws": AwsProfile}
+
+def _profile_class(name: str) -> type[CloudProfile] | None:
+    # Each cloud's module subclasses CloudProfile (imported here, late, because they import this module);
+    # only the named one is imported: a box on one profile never holds another's (docs/field.md).
+    if name == "aws":
+        from agent.wire.aws import AwsProfile
+
+        return AwsProfile
+    if name == "azure":
+        from agent.wire.azure import AzureProfile
+
+        return AzureProfile
+    return CloudProfile if name == "glucoagent" else None
 
 
 def make_profile(name: str, options: Mapping[str, str] | None = None) -> CloudProfile:
     """The profile called ``name``, built from the ``mqtt.*`` options whose names are its fields (every
     field without a default is required); ValueError names what is missing."""
-    cls = profile_classes().get(name)
+    cls = _profile_class(name)
     if cls is None:
         raise ValueError(f"cloud profile {name!r} is not implemented (known: {', '.join(sorted(profile_classes()))})")
     opts = dict(options or {})
