@@ -204,10 +204,12 @@ def test_the_running_service_enforces_the_retention_period(tmp_path: Path) -> No
         prefix=(FAKETIME, "-f", "+3d"),
     )
     try:
-        assert wait_for(lambda: stored() == 0, 30), (tmp_path / "later.log").read_text()
+        # the sweep logs right after its commit: wait for both before stopping serve
+        assert wait_for(
+            lambda: stored() == 0 and "retention 2d: deleted 3 records" in (tmp_path / "later.log").read_text(), 30
+        ), (tmp_path / "later.log").read_text()
     finally:
         stop_process(proc)
-    assert "retention 2d: deleted 3 records" in (tmp_path / "later.log").read_text()
 
 
 # --- deprovision ---------------------------------------------------------------------------------------
