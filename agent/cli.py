@@ -40,9 +40,13 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from agent.identity.provisioning import ClaimFiles, provision
+    from agent.identity.provisioning import ClaimFiles, KeyTypeRefused, provision
 
     cfg = _config(args)
+    if args.key_type == "ed25519" and cfg.mqtt.profile == "aws":  # asked for, so refused, not quietly swapped
+        raise KeyTypeRefused(
+            "AWS IoT Core takes no Ed25519 device certificate: leave out --key-type (the box makes a P-256 key)"
+        )
     claim = ClaimFiles.default(cfg.agent.state_dir)
     claim = ClaimFiles(ca=args.ca or claim.ca, cert=args.claim_cert or claim.cert, key=args.claim_key or claim.key)
     device_id = provision(

@@ -190,9 +190,11 @@ def hand_to_watchdog(state_dir: Path, reason: str) -> bool:
         os.rename(directory / PENDING_FILE, claimed)
     except FileNotFoundError:
         return False
-    fields = read_marker(claimed) or {}
+    fields = read_marker(claimed)
+    if fields is None:  # the watchdog finished this handover itself (it takes a leftover aside copy)
+        return True
     write_marker(directory / ROLLBACK_FILE, {**fields, "REASON": reason})
-    claimed.unlink()
+    claimed.unlink(missing_ok=True)
     fsync_dir(directory)
     return True
 

@@ -178,6 +178,23 @@ def test_watchdog_killed_mid_rollback_finishes_it_next_run(box: Box, ipks: tuple
     assert (take_report(box.state) or {}).get("OUTCOME") == "rolled_back"
 
 
+def test_a_handover_cut_by_a_power_loss_is_finished_by_the_watchdog(
+    box: Box, ipks: tuple[Package, Path, Package, Path]
+) -> None:
+    """hand_to_watchdog renames pending aside, then writes rollback: a power loss between the two leaves
+    only the aside copy, which the watchdog takes as the agent's claim (whatever the deadline)."""
+    v1, v1_ipk, v2, v2_ipk = ipks
+    previous = keep(box.state, v1_ipk, manifest(v1, v1_ipk))
+    install(box.state, box.pm, v2_ipk, manifest(v2, v2_ipk), running=v1.ipk_version, previous=previous, gate_s=600)
+    update = box.state / UPDATE_DIR
+    (update / PENDING_FILE).rename(update / f".{PENDING_FILE}.handed")  # the first step, then the power went
+    out = box.watchdog(now=0)  # long before the deadline: a handover is acted on at once
+    assert out.returncode == 0, out.stderr
+    assert box.running == v1.ipk_version
+    assert (take_report(box.state) or {}).get("OUTCOME") == "rolled_back"
+    assert sorted(p.name for p in update.iterdir() if p.name.startswith((".", "pending", "rollback"))) == []
+
+
 def test_a_package_opkg_refuses_changes_nothing(
     box: Box, ipks: tuple[Package, Path, Package, Path], tmp_path: Path
 ) -> None:

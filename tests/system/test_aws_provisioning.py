@@ -5,6 +5,7 @@ pre-provisioning hook, one clear refusal when the hook says no."""
 from __future__ import annotations
 
 import stat
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from agent.identity.credentials import load_identity, load_or_create_key
 from agent.identity.provisioning import KeyTypeRefused, provision
 from agent.wire import aws
 from testbed.clouds.aws_fake import AwsSystem
+from testbed.harness import GLUCOAGENT
 
 AWS = MqttSection(profile="aws")
 
@@ -81,3 +83,20 @@ def test_a_thing_not_named_after_the_box_key_is_refused_before_anything_is_saved
         system.aws.hook = hook
     assert "device id" in str(err.value)
     assert not (state / "device.json").exists()
+
+
+def test_an_ed25519_key_asked_for_under_aws_is_refused_not_swapped(tmp_path: Path) -> None:
+    """Under the aws profile the box makes a P-256 key; a technician who asks for Ed25519 is told, before
+    anything is made or sent (exit 54), rather than getting another key type than the one asked for."""
+    state = tmp_path / "state"
+    config = tmp_path / "glucoagent"
+    config.write_text(f"config agent 'agent'\n\toption state_dir '{state}'\n\nconfig mqtt 'mqtt'\n\toption profile 'aws'\n")
+    argv = [GLUCOAGENT, "--config", str(config), "provision", "--endpoint", "mqtts://nowhere.invalid:8883",
+            "--token", "T", "--patient", "p-4", "--key-type", "ed25519"]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 54, out.stdout + out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "glucoagent: error: AWS IoT Core takes no Ed25519 device certificate: leave out --key-type "
+        "(the box makes a P-256 key)"
+    ]
+    assert not state.exists() or not any(state.rglob("*.key"))
