@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from support.audit import assert_delivered_once, cert_of, kids_of, readings_of
 
 from agent.identity.credentials import load_key
 from agent.wire import cose
@@ -28,33 +29,9 @@ from testbed.clouds.aws_fake import AwsSystem
 DAY = 86_400
 
 
-def cert_of(state: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate((state / "device.crt").read_bytes())
-
-
 def log_of(state: Path) -> str:
     path = state / "agent.log"
     return path.read_text(errors="replace") if path.exists() else ""
-
-
-def readings(system: AwsSystem, device_id: str) -> list[tuple[str, float]]:
-    return [(r.fields["glu:meter_time"], r.fields["glu:mgdl"]) for r in system.db.records(device_id, "reading")]
-
-
-def assert_once(system: AwsSystem, device_id: str, meter: list[object]) -> None:
-    got = readings(system, device_id)
-    assert sorted(got) == sorted((m.meter_time.isoformat(), m.value_mgdl) for m in meter)  # type: ignore[attr-defined]
-    assert len(got) == len(set(got)), "none stored twice"
-    seqs = sorted(r.seq for r in system.db.records(device_id) if r.stream == "c")
-    assert seqs == list(range(1, len(seqs) + 1))
-
-
-def kids(system: AwsSystem, device_id: str) -> set[bytes]:
-    out = set()
-    for (raw,) in system.db.query("SELECT cose FROM records WHERE device_id = ? AND kind = 'reading'", (device_id,)):
-        _, prot, unprot, _, _ = cose.parse_sign1(raw)
-        out.add(bytes(prot.get(cose.HDR_KID, unprot.get(cose.HDR_KID))))
-    return out
 
 
 class Box:
@@ -90,7 +67,7 @@ def test_renew_certificate_as_a_job_renews_through_fleet_provisioning(tmp_path: 
         meter = random_records("onetouch-ultra2", 16, seed=191)  # newest first
         box.meter(meter[8:])
         system.start_agent(box.state, box.config)
-        assert system.wait_for(lambda: len(readings(system, box.device_id)) >= 8, 60), log_of(box.state)[-3000:]
+        assert system.wait_for(lambda: len(readings_of(system.db, box.device_id)) >= 8, 60), log_of(box.state)[-3000:]
 
         cmd_id, envelope = sign_command(system.home.command_key, box.device_id, "renew_certificate")
         system.send_command_job(box.device_id, cmd_id, envelope)
@@ -110,10 +87,10 @@ def test_renew_certificate_as_a_job_renews_through_fleet_provisioning(tmp_path: 
         assert system.wait_for(lambda: "reconnecting with the new certificate" in log_of(box.state), 20)
 
         box.meter(meter)
-        assert system.wait_for(lambda: len(readings(system, box.device_id)) >= 16, 60), log_of(box.state)[-3000:]
-        assert_once(system, box.device_id, meter)
-        assert new_kid in kids(system, box.device_id)
-        assert len(kids(system, box.device_id)) == 2
+        assert system.wait_for(lambda: len(readings_of(system.db, box.device_id)) >= 16, 60), log_of(box.state)[-3000:]
+        assert_delivered_once(system.db, box.device_id, meter)
+        assert new_kid in kids_of(system.db, box.device_id)
+        assert len(kids_of(system.db, box.device_id)) == 2
 
 
 def test_the_hook_refuses_a_renewal_not_signed_by_the_things_key(tmp_path: Path) -> None:
@@ -151,7 +128,7 @@ def test_the_schedule_renews_and_a_sigkill_mid_renewal_keeps_the_old_pair(tmp_pa
         meter = random_records("onetouch-ultra2", 18, seed=192)  # newest first
         box.meter(meter[12:])
         agent = system.start_agent(box.state, box.config, env=env)
-        assert system.wait_for(lambda: len(readings(system, box.device_id)) >= 6, 60), log_of(box.state)[-3000:]
+        assert system.wait_for(lambda: len(readings_of(system.db, box.device_id)) >= 6, 60), log_of(box.state)[-3000:]
 
         # (a) The hook (our Lambda) hangs: the box waits for RegisterThing with its key staged. SIGKILL now.
         gate = threading.Event()
@@ -177,7 +154,7 @@ def test_the_schedule_renews_and_a_sigkill_mid_renewal_keeps_the_old_pair(tmp_pa
         mark = log_of(box.state).count("uplink: connected to")
         agent = system.start_agent(box.state, box.config, env=env)
         assert system.wait_for(lambda: log_of(box.state).count("uplink: connected to") > mark, 30), log_of(box.state)[-3000:]
-        assert system.wait_for(lambda: len(readings(system, box.device_id)) >= 12, 60), log_of(box.state)[-3000:]
+        assert system.wait_for(lambda: len(readings_of(system.db, box.device_id)) >= 12, 60), log_of(box.state)[-3000:]
         assert not (box.state / "renew").exists()
         assert cert_of(box.state).serial_number == first.serial_number
 
@@ -189,9 +166,9 @@ def test_the_schedule_renews_and_a_sigkill_mid_renewal_keeps_the_old_pair(tmp_pa
         assert system.wait_for(lambda: "certificate renewed: serial" in log_of(box.state), 30)
         assert cert_of(box.state).subject == first.subject
         box.meter(meter)
-        assert system.wait_for(lambda: len(readings(system, box.device_id)) >= 18, 60), log_of(box.state)[-3000:]
-        assert_once(system, box.device_id, meter)
-        assert len(kids(system, box.device_id)) == 2
+        assert system.wait_for(lambda: len(readings_of(system.db, box.device_id)) >= 18, 60), log_of(box.state)[-3000:]
+        assert_delivered_once(system.db, box.device_id, meter)
+        assert len(kids_of(system.db, box.device_id)) == 2
 
 
 def test_a_thing_whose_certificate_expired_offline_renews_over_the_claim_connection(tmp_path: Path) -> None:
@@ -205,12 +182,12 @@ def test_a_thing_whose_certificate_expired_offline_renews_over_the_claim_connect
         assert system.wait_for(lambda: time.time() > not_after + 1, 40)
         box.meter(meter)
         system.start_agent(box.state, box.config)
-        assert system.wait_for(lambda: len(readings(system, box.device_id)) >= 10, 120), log_of(box.state)[-4000:]
+        assert system.wait_for(lambda: len(readings_of(system.db, box.device_id)) >= 10, 120), log_of(box.state)[-4000:]
         assert "renewing over the claim connection" in log_of(box.state)
         assert "certificate recovered" in log_of(box.state)
         names = cert_of(box.state).subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         assert [n.value for n in names] == [box.device_id]  # the same thing
         assert cert_of(box.state).not_valid_after_utc.timestamp() > time.time() + 300 * DAY
-        assert_once(system, box.device_id, meter)
-        assert kids(system, box.device_id) == {old_kid}
+        assert_delivered_once(system.db, box.device_id, meter)
+        assert kids_of(system.db, box.device_id) == {old_kid}
         assert system.db.counter("renewed") == 1

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from cryptography import x509
+from support.audit import assert_delivered_once, cert_of, kids_of, readings_of
 
 from agent.identity.credentials import load_key
 from agent.wire import cose
@@ -25,30 +26,6 @@ from testbed.harness import BIN, device_config
 
 BACKEND_CLI = str(BIN / "glucoagent-backend")
 DAY = 86_400
-
-
-def cert_of(state: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate((state / "device.crt").read_bytes())
-
-
-def readings(hub: AzureSystem, device_id: str) -> list[tuple[str, float]]:
-    return [(r.fields["glu:meter_time"], r.fields["glu:mgdl"]) for r in hub.db.records(device_id, "reading")]
-
-
-def assert_once(hub: AzureSystem, device_id: str, meter: list[object]) -> None:
-    got = readings(hub, device_id)
-    assert sorted(got) == sorted((m.meter_time.isoformat(), m.value_mgdl) for m in meter)  # type: ignore[attr-defined]
-    assert len(got) == len(set(got)), "none stored twice"
-    seqs = sorted(r.seq for r in hub.db.records(device_id) if r.stream == "c")
-    assert seqs == list(range(1, len(seqs) + 1))
-
-
-def kids(hub: AzureSystem, device_id: str) -> set[bytes]:
-    out = set()
-    for (raw,) in hub.db.query("SELECT cose FROM records WHERE device_id = ? AND kind = 'reading'", (device_id,)):
-        _, prot, unprot, _, _ = cose.parse_sign1(raw)
-        out.add(bytes(prot.get(cose.HDR_KID, unprot.get(cose.HDR_KID))))
-    return out
 
 
 class Box:
@@ -87,7 +64,7 @@ def test_renew_certificate_command_registers_again_with_dps_and_readings_flow_on
         meter = random_records("onetouch-ultra2", 16, seed=181)  # newest first
         box.meter(meter[8:])
         hub.start_agent(box.state, box.config)
-        assert hub.wait_for(lambda: len(readings(hub, box.device_id)) >= 8, 60), box.log[-3000:]
+        assert hub.wait_for(lambda: len(readings_of(hub.db, box.device_id)) >= 8, 60), box.log[-3000:]
 
         argv = [BACKEND_CLI, "command", box.device_id, "renew_certificate", "--cloud", "azure", "--home",
                 str(hub.home.root), "--port", str(hub.broker.port), "--timeout", "90"]  # fmt: skip
@@ -106,10 +83,10 @@ def test_renew_certificate_command_registers_again_with_dps_and_readings_flow_on
         assert result["data"]["kid"] == new_kid.hex()
 
         box.meter(meter)  # readings after the swap: signed by the new key, delivered on the new certificate
-        assert hub.wait_for(lambda: len(readings(hub, box.device_id)) >= 16, 60), box.log[-3000:]
-        assert_once(hub, box.device_id, meter)
-        assert new_kid in kids(hub, box.device_id)
-        assert len(kids(hub, box.device_id)) == 2
+        assert hub.wait_for(lambda: len(readings_of(hub.db, box.device_id)) >= 16, 60), box.log[-3000:]
+        assert_delivered_once(hub.db, box.device_id, meter)
+        assert new_kid in kids_of(hub.db, box.device_id)
+        assert len(kids_of(hub.db, box.device_id)) == 2
 
 
 def test_the_schedule_renews_through_dps_and_a_sigkill_mid_renewal_keeps_the_old_pair(tmp_path: Path) -> None:
@@ -122,7 +99,7 @@ def test_the_schedule_renews_through_dps_and_a_sigkill_mid_renewal_keeps_the_old
         meter = random_records("onetouch-ultra2", 18, seed=182)  # newest first
         box.meter(meter[12:])
         agent = hub.start_agent(box.state, box.config, env=env)
-        assert hub.wait_for(lambda: len(readings(hub, box.device_id)) >= 6, 60), box.log[-3000:]
+        assert hub.wait_for(lambda: len(readings_of(hub.db, box.device_id)) >= 6, 60), box.log[-3000:]
         assert "registering again with DPS" not in box.log  # a year left: nothing to do
 
         # (a) The allocation webhook is down (our backend stopped): the box's link is down, its staged key
@@ -148,7 +125,7 @@ def test_the_schedule_renews_through_dps_and_a_sigkill_mid_renewal_keeps_the_old
         assert hub.wait_for(lambda: box.log.count("uplink: connected to") > mark, 30), box.log[-3000:]
         assert not (box.state / "renew").exists()
         assert cert_of(box.state).serial_number == first.serial_number
-        assert hub.wait_for(lambda: len(readings(hub, box.device_id)) >= 12, 60), box.log[-3000:]
+        assert hub.wait_for(lambda: len(readings_of(hub.db, box.device_id)) >= 12, 60), box.log[-3000:]
 
         # (b) Due again, the webhook up: the schedule renews through DPS; the link comes back on the new pair.
         offset.write_text(str(first.not_valid_after_utc.timestamp() - time.time() - 20 * DAY))
@@ -157,9 +134,9 @@ def test_the_schedule_renews_through_dps_and_a_sigkill_mid_renewal_keeps_the_old
         assert cert_of(box.state).subject == first.subject
         assert not (box.state / "renew").exists()
         box.meter(meter)
-        assert hub.wait_for(lambda: len(readings(hub, box.device_id)) >= 18, 60), box.log[-3000:]
-        assert_once(hub, box.device_id, meter)
-        assert len(kids(hub, box.device_id)) == 2
+        assert hub.wait_for(lambda: len(readings_of(hub.db, box.device_id)) >= 18, 60), box.log[-3000:]
+        assert_delivered_once(hub.db, box.device_id, meter)
+        assert len(kids_of(hub.db, box.device_id)) == 2
         rows = hub.db.query("SELECT code FROM results WHERE device_id = ? AND command_id LIKE 'r%'", (box.device_id,))
         assert [r[0] for r in rows] == ["renewed"]
         time.sleep(3)
@@ -179,12 +156,12 @@ def test_a_box_whose_certificate_expired_offline_registers_again_with_dps_and_de
         assert hub.wait_for(lambda: time.time() > not_after + 1, 40)
         box.meter(meter)
         hub.start_agent(box.state, box.config)
-        assert hub.wait_for(lambda: len(readings(hub, box.device_id)) >= 10, 120), box.log[-4000:]
+        assert hub.wait_for(lambda: len(readings_of(hub.db, box.device_id)) >= 10, 120), box.log[-4000:]
         assert "registering again with DPS" in box.log and "certificate recovered" in box.log
         assert json.loads((box.state / "device.json").read_text())["device_id"] == box.device_id
         names = cert_of(box.state).subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         assert [n.value for n in names] == [box.device_id]
         assert cert_of(box.state).not_valid_after_utc.timestamp() > time.time() + 300 * DAY
-        assert_once(hub, box.device_id, meter)
-        assert kids(hub, box.device_id) == {old_kid}  # signed before the renewal, verified by the old key's kid
+        assert_delivered_once(hub.db, box.device_id, meter)
+        assert kids_of(hub.db, box.device_id) == {old_kid}  # signed before the renewal, verified by the old key's kid
         assert hub.db.counter("recovered") == 1

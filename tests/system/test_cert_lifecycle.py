@@ -29,6 +29,7 @@ from pathlib import Path
 import cbor2
 import pytest
 from cryptography import x509
+from support.audit import assert_delivered_once, cert_of, kids_of, readings_of
 
 from agent.errors import TlsError
 from agent.fsutil import atomic_write
@@ -83,14 +84,6 @@ class Box:
         return readings_of(self.system.db, self.device_id)
 
 
-def readings_of(db: BackendDb, device_id: str) -> list[tuple[str, float]]:
-    return [(r.fields["glu:meter_time"], r.fields["glu:mgdl"]) for r in db.records(device_id, "reading")]
-
-
-def cert_of(state: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate((state / "device.crt").read_bytes())
-
-
 def new_box(system: LocalSystem, name: str = "box") -> Box:
     state = system.device_dir(name)
     prov = system.provision(state, PATIENT)
@@ -109,20 +102,8 @@ def configure(box: Box, **agent: str) -> Path:
     return box.config
 
 
-def expected(readings: list[object]) -> list[tuple[str, float]]:
-    return sorted((m.meter_time.isoformat(), m.value_mgdl) for m in readings)  # type: ignore[attr-defined]
-
-
 def assert_exactly_once(box: Box, meter: list[object]) -> None:
     assert_delivered_once(box.system.db, box.device_id, meter)
-
-
-def assert_delivered_once(db: BackendDb, device_id: str, meter: list[object]) -> None:
-    got = readings_of(db, device_id)
-    assert sorted(got) == expected(meter), "every reading stored, none altered"
-    assert len(got) == len(set(got)), "none stored twice"
-    seqs = sorted(r.seq for r in db.records(device_id) if r.stream == "c")
-    assert seqs == list(range(1, len(seqs) + 1))
 
 
 def login(state: Path, cert: Path, key: Path, client_id: str, port: int) -> None:
@@ -136,16 +117,6 @@ def login(state: Path, cert: Path, key: Path, client_id: str, port: int) -> None
 
 def kids_of_stored(box: Box) -> set[bytes]:
     return kids_of(box.system.db, box.device_id)
-
-
-def kids_of(db: BackendDb, device_id: str) -> set[bytes]:
-    """The kids of the keys that signed the readings stored for ``device_id``."""
-    rows = db.query("SELECT cose FROM records WHERE device_id = ? AND kind = 'reading'", (device_id,))
-    out = set()
-    for (raw,) in rows:
-        _, prot, unprot, _, _ = cose.parse_sign1(raw)
-        out.add(bytes(prot.get(cose.HDR_KID, unprot.get(cose.HDR_KID))))
-    return out
 
 
 # --- 1. renewal revokes the old certificate ---------------------------------------------------------
